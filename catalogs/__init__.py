@@ -1,0 +1,14 @@
+"""Data shipped with ftplan: model architectures, GPU table, provider offers, calibration.
+
+Files here are data, validated with pydantic when loaded (see `planner.models`, `planner.gpus`,
+`planner.offers`). The offer CSVs are the output of `scripts/import_catalogs.py`.
+"""
+
+from pathlib import Path
+
+CATALOG_DIR = Path(__file__).resolve().parent
+
+
+def data_path(name: str) -> Path:
+    """Absolute path of a shipped data file, e.g. data_path("models.json")."""
+    return CATALOG_DIR / name

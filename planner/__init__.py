@@ -1,0 +1,7 @@
+"""ftplan's planner: model specs, memory/time estimates, offers, launch orchestration.
+
+Nothing in this package imports torch or transformers at module level: `ftplan estimate`
+has to start in a fraction of a second. Heavy libraries live in `remote_job/` and tests.
+"""
+
+__version__ = "0.1.0"

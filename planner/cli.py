@@ -1,0 +1,94 @@
+"""`ftplan` command line: a click group whose sub-commands are imported only when invoked.
+
+Lazy loading keeps `ftplan estimate` fast: `ftplan --help` and `ftplan estimate` never import
+the provider SDKs, paramiko or the SQLite store.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from planner.errors import UserError
+
+# name -> ("module:attribute", one-line help). Help lives here so `ftplan --help` imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "estimate": ("planner.commands.estimate:estimate", "Peak GPU memory and training time of a fine-tuning job."),
+    "plan": ("planner.commands.plan:plan", "Cheapest instance that fits, across providers, with total cost."),
+    "gpus": ("planner.commands.gpus:gpus", "GPU types with memory and cheapest prices per provider."),
+    "catalog": ("planner.commands.catalog:catalog", "Show or refresh the pricing catalogs."),
+    "init": ("planner.commands.launch:init", "Write a commented ftplan.toml project file."),
+    "launch": ("planner.commands.launch:launch", "Provision, train, pull artifacts, tear down."),
+    "attach": ("planner.commands.launch:attach", "Re-attach to a live run."),
+    "runs": ("planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
+    "report": ("planner.commands.report:report", "Report of one run, or totals by provider or month."),
+    "gc": ("planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            raise UserError(f"'ftplan {name}' is not available in this build") from None
+        return getattr(module, attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ftplan")
+def cli():
+    """ftplan: which GPU, for how long, at what price - and run it for me."""
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Bad input -> one line on stderr and exit code 2, never a traceback."""
+    try:
+        rv = cli.main(args=argv, prog_name="ftplan", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except UserError as exc:
+        click.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoSuchOption as exc:
+        hint = f" (did you mean {', '.join(exc.possibilities)}?)" if exc.possibilities else ""
+        click.echo(f"error: no such option {exc.option_name}{hint}; see 'ftplan --help'", err=True)
+        sys.exit(2)
+    except click.exceptions.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "ftplan"
+        click.echo(f"error: {_one_line(exc.format_message())} (see '{cmd} --help')", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""One module per CLI command group; `planner.cli` imports them lazily."""

@@ -1,0 +1,148 @@
+"""The provider interface (modelled on dstack's `Compute`): five calls, contracts in the docstrings.
+
+An adapter is stateless apart from its client objects; everything needed to find an instance
+again (after a crash of the launcher) is in `Instance`, which the launcher stores in SQLite
+*before* it does anything else with it.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RUN_TAG = "ftplan:run-id"  # AWS tag key; GCP label key is "ftplan-run-id" (labels allow no ':')
+
+
+class InstanceState(str, enum.Enum):
+    PENDING = "pending"          # being created / booting
+    RUNNING = "running"          # up; SSH may or may not answer yet
+    STOPPING = "stopping"
+    STOPPED = "stopped"          # not running but still billing for disk
+    TERMINATING = "terminating"  # teardown accepted
+    TERMINATED = "terminated"    # gone, billing ended
+    PREEMPTED = "preempted"      # spot reclaimed by the provider (billing ended)
+    UNKNOWN = "unknown"
+
+    @property
+    def is_gone(self) -> bool:
+        return self in (InstanceState.TERMINATING, InstanceState.TERMINATED, InstanceState.PREEMPTED)
+
+
+@dataclass
+class InstanceRequest:
+    """What to create. `instance_type`/`gpu` come from a catalog offer."""
+
+    run_id: str
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    region: str
+    ssh_public_key: str               # OpenSSH format, e.g. "ssh-ed25519 AAAA... ftplan"
+    zone: str | None = None
+    spot: bool = False
+    disk_gib: int = 100
+    max_lifetime_s: int = 24 * 3600   # providers that support it enforce it themselves (GCP max_run_duration)
+    ssh_cidr: str | None = None       # firewall source; None = the caller's public address /32
+    image: str | None = None          # override the provider's default deep-learning image
+
+
+@dataclass
+class SSHEndpoint:
+    host: str
+    port: int
+    user: str
+
+
+@dataclass
+class Instance:
+    """A created instance. `id` is the provider's id; `extra` holds what teardown needs (SG id, key name...)."""
+
+    provider: str
+    id: str
+    run_id: str
+    region: str
+    zone: str | None = None
+    instance_type: str = ""
+    spot: bool = False
+    state: InstanceState = InstanceState.PENDING
+    public_ip: str | None = None
+    ssh: SSHEndpoint | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Instance:
+        d = dict(d)
+        d["state"] = InstanceState(d.get("state", "unknown"))
+        if d.get("ssh"):
+            d["ssh"] = SSHEndpoint(**d["ssh"])
+        return cls(**d)
+
+
+class Provider(ABC):
+    """One cloud (or machine) behind five calls.
+
+    Errors: every method raises only `providers.errors` classes (CapacityError, QuotaError,
+    AuthError, InstanceGone, ProviderError); their messages never contain credentials.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def create(self, request: InstanceRequest) -> Instance:
+        """Start creating one instance tagged with `request.run_id` and return as soon as the provider
+        has assigned an id (do not wait for boot). CapacityError means: try the next offer.
+        Any per-run side resources (key pair, firewall rule) are recorded in `Instance.extra`
+        and are removed by `terminate`. If create fails after side resources were made, it removes them."""
+
+    @abstractmethod
+    def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
+        """Block until the instance runs and has an SSH endpoint (host, port, user); update `instance`.
+        Does not check that sshd answers (the SSH runner retries). Raises InstanceGone if it vanished,
+        CapacityError if the provider gave up for lack of capacity, ProviderError on timeout."""
+
+    @abstractmethod
+    def describe(self, instance: Instance) -> Instance:
+        """Refresh state and public address. An instance the provider no longer knows comes back
+        with state TERMINATED (or PREEMPTED when the provider says so); never raises InstanceGone."""
+
+    @abstractmethod
+    def terminate(self, instance: Instance) -> None:
+        """Terminate the instance and delete its per-run side resources. Idempotent: an instance
+        that is already gone is success. Returns only once the provider confirms the instance is
+        terminating or terminated; raises ProviderError if that cannot be confirmed."""
+
+    @abstractmethod
+    def list_instances(self, run_id: str | None = None) -> list[Instance]:
+        """Instances tagged by ftplan (any run, or only `run_id`) that are not terminated:
+        what `ftplan gc` sweeps."""
+
+
+# provider name -> "module:Class". Imported lazily so that unused SDKs never load.
+ADAPTERS: dict[str, str] = {
+    "aws": "providers.aws:AWSProvider",
+    "gcp": "providers.gcp:GCPProvider",
+    "runpod": "providers.runpod:RunPodProvider",
+    "lambda": "providers.lambda_cloud:LambdaProvider",
+    "paperspace": "providers.paperspace:PaperspaceProvider",
+    "ssh": "providers.ssh:SSHHostProvider",
+    "local": "providers.ssh:LocalProvider",
+}
+
+
+def get_provider(name: str, **options: Any) -> Provider:
+    """Build the adapter for `name` with adapter-specific options (endpoint overrides for tests, ...)."""
+    from providers.errors import ProviderError
+
+    if name not in ADAPTERS:
+        raise ProviderError(f"unknown provider '{name}'; choose one of: {', '.join(ADAPTERS)}")
+    module_name, cls_name = ADAPTERS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**options)
