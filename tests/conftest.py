@@ -7,3 +7,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 for _var in ("AWS_PROFILE", "RUNPOD_API_KEY", "LAMBDA_API_KEY", "PAPERSPACE_API_KEY"):
     os.environ.pop(_var, None)
+pytest_plugins = ["sshd_fixture"]

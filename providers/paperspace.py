@@ -1,0 +1,284 @@
+"""Paperspace adapter (api.paperspace.com/v1 over `providers.http.JSONClient`, `PAPERSPACE_API_KEY`).
+
+Paperspace has no tags and no per-machine SSH key field, so per run:
+  * the machine is named `ftplan-<run>` (the sweeper lists by that prefix);
+  * a startup script `ftplan-<run>` appends the run's public key to `authorized_keys` (SkyPilot's
+    way); it is created before the machine and deleted at teardown.
+Capacity is not always an error at create time: a machine can be accepted and then sit `off`;
+`wait_ready` reports that as CapacityError after `off_timeout_s`. Teardown is DELETE; if Paperspace
+refuses to delete a running machine, stop it, wait for `off`, then DELETE (a stopped machine still
+bills storage and a static IP, so stop alone is never teardown).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from providers.http import APIError, JSONClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.paperspace.com/v1"
+CREDENTIAL_ENV = "PAPERSPACE_API_KEY"
+CREDENTIAL_URL = "https://console.paperspace.com/settings/apikeys"
+NAME_PREFIX = "ftplan-"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")
+
+_STATES = {
+    "ready": InstanceState.RUNNING,
+    "serviceready": InstanceState.RUNNING,
+    "provisioning": InstanceState.PENDING,
+    "starting": InstanceState.PENDING,
+    "restarting": InstanceState.PENDING,
+    "upgrading": InstanceState.PENDING,
+    "stopping": InstanceState.STOPPING,
+    "off": InstanceState.STOPPED,
+}
+
+# The capacity/quota texts are not documented; these substrings cover the known wordings
+# ("We are currently out of capacity for the selected VM type ...").
+_CAPACITY_WORDS = ("capacity", "no machines available", "not available in this region", "sold out")
+_QUOTA_WORDS = ("quota", "limit", "insufficient funds", "billing")
+
+
+def map_error(status: int, code: str, message: str) -> type[ProviderError] | None:
+    text = message.lower()
+    if status in (401, 403):
+        return AuthError
+    if status == 404:
+        return InstanceGone
+    if status in (400, 409, 422, 503) and any(w in text for w in _CAPACITY_WORDS):
+        return CapacityError
+    if status in (400, 402, 409, 422) and any(w in text for w in _QUOTA_WORDS):
+        return QuotaError
+    return None
+
+
+def key_script(public_key: str) -> str:
+    """Startup script that installs the run's key for the `paperspace` user (runs once, as root)."""
+    key = public_key.strip()
+    if "'" in key or "\n" in key:
+        raise ProviderError("the SSH public key must be one line without quotes", provider="paperspace")
+    return (
+        "#!/bin/bash\nset -e\n"
+        "install -d -m 700 -o paperspace -g paperspace /home/paperspace/.ssh\n"
+        f"echo '{key}' >> /home/paperspace/.ssh/authorized_keys\n"
+        "chown paperspace:paperspace /home/paperspace/.ssh/authorized_keys\n"
+        "chmod 600 /home/paperspace/.ssh/authorized_keys\n"
+    )
+
+
+class PaperspaceProvider(Provider):
+    """Options: `template_id` (OS template; default: the first template whose name contains
+    `template_name`), `off_timeout_s` (how long a machine may sit `off` before it counts as no
+    capacity), `ssh_port`/`ssh_user` for tests against a local sshd, `poll_s`."""
+
+    name = "paperspace"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        template_id: str | None = None,
+        template_name: str = "ML-in-a-Box",
+        off_timeout_s: float = 600.0,
+        ssh_port: int = 22,
+        ssh_user: str = "paperspace",
+        poll_s: float = 5.0,
+        client_options: dict[str, Any] | None = None,
+    ):
+        self._api_key = api_key
+        self.base_url = base_url
+        self.template_id = template_id
+        self.template_name = template_name
+        self.off_timeout_s = off_timeout_s
+        self.ssh_port = ssh_port
+        self.ssh_user = ssh_user
+        self.poll_s = poll_s
+        self._client_options = client_options or {}
+        self._client: JSONClient | None = None
+
+    @property
+    def client(self) -> JSONClient:
+        if self._client is None:
+            self._client = JSONClient(
+                self.base_url, self._api_key or os.environ.get(CREDENTIAL_ENV, ""), provider=self.name,
+                credential_env=CREDENTIAL_ENV, credential_url=CREDENTIAL_URL, error_mapper=map_error,
+                **self._client_options,
+            )
+        return self._client
+
+    def _items(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """All items of a cursor-paged list (`{items, hasMore, nextPage}`)."""
+        out: list[dict[str, Any]] = []
+        params = dict(params or {})
+        for _ in range(1000):
+            page = self.client.get(path, params=params) or {}
+            if isinstance(page, list):
+                return out + page
+            out.extend(page.get("items", []))
+            if not page.get("hasMore") or not page.get("nextPage"):
+                return out
+            params["after"] = page["nextPage"]
+        raise ProviderError(f"paperspace: {path} paging did not end", provider=self.name)
+
+    # -- create -------------------------------------------------------------------------------
+    def create(self, request: InstanceRequest) -> Instance:
+        if not _RUN_ID.match(request.run_id or ""):
+            raise ProviderError(f"run id {request.run_id!r} is not usable as a Paperspace name", provider=self.name)
+        if request.spot:
+            raise ProviderError("Paperspace has no spot machines; plan an on-demand offer", provider=self.name)
+        name = NAME_PREFIX + request.run_id
+        template_id = request.image or self.template_id or self._pick_template(request.instance_type)
+        script = self.client.post("/startup-scripts", json={
+            "name": name, "script": key_script(request.ssh_public_key), "isRunOnce": True,
+            "description": f"ftplan run {request.run_id}: install the run's SSH key",
+        }) or {}
+        script_id = _data(script).get("id", "")
+        try:
+            body = {
+                "name": name,
+                "machineType": request.instance_type,
+                "templateId": template_id,
+                "region": request.region,
+                "diskSize": request.disk_gib,
+                "publicIpType": "dynamic",
+                "startOnCreate": True,
+                "startupScriptId": script_id,
+                # A safety net only (Paperspace *stops* the machine, which still bills storage):
+                # the launcher's terminate and `ftplan gc` are the real teardown.
+                "autoShutdownEnabled": True,
+                "autoShutdownTimeout": max(1, math.ceil(request.max_lifetime_s / 3600)),
+            }
+            machine = _data(self.client.post("/machines", json=body) or {})
+            if not machine.get("id"):
+                raise ProviderError("paperspace create returned no machine id", provider=self.name)
+        except BaseException:
+            self._delete_script(script_id)
+            raise
+        log.info("paperspace: created %s (%s in %s) for run %s", machine["id"], request.instance_type,
+                 request.region, request.run_id)
+        inst = Instance(provider=self.name, id=machine["id"], run_id=request.run_id, region=request.region,
+                        instance_type=request.instance_type, extra={"startup_script_id": script_id})
+        self._apply(inst, machine)
+        return inst
+
+    def _pick_template(self, machine_type: str) -> str:
+        for t in self._items("/os-templates"):
+            if self.template_name.lower() in str(t.get("name", "")).lower():
+                avail = {m.get("machineTypeLabel"): m.get("isAvailable", True)
+                         for m in t.get("availableMachineTypes") or []}
+                if avail and avail.get(machine_type) is False:
+                    raise CapacityError(f"paperspace: {machine_type} is not available now", provider=self.name)
+                return t["id"]
+        raise ProviderError(f"paperspace: no OS template named like '{self.template_name}'; pass template_id",
+                            provider=self.name)
+
+    def _delete_script(self, script_id: str | None) -> None:
+        if not script_id:
+            return
+        try:
+            self.client.delete(f"/startup-scripts/{script_id}")
+        except InstanceGone:
+            pass
+
+    # -- wait / describe ----------------------------------------------------------------------
+    def _get(self, machine_id: str) -> dict[str, Any]:
+        return _data(self.client.get(f"/machines/{machine_id}") or {})
+
+    def _apply(self, instance: Instance, m: dict[str, Any]) -> None:
+        instance.state = _STATES.get(str(m.get("state")), InstanceState.UNKNOWN)
+        instance.public_ip = m.get("publicIp") or instance.public_ip
+
+    def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
+        deadline = time.monotonic() + timeout_s
+        off_since: float | None = None
+        while True:
+            m = self._get(instance.id)  # 404 -> InstanceGone
+            self._apply(instance, m)
+            if m.get("state") == "ready" and m.get("publicIp"):
+                instance.ssh = SSHEndpoint(host=m["publicIp"], port=self.ssh_port, user=self.ssh_user)
+                return instance.ssh
+            now = time.monotonic()
+            if m.get("state") == "off":
+                off_since = off_since if off_since is not None else now
+                if now - off_since >= self.off_timeout_s:
+                    raise CapacityError(f"paperspace machine {instance.id} stayed off for {self.off_timeout_s:.0f}s "
+                                        "(no capacity for this type); it must be terminated", provider=self.name)
+            else:
+                off_since = None
+            if now >= deadline:
+                raise ProviderError(f"paperspace machine {instance.id} not ready after {timeout_s:.0f}s "
+                                    f"(state {m.get('state')})", provider=self.name)
+            time.sleep(self.poll_s)
+
+    def describe(self, instance: Instance) -> Instance:
+        try:
+            self._apply(instance, self._get(instance.id))
+        except InstanceGone:
+            instance.state = InstanceState.TERMINATED
+        return instance
+
+    # -- terminate ----------------------------------------------------------------------------
+    def terminate(self, instance: Instance) -> None:
+        try:
+            self._delete_machine(instance)
+        except InstanceGone:
+            pass
+        instance.state = InstanceState.TERMINATED
+        self._delete_run_scripts(instance)
+        log.info("paperspace: deleted %s (run %s)", instance.id, instance.run_id)
+
+    def _delete_machine(self, instance: Instance) -> None:
+        try:
+            self.client.delete(f"/machines/{instance.id}")
+            return
+        except APIError as exc:
+            if exc.status not in (400, 409, 422):
+                raise
+            log.info("paperspace: delete of %s refused (%s); stopping it first", instance.id, exc.status)
+        self.client.patch(f"/machines/{instance.id}/stop", idempotent=True)
+        deadline = time.monotonic() + max(self.off_timeout_s, 60.0)
+        while self._get(instance.id).get("state") != "off":
+            if time.monotonic() >= deadline:
+                raise ProviderError(f"paperspace machine {instance.id} did not stop; delete it in the console",
+                                    provider=self.name)
+            time.sleep(self.poll_s)
+        self.client.delete(f"/machines/{instance.id}")
+
+    def _delete_run_scripts(self, instance: Instance) -> None:
+        script_id = instance.extra.get("startup_script_id")
+        if script_id:
+            self._delete_script(script_id)
+            return
+        name = NAME_PREFIX + instance.run_id  # sweeper path: find the script by name
+        for s in self._items("/startup-scripts"):
+            if s.get("name") == name:
+                self._delete_script(s.get("id"))
+
+    # -- sweep --------------------------------------------------------------------------------
+    def list_instances(self, run_id: str | None = None) -> list[Instance]:
+        params = {"name": NAME_PREFIX + run_id} if run_id else {}
+        out = []
+        for m in self._items("/machines", params):
+            name = str(m.get("name", ""))
+            if not name.startswith(NAME_PREFIX) or (run_id and name != NAME_PREFIX + run_id):
+                continue
+            inst = Instance(provider=self.name, id=m["id"], run_id=name[len(NAME_PREFIX):],
+                            region=str(m.get("region", "")), instance_type=str(m.get("machineType", "")))
+            self._apply(inst, m)
+            out.append(inst)
+        return out
+
+
+def _data(body: dict[str, Any]) -> dict[str, Any]:
+    """Paperspace wraps some answers as `{data: ..., event: ...}` and returns others bare."""
+    return body.get("data", body) if isinstance(body, dict) else {}

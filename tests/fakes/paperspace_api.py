@@ -1,0 +1,219 @@
+"""A fake Paperspace v1 API (api.paperspace.com/v1): a real HTTP server on 127.0.0.1 in a thread.
+
+Wire format as in Paperspace's generated OpenAPI client: bearer auth, `{code, message}` errors,
+cursor-paged lists `{items, hasMore, nextPage}`, machines with `state` and `publicIp`.
+
+    from fakes.paperspace_api import fake_paperspace   # pytest fixture
+    provider = PaperspaceProvider(api_key=fake_paperspace.api_key, base_url=fake_paperspace.url)
+
+State: `.machines`, `.scripts`, `.requests`, `.live_instances()`. Knobs: `.boot_polls`, `.page_size`,
+`.stuck_off` (machine types that are accepted but stay `off` = hidden capacity shortage),
+`.refuse_delete_running` (DELETE of a machine that is not off answers 400, as the docs imply),
+`.unavailable` (machine types the OS templates list as not available).
+Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|stop|scripts|templates and
+kind in capacity|quota|auth|500|429; `.preempt(id)` (the machine disappears).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from typing import Any
+
+import pytest
+from pytest_httpserver.httpserver import HTTPServerBase
+from werkzeug import Request, Response
+
+API_PREFIX = "/v1"
+
+_ERRORS = {
+    "capacity": (400, "BAD_REQUEST", "We are currently out of capacity for the selected VM type. Try again later."),
+    "quota": (400, "BAD_REQUEST", "You have reached your limit of running machines for this machine type."),
+    "auth": (401, "UNAUTHORIZED", "Invalid API key"),
+    "500": (500, "INTERNAL_SERVER_ERROR", "Internal server error"),
+    "429": (429, "TOO_MANY_REQUESTS", "Rate limit exceeded"),
+}
+
+TEMPLATES = [
+    {"id": "tubuntu22", "name": "Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04"},
+    {"id": "tmlinabox", "name": "ML-in-a-Box Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04"},
+]
+MACHINE_TYPES = ["A4000", "A5000", "A6000", "A100-80G", "H100", "H100x8", "A100-80Gx8"]
+
+
+class FakePaperspace(HTTPServerBase):
+    def __init__(self, api_key: str = "paperspace-test-key-0123456789", *, ssh_host: str = "127.0.0.1"):
+        super().__init__("127.0.0.1", 0, threaded=True)
+        self.api_key = api_key
+        self.ssh_host = ssh_host
+        self._lock = threading.RLock()
+        self.reset()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.machines: dict[str, dict[str, Any]] = {}
+            self.scripts: dict[str, dict[str, Any]] = {}
+            self.requests: list[tuple[str, str, Any, dict[str, str]]] = []
+            self.faults: list[list[Any]] = []
+            self.boot_polls = 1
+            self.page_size = 20
+            self.stuck_off: set[str] = set()
+            self.unavailable: set[str] = set()
+            self.refuse_delete_running = False
+            self._ids = itertools.count(1)
+
+    def fail_next(self, op: str, kind: str = "500", times: int = 1) -> None:
+        assert kind in _ERRORS, kind
+        self.faults.append([op, kind, times])
+
+    def preempt(self, machine_id: str) -> None:
+        self.machines.pop(machine_id, None)
+
+    def live_instances(self) -> list[dict[str, Any]]:
+        return list(self.machines.values())
+
+    def calls(self, method: str, path_regex: str) -> list[Any]:
+        return [b for m, p, b, _ in self.requests if m == method and re.fullmatch(path_regex, p)]
+
+    # -- server side --------------------------------------------------------------------------
+    def dispatch(self, request: Request) -> Response:
+        with self._lock:
+            path = request.path[len(API_PREFIX):] if request.path.startswith(API_PREFIX) else "?" + request.path
+            body = request.get_json(silent=True) if request.data else None
+            self.requests.append((request.method, path, body, dict(request.args)))
+            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return _error(*_ERRORS["auth"])
+            for m, regex, op, handler in _ROUTES:
+                match = re.fullmatch(regex, path)
+                if m == request.method and match:
+                    for f in self.faults:
+                        if f[0] == op and f[2] > 0:
+                            f[2] -= 1
+                            status, code, msg = _ERRORS[f[1]]
+                            return _error(status, code, msg, {"Retry-After": "0"} if status == 429 else None)
+                    return handler(self, body or {}, dict(request.args), *match.groups())
+            return _error(404, "NOT_FOUND", f"{request.method} {path} not found")
+
+    def _page(self, items: list[dict[str, Any]], args: dict[str, str]) -> Response:
+        limit = min(int(args.get("limit", self.page_size)), self.page_size)
+        start = int(args.get("after", "0") or 0)
+        chunk = items[start:start + limit]
+        more = start + limit < len(items)
+        return _json({"items": chunk, "hasMore": more, "nextPage": str(start + limit) if more else None})
+
+    def _templates(self, body, args):
+        items = [{**t, "availableMachineTypes": [{"machineTypeLabel": mt, "isAvailable": mt not in self.unavailable}
+                                                 for mt in MACHINE_TYPES]} for t in TEMPLATES]
+        return self._page(items, args)
+
+    def _add_script(self, body, args):
+        sid = f"scr{next(self._ids)}"
+        self.scripts[sid] = {"id": sid, "name": body.get("name"), "script": body.get("script"),
+                             "isRunOnce": body.get("isRunOnce", False), "isEnabled": True}
+        return _json(self.scripts[sid])
+
+    def _list_scripts(self, body, args):
+        return self._page(list(self.scripts.values()), args)
+
+    def _delete_script(self, body, args, sid):
+        if self.scripts.pop(sid, None) is None:
+            return _error(404, "NOT_FOUND", "Startup script not found")
+        return _json({"id": sid})
+
+    def _create(self, body, args):
+        if body.get("machineType") not in MACHINE_TYPES or body.get("templateId") not in {t["id"] for t in TEMPLATES}:
+            return _error(400, "BAD_REQUEST", "Invalid machineType or templateId")
+        if body.get("startupScriptId") and body["startupScriptId"] not in self.scripts:
+            return _error(400, "BAD_REQUEST", "Startup script not found")
+        mid = f"ps{next(self._ids):06d}"
+        self.machines[mid] = {
+            "id": mid, "name": body.get("name"), "machineType": body["machineType"], "region": body.get("region"),
+            "state": "off" if body["machineType"] in self.stuck_off else "provisioning",
+            "publicIp": None, "privateIp": None, "publicIpType": body.get("publicIpType"),
+            "diskSize": body.get("diskSize"), "startupScriptId": body.get("startupScriptId"),
+            "autoShutdownEnabled": body.get("autoShutdownEnabled", False),
+            "autoShutdownTimeout": body.get("autoShutdownTimeout"), "_polls": 0,
+        }
+        return _json({"data": self._public(self.machines[mid]), "event": {"id": f"ev{mid}", "state": "new"}})
+
+    def _public(self, m):
+        return {k: v for k, v in m.items() if not k.startswith("_")}
+
+    def _list(self, body, args):
+        items = [self._public(m) for m in self.machines.values()
+                 if not args.get("name") or m["name"] == args["name"]]
+        return self._page(items, args)
+
+    def _get(self, body, args, mid):
+        m = self.machines.get(mid)
+        if m is None:
+            return _error(404, "NOT_FOUND", "Machine not found")
+        if m["state"] == "provisioning":
+            m["_polls"] += 1
+            if m["_polls"] > self.boot_polls:
+                m["state"], m["publicIp"], m["privateIp"] = "ready", self.ssh_host, "10.1.0.2"
+        return _json(self._public(m))
+
+    def _stop(self, body, args, mid):
+        m = self.machines.get(mid)
+        if m is None:
+            return _error(404, "NOT_FOUND", "Machine not found")
+        m["state"] = "off"
+        return _json({"data": self._public(m), "event": {"state": "done"}})
+
+    def _delete(self, body, args, mid):
+        m = self.machines.get(mid)
+        if m is None:
+            return _error(404, "NOT_FOUND", "Machine not found")
+        if self.refuse_delete_running and m["state"] != "off":
+            return _error(400, "BAD_REQUEST", "Machine must be off before it can be deleted")
+        del self.machines[mid]
+        return _json({"data": self._public(m), "event": {"state": "new"}})
+
+
+_ROUTES = [
+    ("GET", r"/os-templates", "templates", FakePaperspace._templates),
+    ("POST", r"/startup-scripts", "scripts", FakePaperspace._add_script),
+    ("GET", r"/startup-scripts", "scripts", FakePaperspace._list_scripts),
+    ("DELETE", r"/startup-scripts/([^/]+)", "scripts", FakePaperspace._delete_script),
+    ("POST", r"/machines", "create", FakePaperspace._create),
+    ("GET", r"/machines", "list", FakePaperspace._list),
+    ("GET", r"/machines/([^/]+)", "get", FakePaperspace._get),
+    ("PATCH", r"/machines/([^/]+)/stop", "stop", FakePaperspace._stop),
+    ("DELETE", r"/machines/([^/]+)", "terminate", FakePaperspace._delete),
+]
+
+
+def _json(data: Any) -> Response:
+    return Response(json.dumps(data), 200, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps({"code": code, "message": message, "status": status}), status,
+                    headers=headers or {}, content_type="application/json")
+
+
+_shared: FakePaperspace | None = None
+
+
+def shared_fake_paperspace() -> FakePaperspace:
+    global _shared
+    if _shared is None:
+        _shared = FakePaperspace()
+        _shared.start()
+    return _shared
+
+
+@pytest.fixture
+def fake_paperspace() -> FakePaperspace:
+    """A running FakePaperspace with fresh state."""
+    fake = shared_fake_paperspace()
+    fake.reset()
+    fake.ssh_host = "127.0.0.1"
+    return fake
