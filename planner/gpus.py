@@ -1,0 +1,119 @@
+"""The GPU table (`catalogs/gpus.json`): memory, dense peaks, bandwidth, interconnect per GPU type.
+
+Canonical names are SkyPilot's `AcceleratorName` spellings, so offers from the provider catalogs join
+on them directly. Lookups are case-insensitive and ignore spaces, '-' and '_' ("h100 sxm" == "H100-SXM").
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from catalogs import data_path
+from planner.errors import UserError
+
+
+class GPU(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    vendor: str
+    architecture: str
+    memory_gib: float = Field(gt=0)       # marketed size
+    usable_mib: int = Field(gt=0)         # what the driver reports as total; a job can never use more
+    bf16_tflops: float | None = Field(default=None, gt=0)
+    fp16_tflops: float = Field(gt=0)
+    tf32_tflops: float | None = Field(default=None, gt=0)
+    fp32_tflops: float = Field(gt=0)
+    fp8_tflops: float | None = Field(default=None, gt=0)
+    mem_bandwidth_gbs: float = Field(gt=0)
+    supports_bf16: bool
+    supports_fp8: bool
+    interconnect: str
+    interconnect_gbs: float = Field(gt=0)
+    same_as: str | None = None            # another provider's spelling of the same card
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GPU:
+        if self.supports_bf16 != (self.bf16_tflops is not None):
+            raise ValueError(f"{self.name}: supports_bf16 must match bf16_tflops")
+        if self.supports_fp8 != (self.fp8_tflops is not None):
+            raise ValueError(f"{self.name}: supports_fp8 must match fp8_tflops")
+        if self.usable_mib > self.memory_gib * 1024 * 1.0001:
+            raise ValueError(f"{self.name}: usable_mib exceeds memory_gib")
+        return self
+
+    @property
+    def usable_gib(self) -> float:
+        return self.usable_mib / 1024
+
+    def peak_tflops(self, precision: str) -> float:
+        """Dense peak for the math a training step runs in under `precision`.
+
+        bf16 on a card without bf16 falls back to fp16 (what Trainer users do on T4/V100); fp32 training
+        uses TF32 tensor cores where they exist (PyTorch allows TF32 for matmuls when asked, and every
+        recipe that matters does).
+        """
+        if precision.startswith("bf16"):
+            return self.bf16_tflops or self.fp16_tflops
+        if precision.startswith("fp16"):
+            return self.fp16_tflops
+        return max(self.tf32_tflops or 0.0, self.fp32_tflops)
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in " -_")
+
+
+@lru_cache(maxsize=1)
+def load_gpus() -> dict[str, GPU]:
+    """All GPU types keyed by canonical name (validated once per process)."""
+    raw = json.loads(data_path("gpus.json").read_text())
+    gpus = {}
+    for item in raw["gpus"]:
+        gpu = GPU.model_validate(item)
+        if gpu.name in gpus:
+            raise ValueError(f"gpus.json: duplicate GPU {gpu.name}")
+        gpus[gpu.name] = gpu
+    for gpu in gpus.values():
+        if gpu.same_as is not None and gpu.same_as not in gpus:
+            raise ValueError(f"gpus.json: {gpu.name}.same_as names unknown GPU {gpu.same_as}")
+    _index(gpus)  # rejects names/aliases that collide after normalisation
+    return gpus
+
+
+@lru_cache(maxsize=1)
+def _lookup() -> dict[str, str]:
+    return _index(load_gpus())
+
+
+def _index(gpus: dict[str, GPU]) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for gpu in gpus.values():
+        for spelling in [gpu.name, *gpu.aliases]:
+            key = _key(spelling)
+            if index.get(key, gpu.name) != gpu.name:
+                raise ValueError(f"gpus.json: '{spelling}' means both {index[key]} and {gpu.name}")
+            index[key] = gpu.name
+    return index
+
+
+def resolve_gpu(name: str) -> GPU:
+    """GPU by canonical name or alias; UserError naming the closest known names."""
+    found = _lookup().get(_key(name or ""))
+    if found is not None:
+        return load_gpus()[found]
+    by_key = {_key(g.name): g.name for g in load_gpus().values() if g.same_as is None}
+    close = [by_key[k] for k in difflib.get_close_matches(_key(name or ""), list(by_key), n=3, cutoff=0.5)]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(f"unknown GPU '{name}'; {hint}see 'ftplan gpus' for the list of GPU types")
+
+
+def table_gpus() -> list[GPU]:
+    """GPU types to show in tables: one row per physical card, smallest memory first."""
+    return sorted((g for g in load_gpus().values() if g.same_as is None),
+                  key=lambda g: (g.usable_mib, g.bf16_tflops or g.fp16_tflops))

@@ -1,0 +1,317 @@
+"""Peak GPU memory of one fine-tuning step, per GPU, as a sum of named components.
+
+The model is physical: bytes per parameter by storage format and optimizer, and the tensors autograd
+keeps for the backward pass, counted per token and per block from the architecture (`ModelSpec`).
+Only two numbers are fitted (allocator fragmentation, activation working set) and they live in
+`catalogs/throughput.json` with the throughput table (see `scripts/fit_throughput.py`).
+
+Conventions that decide the numbers (documented because users compare them with their own runs):
+- `bf16-mixed`/`fp16-mixed` follow the Hugging Face Trainer: trained weights are fp32 masters with
+  fp32 gradients and optimizer states, plus the 16-bit copy autocast keeps for the backward pass;
+  frozen base weights of adapter methods are loaded in 16 bits (torch_dtype=bfloat16).
+- `bf16-true` keeps everything in bf16 (torchtune, LitGPT): 2-byte weights, grads and Adam states.
+- `fp32` keeps everything in fp32 (matmuls may use TF32).
+- The components before `allocator_overhead` are what `torch.cuda.max_memory_allocated()` reports;
+  adding the allocator's fragmentation gives `max_memory_reserved()`; adding the CUDA context gives
+  what nvidia-smi shows. `total` is the last one: what has to fit on the card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from catalogs import data_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from planner.estimate import EstimateRequest
+    from planner.models import ModelSpec
+
+GIB = 1024**3
+COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits",
+              "allocator_overhead", "cuda_context")
+
+# NF4 storage per quantized weight: 4 bits + one fp32 absmax per 64-weight block; double quantization
+# stores the absmax as 8 bits with one fp32 constant per 256 blocks (QLoRA paper, bitsandbytes defaults).
+NF4_BYTES = 0.5 + 4 / 64
+NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+_LINEAR = ("linear", "conv1d")  # real nn.Linear/Conv1D: what peft adapts and bitsandbytes quantizes
+
+
+@lru_cache(maxsize=1)
+def fitted_constants() -> dict:
+    """The fitted numbers (allocator, activation working set, utilisation) from catalogs/throughput.json."""
+    return json.loads(data_path("throughput.json").read_text())
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU peak in GiB. `total` is the sum of the components (what must fit on the card)."""
+
+    weights: float
+    trainable: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    allocator_overhead: float
+    cuda_context: float
+    params_total: int
+    params_trainable: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated() would report (no fragmentation, no context)."""
+        return self.total - self.allocator_overhead - self.cuda_context
+
+    @property
+    def reserved(self) -> float:
+        """What torch.cuda.max_memory_reserved() would report."""
+        return self.total - self.cuda_context
+
+    def as_dict(self) -> dict[str, float]:
+        d = {c: round(getattr(self, c), 3) for c in COMPONENTS}
+        d["total"] = round(self.total, 3)
+        return d
+
+
+# ---- bytes per parameter ------------------------------------------------------------------------
+def _mixed(precision: str) -> bool:
+    return precision in ("bf16-mixed", "fp16-mixed")
+
+
+def _compute_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def _master_bytes(precision: str) -> int:
+    """Bytes of a trained parameter (and of its gradient)."""
+    return 2 if precision == "bf16-true" else 4
+
+
+def _frozen_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def optimizer_state_bytes(optimizer: str, precision: str, model: ModelSpec, trainable: int, method: str) -> float:
+    """Optimizer state bytes for `trainable` parameters."""
+    state = _master_bytes(precision)
+    if optimizer == "adamw":
+        return 2 * state * trainable
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return trainable * (2 + 2 * 4 / 2048)  # two uint8 states + one fp32 absmax per 2048-block each
+    if optimizer == "sgd":
+        return 0.0  # torch SGD without momentum keeps no state
+    if optimizer == "adafactor":
+        # Factored second moment: rows + cols per matrix instead of rows * cols; no first moment.
+        mats = [m for m in model.linear_modules()]
+        dense = sum(m.in_features * m.out_features * m.count for m in mats) or 1
+        factored = sum((m.in_features + m.out_features) * m.count for m in mats)
+        return 4 * trainable * max(factored / dense, 1e-4) if method == "full" else 4 * trainable * 0.05
+    raise ValueError(f"unknown optimizer {optimizer}")
+
+
+# ---- parameter bookkeeping ------------------------------------------------------------------------
+def _lora_modules(model: ModelSpec, targets: str) -> list:
+    mods = [m for m in model.linear_modules() if m.kind in _LINEAR]
+    if targets.strip().lower() == "all-linear":
+        return mods
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    return [m for m in mods if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
+
+
+def trainable_params(req: EstimateRequest) -> int:
+    m = req.model
+    if req.method == "full":
+        return m.params_total()
+    if req.method == "freeze":
+        k = min(req.freeze_trainable_layers, m.num_layers)
+        return k * m.params_per_block()
+    if req.method in ("lora", "qlora"):
+        return m.lora_params(req.lora_r, req.lora_targets)
+    if req.method == "prompt":
+        return req.num_virtual_tokens * m.hidden_size
+    if req.method == "prefix":
+        # P-tuning v2 / peft prefix tuning: a key and a value vector per layer per virtual token.
+        return req.num_virtual_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim
+    raise ValueError(req.method)
+
+
+def _quantized_params(model: ModelSpec) -> int:
+    """Parameters bitsandbytes stores in 4 bits: the Linear layers of the blocks (not embeddings,
+    the output head, norms or fused MoE experts, which stay 16-bit)."""
+    return model.num_layers * sum(m.in_features * m.out_features * m.count
+                                  for m in model.linear_modules() if m.kind in _LINEAR)
+
+
+# ---- activations ---------------------------------------------------------------------------------
+def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
+    """(bytes saved for backward per token per block, bytes of one block's backward working set per token).
+
+    Counted from what autograd keeps: the fp32 input of each RMSNorm (HF upcasts), q/k/v and the output
+    for SDPA/flash, the MLP's pre-activation and activation, the input of every Linear whose weight is
+    trained (a frozen Linear needs its weight, not its input, to pass gradients down), LoRA's dropout
+    copies and masks; eager attention adds the softmax matrix (fp32 + 16-bit copy).
+    """
+    m, c = req.model, _compute_bytes(req.precision)
+    h = m.hidden_size
+    q = m.num_heads * m.head_dim
+    kv = m.num_kv_heads * m.head_dim
+    inter = m.intermediate_size * (m.experts_per_token if m.num_experts > 1 else 1)
+    norm = (4 if m.norm == "rmsnorm" else c) * h * (1 if m.parallel_block else 2)
+    attn = c * (q + 2 * kv) + c * q
+    if req.attention == "eager":
+        attn += m.num_heads * req.seq_len * (4 + c)
+    mlp = c * (3 * inter if m.gated_mlp else inter)
+
+    # Which weight groups have trained weights (need their inputs saved)?
+    if req.method == "full" or req.method == "freeze":
+        attn_in = mlp_in = down_in = True
+        lora = []
+    elif req.method in ("lora", "qlora"):
+        lora = _lora_modules(m, req.lora_targets)
+        names = [x.name.rsplit(".", 1)[-1] for x in lora]
+        attn_in = any(n in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value",
+                            "q_lin", "k_lin", "v_lin") for n in names)
+        down = ("down_proj", "fc2", "fc_out", "c_proj", "lin2")
+        mlp_in = any(x.in_features == h and x.name.rsplit(".", 1)[-1] not in
+                     ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value",
+                      "q_lin", "k_lin", "v_lin") and x.out_features != h for x in lora)
+        down_in = any(x.name.rsplit(".", 1)[-1] in down and x.in_features != h for x in lora)
+    else:  # prompt / prefix: nothing inside the blocks is trained
+        attn_in = mlp_in = down_in = False
+        lora = []
+    if req.method == "qlora" and fitted_constants()["memory"]["qlora_saves_linear_inputs"]:
+        # bitsandbytes < 0.43 kept the input of every 4-bit Linear for its backward (MatMul4Bit saved A),
+        # including a copy of the attention output; kept as the default because an underestimate means an
+        # OOM after the instance is paid for, and many images still pin such versions.
+        attn_in = mlp_in = down_in = True
+        saved_inputs = c * (h + q + (0 if m.parallel_block else h) + inter)
+    else:
+        saved_inputs = c * (h * attn_in + (0 if m.parallel_block else h * mlp_in) + inter * down_in)
+    lora_extra = 0.0
+    for x in lora:
+        lora_extra += c * req.lora_r * x.count
+        if req.lora_dropout > 0:
+            lora_extra += (c + 1) * x.in_features * x.count  # dropout output + bool mask, per adapted module
+    per_layer = norm + attn + mlp + saved_inputs + lora_extra
+    working = c * (2 * inter + 2 * h)  # gradients flowing through the block being back-propagated
+    return per_layer, working
+
+
+def activation_bytes(req: EstimateRequest, shard: int = 1) -> float:
+    """Activation bytes at the backward peak for one micro-batch on one GPU."""
+    m = req.model
+    tokens = req.batch_size * (req.seq_len + (req.num_virtual_tokens if req.method == "prompt" else 0))
+    per_layer, working = _act_bytes_per_token_layer(req)
+    k = fitted_constants()["memory"]["activation_working_set"]
+    layers = m.num_layers
+    if req.method == "freeze":
+        layers = min(req.freeze_trainable_layers, m.num_layers)  # nothing below the lowest trained block
+    hidden_dtype = 4 if (_mixed(req.precision) and req.method == "full") or req.precision == "fp32" else 2
+    if req.grad_checkpointing:
+        # Each block keeps its input; one block at a time is recomputed and back-propagated.
+        act = tokens * (layers * hidden_dtype * m.hidden_size + per_layer + k * working)
+    else:
+        act = tokens * (layers * per_layer + k * working)
+    # Final norm input (fp32 in HF) + embedding output.
+    act += tokens * m.hidden_size * (4 + hidden_dtype)
+    return act
+
+
+def logits_bytes(req: EstimateRequest) -> float:
+    """bf16 logits, the fp32 log-softmax the loss keeps, and its gradient: batch x seq x vocab.
+
+    Encoders (classification heads) have no vocabulary-sized output.
+    """
+    if req.model.is_encoder:
+        return 0.0
+    c = _compute_bytes(req.precision)
+    return req.batch_size * req.seq_len * req.model.vocab_size * (2 * c + 8)
+
+
+# ---- the estimate -----------------------------------------------------------------------------------
+def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
+    """Peak memory per GPU, by component, for `req` on `gpu_count` GPUs (DDP / ZeRO / FSDP)."""
+    m = req.model
+    notes: list[str] = []
+    p_total = m.params_total()
+    p_train = trainable_params(req)
+    prec = req.precision
+    opt = req.resolved_optimizer
+    zero = req.resolved_zero(gpu_count)
+    n = max(gpu_count, 1)
+
+    # Base weights in their storage format.
+    if req.method == "qlora":
+        quant = _quantized_params(m)
+        per = NF4_DQ_BYTES if req.double_quant else NF4_BYTES
+        weights = quant * per + (p_total - quant) * 2
+        # One Linear at a time is dequantized to 16 bits for its matmul.
+        biggest = max(x.in_features * x.out_features for x in m.linear_modules() if x.kind in _LINEAR)
+        weights += 2 * biggest
+    elif req.method == "full":
+        weights = p_total * _master_bytes(prec)
+    else:
+        frozen = p_total - (p_train if req.method == "freeze" else 0)
+        weights = frozen * _frozen_bytes(prec) + (p_train * _master_bytes(prec) if req.method == "freeze" else 0)
+
+    # Trainable tensors beyond the base weights: adapters / virtual tokens in master precision, and the
+    # 16-bit copy autocast keeps of every trained fp32 weight for the backward pass.
+    trainable = 0.0
+    if req.method in ("lora", "qlora", "prompt", "prefix"):
+        trainable = p_train * _master_bytes(prec)
+    if _mixed(prec) and req.method in ("full", "freeze"):
+        trainable += p_train * 2
+    gradients = p_train * _master_bytes(prec)
+    optimizer = optimizer_state_bytes(opt, prec, m, p_train, req.method)
+
+    # Sharding over GPUs: ZeRO-1 optimizer, ZeRO-2 + gradients, ZeRO-3/FSDP + weights.
+    if n > 1 and zero >= 1:
+        optimizer /= n
+    if n > 1 and zero >= 2:
+        gradients /= n
+    if n > 1 and zero >= 3:
+        gathered = 2 * 2 * m.params_per_block()  # the block being computed and the next one prefetched
+        weights = weights / n + gathered
+        trainable /= n
+    if req.offload in ("optimizer", "all"):
+        optimizer = 0.0
+        notes.append("optimizer states (and their fp32 masters) live in CPU RAM: plan for host memory")
+        if _mixed(prec) and req.method in ("full", "freeze"):
+            weights -= p_train * (_master_bytes(prec) - 2) / (n if zero >= 3 else 1)
+    if req.offload == "all":
+        weights = 2 * 2 * m.params_per_block() + (p_total - m.num_layers * m.params_per_block()) * 2 / n
+        notes.append("parameters are streamed from CPU RAM block by block (ZeRO-3 offload): slow")
+
+    activations = activation_bytes(req)
+    logits = logits_bytes(req)
+
+    # Optimizer step: torch's foreach AdamW materialises sqrt(v) for all parameters at once. It only
+    # matters when that is bigger than the activations, which are gone by then.
+    # The 16-bit autocast copies, activations and logits are freed by then, so the step peak exceeds
+    # the backward peak only when that temporary is bigger than all three together.
+    if opt == "adamw" and req.offload == "none":
+        step_temp = optimizer / 2  # one state-sized temporary
+        optimizer += max(0.0, step_temp - (trainable * (req.method in ("full", "freeze")) + activations + logits))
+
+    consts = fitted_constants()["memory"]
+    allocator = consts["allocator_fragmentation"] * (activations + logits) + consts["allocator_fixed_gib"] * GIB
+    context = consts["cuda_context_gib"] * GIB
+
+    if opt == "paged_adamw8bit":
+        notes.append("paged optimizer: bitsandbytes can evict its states to CPU RAM under memory pressure")
+    if req.attention == "eager" and req.seq_len >= 2048:
+        notes.append("eager attention keeps the seq x seq score matrix of every head; sdpa or flash does not")
+    return MemoryEstimate(
+        weights=weights / GIB, trainable=trainable / GIB, gradients=gradients / GIB, optimizer=optimizer / GIB,
+        activations=activations / GIB, logits=logits / GIB, allocator_overhead=allocator / GIB,
+        cuda_context=context / GIB, params_total=p_total, params_trainable=p_train, notes=notes,
+    )

@@ -1,0 +1,170 @@
+"""Memory estimate: exact bytes against real tensors of a tiny model, and the physics users rely on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from planner.estimate import EstimateRequest, estimate
+from planner.gpus import resolve_gpu
+from planner.memory import GIB, estimate_memory, optimizer_state_bytes
+from planner.models import from_hf_config
+
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+BIG = dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+           num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_spec():
+    return from_hf_config(TINY, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def big():
+    return from_hf_config(BIG, name="llama3-8b-like")
+
+
+def _hf_model(spec, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(**spec.to_hf_config())
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _train_one_step(model, params):
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(0, 512, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    return opt
+
+
+def _state_bytes(opt) -> int:
+    return sum(_bytes(v for v in s.values() if v.dim() > 0) for s in opt.state.values())
+
+
+def test_full_bf16_true_matches_real_tensors(tiny_spec):
+    import torch
+
+    model = _hf_model(tiny_spec, torch.bfloat16)
+    opt = _train_one_step(model, model.parameters())
+    req = EstimateRequest(model=tiny_spec, method="full", precision="bf16-true", seq_len=16)
+    mem = estimate_memory(req)
+    assert mem.params_total == sum(p.numel() for p in model.parameters())
+    assert mem.weights * GIB == _bytes(model.parameters())
+    assert mem.gradients * GIB == _bytes(p.grad for p in model.parameters())
+    assert optimizer_state_bytes("adamw", "bf16-true", tiny_spec, mem.params_trainable, "full") == _state_bytes(opt)
+
+
+def test_lora_bf16_mixed_matches_peft(tiny_spec):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_hf_model(tiny_spec, torch.bfloat16),
+                           LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    opt = _train_one_step(model, trainable)
+    req = EstimateRequest(model=tiny_spec, method="lora", lora_r=8, seq_len=16)
+    mem = estimate_memory(req)
+    assert mem.params_trainable == sum(p.numel() for p in trainable)
+    assert mem.weights * GIB == _bytes(frozen)  # frozen base stays bf16
+    assert mem.trainable * GIB == _bytes(trainable)  # peft keeps adapters in fp32
+    assert mem.gradients * GIB == _bytes(p.grad for p in trainable)
+    assert optimizer_state_bytes("adamw", "bf16-mixed", tiny_spec, mem.params_trainable, "lora") == _state_bytes(opt)
+
+
+def test_qlora_nf4_storage_matches_bitsandbytes(tiny_spec, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _hf_model(tiny_spec, torch.bfloat16).save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16))
+    real = _bytes(q.parameters())
+    for module in q.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            real += _bytes([state.absmax, state.state2.absmax, state.state2.code])
+    mem = estimate_memory(EstimateRequest(model=tiny_spec, method="qlora", seq_len=16))
+    biggest = max(m.in_features * m.out_features for m in tiny_spec.linear_modules())
+    stored = mem.weights * GIB - 2 * biggest  # minus the one Linear dequantized at a time
+    # Per-tensor constants (the 256-entry code table of each quantized weight) are the only difference.
+    assert stored == pytest.approx(real, rel=0.03)
+
+
+def test_total_is_the_sum_and_methods_order_as_expected(big):
+    totals = {}
+    for method in ("full", "freeze", "lora", "qlora", "prompt", "prefix"):
+        mem = estimate_memory(EstimateRequest(model=big, method=method))
+        assert mem.total == pytest.approx(sum(mem.as_dict()[k] for k in mem.as_dict() if k != "total"), abs=0.01)
+        totals[method] = mem.total
+    assert totals["qlora"] < totals["lora"] < totals["freeze"] < totals["full"]
+    assert totals["prompt"] < totals["lora"]
+    # Full fine-tuning in bf16-mixed costs 16-20 bytes per parameter (fp32 master, grads, two Adam states).
+    per_param = totals["full"] * GIB / big.params_total()
+    assert 16 <= per_param <= 21
+    true_bf16 = estimate_memory(EstimateRequest(model=big, method="full", precision="bf16-true"))
+    assert 8 <= true_bf16.total * GIB / big.params_total() <= 11
+
+
+def test_activations_follow_checkpointing_attention_and_length(big):
+    base = EstimateRequest(model=big, method="lora", seq_len=4096, grad_checkpointing=False)
+    no_ckpt = estimate_memory(base).activations
+    ckpt = estimate_memory(replace(base, grad_checkpointing=True)).activations
+    eager = estimate_memory(replace(base, attention="eager")).activations
+    assert ckpt < no_ckpt / 5
+    # Eager keeps heads x seq x seq scores (fp32 softmax + bf16 copy) per layer: 32*4096^2*6 B * 32 layers.
+    assert eager - no_ckpt == pytest.approx(32 * 4096**2 * 6 * 32 / GIB, rel=0.01)
+    half = estimate_memory(replace(base, seq_len=2048)).activations
+    assert no_ckpt == pytest.approx(2 * half, rel=0.05)
+
+
+def test_logits_scale_with_vocabulary_and_tokens(big):
+    mem = estimate_memory(EstimateRequest(model=big, method="qlora", seq_len=8192, batch_size=2))
+    # 2 x 8192 x 128256 elements at 12 bytes (bf16 logits, fp32 log-softmax, its gradient, bf16 grad).
+    assert mem.logits == pytest.approx(2 * 8192 * 128256 * 12 / GIB, rel=1e-6)
+
+
+def test_sharding_and_offload(big):
+    one = estimate_memory(EstimateRequest(model=big, method="full"), 1)
+    z1 = estimate_memory(EstimateRequest(model=big, method="full", zero=1), 4)
+    z2 = estimate_memory(EstimateRequest(model=big, method="full", zero=2), 4)
+    z3 = estimate_memory(EstimateRequest(model=big, method="full", zero=3), 4)
+    assert z1.weights == one.weights and z1.gradients == one.gradients
+    assert z2.gradients == pytest.approx(one.gradients / 4)
+    assert z3.weights < one.weights / 3
+    assert one.total > z1.total > z2.total > z3.total
+    off = estimate_memory(EstimateRequest(model=big, method="full", offload="optimizer", zero=3), 4)
+    assert off.optimizer == 0 and off.total < z3.total
+    assert any("CPU RAM" in n for n in off.notes)
+
+
+def test_8bit_optimizers_and_adafactor_are_smaller(big):
+    def opt(name):
+        return estimate_memory(EstimateRequest(model=big, method="full", optimizer=name, precision="bf16-true"))
+
+    assert opt("adamw8bit").optimizer < opt("adamw").optimizer / 1.5
+    assert opt("adafactor").optimizer < opt("adamw8bit").optimizer
+    assert opt("sgd").optimizer <= opt("adafactor").optimizer
+
+
+def test_fit_decision_uses_driver_visible_memory(big):
+    req = EstimateRequest(model=big, method="lora", seq_len=1024)
+    total = estimate_memory(req).total
+    a10g = estimate(req, resolve_gpu("A10G"))
+    assert a10g.headroom_gib == pytest.approx(resolve_gpu("A10G").usable_gib - total)
+    assert a10g.fits == (total <= resolve_gpu("A10G").usable_gib)
