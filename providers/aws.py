@@ -1,0 +1,420 @@
+"""AWS EC2 adapter (boto3, standard credential chain).
+
+Per create: a key pair and a security group (tcp/22 from the caller's /32 only), both named
+`ftplan-<run>-<suffix>` and tagged `ftplan:run-id`; the newest Deep Learning AMI found by name;
+`InstanceInitiatedShutdownBehavior=terminate` plus a user-data `shutdown -h +N`, so the instance ends its
+own billing after `max_lifetime_s` even if the launcher dies. Teardown removes the key pair and group.
+
+Retries: botocore is limited to 2 attempts, because capacity errors are HTTP 500 and the launcher's
+own failover (next offer) is the better retry. `ClientToken` keeps that one retry from doubling an instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from providers.errors import (
+    AuthError,
+    CapacityError,
+    InstanceGone,
+    ProviderError,
+    QuotaError,
+    missing_extra,
+    scrub,
+)
+from providers.net import public_ip, ssh_cidr_for, validate_cidr
+
+log = logging.getLogger("ftplan.providers.aws")
+
+# Ubuntu DLAMI with the NVIDIA driver + CUDA; AWS publishes a new one every few weeks, so find it by name.
+DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+AMAZON_OWNER = "amazon"
+SSH_USER = "ubuntu"
+
+CAPACITY_CODES = {
+    "InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity", "Unsupported",
+    "SpotMaxPriceTooLow", "InsufficientReservedInstanceCapacity",
+}
+QUOTA_CODES = {"VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"}
+AUTH_CODES = {
+    "AuthFailure", "UnauthorizedOperation", "ExpiredToken", "RequestExpired", "OptInRequired",
+    "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException", "InvalidAccessKeyId",
+}
+GONE_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
+NO_CREDENTIALS = (
+    "AWS credentials not found: run `aws configure` or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+)
+_STATES = {
+    "pending": InstanceState.PENDING,
+    "running": InstanceState.RUNNING,
+    "stopping": InstanceState.STOPPING,
+    "stopped": InstanceState.STOPPED,
+    "shutting-down": InstanceState.TERMINATING,
+    "terminated": InstanceState.TERMINATED,
+}
+_ZONE_ID = re.compile(r"^[a-z]{2,5}\d+-az\d+$")
+_PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
+
+
+class AWSProvider(Provider):
+    """EC2 in one home region (others are reached through `InstanceRequest.region`)."""
+
+    name = "aws"
+
+    def __init__(
+        self,
+        region: str = "us-east-1",
+        endpoint_url: str | None = None,
+        ssh_cidr: str | None = None,
+        public_ip_lookup: Callable[[], str] | None = None,
+        regions: list[str] | None = None,
+        poll_interval_s: float = 5.0,
+        teardown_wait_s: float = 300.0,
+    ):
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.ssh_cidr = validate_cidr(ssh_cidr) if ssh_cidr else None
+        self.public_ip_lookup = public_ip_lookup or public_ip
+        self.regions = list(regions or [region])  # swept by list_instances
+        self.poll_interval_s = poll_interval_s
+        self.teardown_wait_s = teardown_wait_s
+        self._clients: dict[str, Any] = {}
+        self._session = None
+
+    # ---- the five calls -------------------------------------------------------------------------------
+
+    def create(self, request: InstanceRequest) -> Instance:
+        region = request.region or self.region
+        ec2 = self._ec2(region)
+        public_key = _validated_public_key(request.ssh_public_key)
+        base_name = f"ftplan-{_safe_name(request.run_id)}-{secrets.token_hex(3)}"
+        side: dict[str, Any] = {"key_name": None, "security_group_id": None}
+        try:
+            cidr = self._ssh_cidr(request)
+            zone = self._zone_name(ec2, request.zone)
+            arch = self._architecture(ec2, request.instance_type)
+            image_id, root_device = self._image(ec2, request.image, arch)
+            vpc_id = self._default_vpc(ec2, region)
+
+            tags = [{"Key": RUN_TAG, "Value": request.run_id}, {"Key": "Name", "Value": base_name}]
+            ec2.import_key_pair(
+                KeyName=base_name, PublicKeyMaterial=public_key.encode(),
+                TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
+            )
+            side["key_name"] = base_name
+            sg = ec2.create_security_group(
+                GroupName=base_name, Description=f"ftplan run {request.run_id}: ssh from {cidr}", VpcId=vpc_id,
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
+            )
+            side["security_group_id"] = sg["GroupId"]
+            ec2.authorize_security_group_ingress(
+                GroupId=sg["GroupId"],
+                IpPermissions=[{
+                    "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                    "IpRanges": [{"CidrIp": cidr, "Description": "ftplan ssh"}],
+                }],
+            )
+            params: dict[str, Any] = {
+                "ImageId": image_id,
+                "InstanceType": request.instance_type,
+                "MinCount": 1,
+                "MaxCount": 1,
+                "KeyName": base_name,
+                "SecurityGroupIds": [sg["GroupId"]],
+                "InstanceInitiatedShutdownBehavior": "terminate",
+                "UserData": _lifetime_user_data(request.max_lifetime_s),
+                "MetadataOptions": {"HttpTokens": "required"},
+                "BlockDeviceMappings": [{
+                    "DeviceName": root_device,
+                    "Ebs": {"VolumeSize": int(request.disk_gib), "VolumeType": "gp3", "DeleteOnTermination": True},
+                }],
+                "TagSpecifications": [
+                    {"ResourceType": "instance", "Tags": tags},
+                    {"ResourceType": "volume", "Tags": tags},
+                ],
+                "ClientToken": base_name,
+            }
+            if zone:
+                params["Placement"] = {"AvailabilityZone": zone}
+            if request.spot:
+                params["InstanceMarketOptions"] = {
+                    "MarketType": "spot",
+                    "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+                }
+            raw = ec2.run_instances(**params)["Instances"][0]
+        except BaseException as exc:
+            # Half-made runs leave nothing behind: key pairs and groups are free, but they clutter the account.
+            self._delete_side_resources(ec2, side, instance_id=None, wait_s=0)
+            raise _mapped(exc, f"creating {request.instance_type} in {region}") from None
+        instance = Instance(
+            provider=self.name, id=raw["InstanceId"], run_id=request.run_id, region=region,
+            zone=raw.get("Placement", {}).get("AvailabilityZone") or zone, instance_type=request.instance_type,
+            spot=request.spot, extra={**side, "ssh_cidr": cidr, "image_id": image_id},
+        )
+        _apply(instance, raw)
+        log.info("created %s (%s) in %s for run %s", instance.id, instance.instance_type, instance.zone,
+                 scrub(instance.run_id))
+        return instance
+
+    def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
+        ec2 = self._ec2(instance.region)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            raw = self._describe_raw(ec2, instance.id)
+            if raw is None:
+                instance.state = InstanceState.TERMINATED
+                raise InstanceGone(f"instance {instance.id} no longer exists", provider=self.name)
+            _apply(instance, raw)
+            if instance.state is InstanceState.RUNNING and instance.public_ip:
+                instance.ssh = SSHEndpoint(host=instance.public_ip, port=22, user=SSH_USER)
+                return instance.ssh
+            if instance.state.is_gone or instance.state is InstanceState.STOPPED:
+                reason = raw.get("StateReason", {})
+                text = f"instance {instance.id} is {raw['State']['Name']}: {reason.get('Message', 'no reason given')}"
+                if "Capacity" in reason.get("Code", "") or "Capacity" in reason.get("Message", ""):
+                    raise CapacityError(text, provider=self.name)
+                raise InstanceGone(text, provider=self.name)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = "has no public IP (does the default subnet assign one?)" if instance.public_ip is None \
+                    and instance.state is InstanceState.RUNNING else f"is still {raw['State']['Name']}"
+                raise ProviderError(f"instance {instance.id} {what} after {timeout_s:.0f}s", provider=self.name)
+            time.sleep(min(self.poll_interval_s, left))
+
+    def describe(self, instance: Instance) -> Instance:
+        raw = self._describe_raw(self._ec2(instance.region), instance.id)
+        if raw is None:
+            instance.state = InstanceState.TERMINATED
+        else:
+            _apply(instance, raw)
+        return instance
+
+    def terminate(self, instance: Instance) -> None:
+        ec2 = self._ec2(instance.region)
+        try:
+            ec2.terminate_instances(InstanceIds=[instance.id])
+        except Exception as exc:
+            mapped = _mapped(exc, f"terminating {instance.id}")
+            if not isinstance(mapped, InstanceGone):
+                raise mapped from None
+        raw = self._describe_raw(ec2, instance.id)  # read back: only the provider's word counts
+        if raw is None:
+            instance.state = InstanceState.TERMINATED
+        else:
+            _apply(instance, raw)
+            if not instance.state.is_gone:
+                raise ProviderError(
+                    f"instance {instance.id} is still {raw['State']['Name']} after terminate; "
+                    "check the EC2 console and run `ftplan gc`", provider=self.name,
+                )
+        log.info("terminated %s (%s)", instance.id, instance.state.value)
+        self._delete_side_resources(ec2, instance.extra, instance_id=instance.id, wait_s=self.teardown_wait_s)
+
+    def list_instances(self, run_id: str | None = None) -> list[Instance]:
+        tag_filter = {"Name": f"tag:{RUN_TAG}", "Values": [run_id]} if run_id else {"Name": "tag-key", "Values": [RUN_TAG]}
+        live = {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
+        found: list[Instance] = []
+        for region in self.regions:
+            ec2 = self._ec2(region)
+            try:
+                pages = ec2.get_paginator("describe_instances").paginate(Filters=[tag_filter, live])
+                raws = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+            except Exception as exc:
+                raise _mapped(exc, f"listing instances in {region}") from None
+            for raw in raws:
+                tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
+                groups = [g["GroupId"] for g in raw.get("SecurityGroups", []) if g["GroupName"].startswith("ftplan-")]
+                inst = Instance(
+                    provider=self.name, id=raw["InstanceId"], run_id=tags.get(RUN_TAG, ""), region=region,
+                    zone=raw.get("Placement", {}).get("AvailabilityZone"), instance_type=raw.get("InstanceType", ""),
+                    spot=raw.get("InstanceLifecycle") == "spot",
+                    extra={"key_name": raw.get("KeyName"), "security_group_id": groups[0] if groups else None},
+                )
+                _apply(inst, raw)
+                found.append(inst)
+        return found
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    def _ec2(self, region: str):
+        if region not in self._clients:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise missing_extra("AWS", "aws", "boto3") from None
+            if self._session is None:
+                self._session = boto3.session.Session()
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=10, read_timeout=60,
+                user_agent_extra="ftplan",
+            )
+            try:
+                self._clients[region] = self._session.client(
+                    "ec2", region_name=region, endpoint_url=self.endpoint_url, config=config
+                )
+            except Exception as exc:
+                raise _mapped(exc, "building the EC2 client") from None
+        return self._clients[region]
+
+    def _ssh_cidr(self, request: InstanceRequest) -> str:
+        if request.ssh_cidr:
+            return validate_cidr(request.ssh_cidr)
+        if self.ssh_cidr:
+            return self.ssh_cidr
+        return ssh_cidr_for(self.public_ip_lookup())
+
+    def _zone_name(self, ec2, zone: str | None) -> str | None:
+        """Catalogs name AWS zones by id (`use1-az4`, the same physical zone in every account); EC2 wants
+        this account's name for it (`us-east-1b`)."""
+        if not zone or not _ZONE_ID.match(zone):
+            return zone
+        zones = ec2.describe_availability_zones(ZoneIds=[zone])["AvailabilityZones"]
+        if not zones:
+            raise CapacityError(f"zone id {zone} is not available to this account", provider=self.name)
+        return zones[0]["ZoneName"]
+
+    def _architecture(self, ec2, instance_type: str) -> str:
+        types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+        archs = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else ["x86_64"]
+        return "x86_64" if "x86_64" in archs else archs[0]
+
+    def _image(self, ec2, image: str | None, arch: str) -> tuple[str, str]:
+        if image and image.startswith("ami-"):
+            images = ec2.describe_images(ImageIds=[image])["Images"]
+        else:
+            images = ec2.describe_images(
+                Owners=[AMAZON_OWNER],
+                Filters=[
+                    {"Name": "name", "Values": [image or DLAMI_NAME]},
+                    {"Name": "state", "Values": ["available"]},
+                    {"Name": "architecture", "Values": [arch]},
+                ],
+            )["Images"]
+        if not images:
+            raise ProviderError(
+                f"no {arch} AMI named '{image or DLAMI_NAME}' in region {ec2.meta.region_name}; "
+                "pass an explicit image (ami-...)", provider=self.name,
+            )
+        newest = max(images, key=lambda i: i.get("CreationDate", ""))
+        return newest["ImageId"], newest.get("RootDeviceName") or "/dev/sda1"
+
+    def _default_vpc(self, ec2, region: str) -> str:
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise ProviderError(
+                f"region {region} has no default VPC; create one with `aws ec2 create-default-vpc --region {region}`",
+                provider=self.name,
+            )
+        return vpcs[0]["VpcId"]
+
+    def _describe_raw(self, ec2, instance_id: str) -> dict[str, Any] | None:
+        try:
+            reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        except Exception as exc:
+            mapped = _mapped(exc, f"describing {instance_id}")
+            if isinstance(mapped, InstanceGone):
+                return None
+            raise mapped from None
+        instances = [i for r in reservations for i in r["Instances"]]
+        return instances[0] if instances else None
+
+    def _delete_side_resources(self, ec2, side: dict[str, Any], instance_id: str | None, wait_s: float) -> None:
+        """Best effort: a security group can only go once its instance is terminated, so wait for that."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        sg_id = side.get("security_group_id")
+        deadline = time.monotonic() + wait_s
+        while sg_id:
+            try:
+                ec2.delete_security_group(GroupId=sg_id)
+                break
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code == "InvalidGroup.NotFound":
+                    break
+                if code != "DependencyViolation" or time.monotonic() >= deadline:
+                    log.warning("security group %s of instance %s left behind: %s", sg_id, instance_id, scrub(exc))
+                    break
+                time.sleep(min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
+            except BotoCoreError as exc:
+                log.warning("security group %s left behind: %s", sg_id, scrub(exc))
+                break
+        key_name = side.get("key_name")
+        if key_name:
+            try:
+                ec2.delete_key_pair(KeyName=key_name)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("key pair %s left behind: %s", key_name, scrub(exc))
+
+
+def _apply(instance: Instance, raw: dict[str, Any]) -> None:
+    """Copy EC2's view (state, address) onto `instance`."""
+    instance.state = instance_state(raw)
+    instance.public_ip = raw.get("PublicIpAddress")
+    if instance.public_ip is None:
+        instance.ssh = None
+
+
+def instance_state(raw: dict[str, Any]) -> InstanceState:
+    """EC2 state -> ftplan state; a spot instance reclaimed by AWS is PREEMPTED, not TERMINATED."""
+    state = _STATES.get(raw.get("State", {}).get("Name", ""), InstanceState.UNKNOWN)
+    reason = raw.get("StateReason", {}).get("Code", "")
+    if state.is_gone and reason == "Server.SpotInstanceTermination":
+        return InstanceState.PREEMPTED
+    return state
+
+
+def _mapped(exc: BaseException, doing: str) -> BaseException:
+    """SDK exception -> providers.errors class (message scrubbed); anything else passes through."""
+    if isinstance(exc, ProviderError) or not isinstance(exc, Exception):
+        return exc
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # pragma: no cover - boto3 missing means _ec2 already raised
+        return exc
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.ProfileNotFound)):
+        return AuthError(NO_CREDENTIALS, provider="aws")
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code, message = err.get("Code", "Unknown"), err.get("Message", "")
+        text = f"AWS {code} while {doing}: {message}"
+        if code in CAPACITY_CODES:
+            return CapacityError(text, provider="aws")
+        if code in QUOTA_CODES:
+            return QuotaError(f"{text}; request a higher limit in the Service Quotas console", provider="aws")
+        if code in AUTH_CODES:
+            hint = ("grant the missing ec2 permission to this IAM identity" if code == "UnauthorizedOperation"
+                    else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (`aws sts get-caller-identity`)")
+            return AuthError(f"{text}; {hint}", provider="aws")
+        if code in GONE_CODES:
+            return InstanceGone(text, provider="aws")
+        return ProviderError(text, provider="aws")
+    if isinstance(exc, bx.BotoCoreError):
+        return ProviderError(f"AWS request failed while {doing}: {exc}", provider="aws")
+    return exc
+
+
+def _validated_public_key(key: str) -> str:
+    # EC2 answers garbage key material with an opaque error (moto: an HTML 500); catch it here.
+    key = key.strip()
+    if not _PUBKEY.match(key):
+        raise ProviderError("the SSH public key is not in OpenSSH format ('ssh-ed25519 AAAA...')", provider="aws")
+    return key
+
+
+def _safe_name(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", run_id).strip("-")[:40] or "run"
+
+
+def _lifetime_user_data(max_lifetime_s: int) -> str:
+    """A hard money cap that needs no launcher: with shutdown behaviour `terminate`, halting ends billing."""
+    minutes = max(1, math.ceil(max_lifetime_s / 60))
+    return f"#!/bin/bash\n# ftplan: maximum lifetime\nshutdown -h +{minutes} 'ftplan maximum lifetime reached'\n"

@@ -1,0 +1,264 @@
+"""EC2 for tests: moto's real server on 127.0.0.1, with Deep Learning AMIs and a fault switch in front.
+
+`MotoEC2` serves moto's WSGI app behind `FaultMiddleware`, which
+- records every EC2 request (Action + form parameters) so tests can assert what the adapter *sent*;
+- answers an armed action (e.g. RunInstances) with a real EC2 error document instead of calling moto.
+  Faults are sticky (or count-limited) because botocore retries 5xx once and would hide a one-shot fault.
+Faults can be armed in-process (`arm()`) or from another process (`POST /_fault?action=...&code=...`).
+
+moto loads its AMI set when `moto` is first imported, so this module must set `MOTO_AMIS_PATH` first;
+it also appends the DLAMIs to moto's list in case something imported moto earlier.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+import tempfile
+import threading
+import urllib.parse
+import zlib
+from dataclasses import dataclass, field
+from xml.sax.saxutils import escape
+
+AMAZON_OWNER_ID = "898082745236"  # the account that publishes the Deep Learning AMIs
+
+
+def _ami(ami_id: str, name: str, arch: str, created: str) -> dict:
+    return {
+        "ami_id": ami_id, "state": "available", "public": True, "owner_id": AMAZON_OWNER_ID,
+        "image_location": f"amazon/{name}", "sriov": "simple", "root_device_type": "ebs",
+        "root_device_name": "/dev/sda1", "description": f"{name} (ftplan test image)", "image_type": "machine",
+        "platform": None, "architecture": arch, "name": name, "virtualization_type": "hvm",
+        "hypervisor": "xen", "creation_date": created,
+    }
+
+
+DLAMI_OLD = _ami("ami-0d1a0000000000001", "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20250601",
+                 "x86_64", "2025-06-01T10:00:00.000Z")
+DLAMI_NEW = _ami("ami-0d1a0000000000002", "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20250801",
+                 "x86_64", "2025-08-01T10:00:00.000Z")
+DLAMI_ARM = _ami("ami-0d1a0000000000003", "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20250901",
+                 "arm64", "2025-09-01T10:00:00.000Z")
+PLAIN_UBUNTU = _ami("ami-0d1a0000000000004", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20251001",
+                    "x86_64", "2025-10-01T10:00:00.000Z")  # newer, but not a DLAMI: must not be picked
+TEST_AMIS = [DLAMI_OLD, DLAMI_NEW, DLAMI_ARM, PLAIN_UBUNTU]
+
+if "MOTO_AMIS_PATH" not in os.environ:
+    _fd, _path = tempfile.mkstemp(prefix="ftplan-moto-amis-", suffix=".json")
+    with os.fdopen(_fd, "w") as _f:
+        json.dump(TEST_AMIS, _f)
+    os.environ["MOTO_AMIS_PATH"] = _path
+    atexit.register(os.remove, _path)  # moto has read it by then (at import, below)
+
+from moto.ec2.models import amis as _moto_amis  # noqa: E402  (must follow MOTO_AMIS_PATH)
+from moto.moto_server.werkzeug_app import (  # noqa: E402
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server  # noqa: E402
+
+for _record in TEST_AMIS:
+    if not any(a["ami_id"] == _record["ami_id"] for a in _moto_amis.AMIS):
+        _moto_amis.AMIS.append(dict(_record))
+
+
+@dataclass
+class Fault:
+    code: str
+    status: int = 400
+    message: str = ""
+    remaining: int | None = None  # None = sticky
+
+
+@dataclass
+class RecordedRequest:
+    action: str
+    params: dict[str, str]
+    authorization: str
+
+
+@dataclass
+class FaultMiddleware:
+    app: object
+    faults: dict[str, Fault] = field(default_factory=dict)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/_fault":
+            return self._control(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+        action = params.get("Action", "")
+        with self.lock:
+            if action:
+                self.requests.append(RecordedRequest(action, params, environ.get("HTTP_AUTHORIZATION", "")))
+            fault = self.faults.get(action)
+            if fault and fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    del self.faults[action]
+        if fault:
+            xml = (
+                f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{escape(fault.code)}</Code>"
+                f"<Message>{escape(fault.message)}</Message></Error></Errors>"
+                "<RequestID>ftplan-fault-0001</RequestID></Response>"
+            ).encode()
+            start_response(f"{fault.status} Fault", [("Content-Type", "text/xml"), ("Content-Length", str(len(xml)))])
+            return [xml]
+        return self.app(environ, start_response)
+
+    def _control(self, environ, start_response):
+        query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
+        with self.lock:
+            if environ["REQUEST_METHOD"] == "DELETE":
+                self.faults.clear()
+            else:
+                count = query.get("count")
+                self.faults[query["action"]] = Fault(
+                    code=query["code"], status=int(query.get("status", 400)), message=query.get("message", ""),
+                    remaining=int(count) if count else None,
+                )
+        start_response("204 No Content", [])
+        return [b""]
+
+
+class _QuietHandler(MotoRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # one stderr line per request drowns test output
+        pass
+
+
+class MotoEC2:
+    """A moto server (all services, EC2 is what ftplan uses) on 127.0.0.1:<free port> in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.middleware = FaultMiddleware(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", 0, self.middleware, True, request_handler=_QuietHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="moto-ec2")
+
+    def start(self) -> MotoEC2:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+
+    def reset(self) -> None:
+        """Empty every moto backend, drop faults and the request log (cheap: no resource reload)."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=30).read()
+        with self.middleware.lock:
+            self.middleware.faults.clear()
+            self.middleware.requests.clear()
+
+    def arm(self, action: str, code: str, status: int = 400, message: str = "", count: int | None = None) -> None:
+        """Make `action` fail with EC2 error `code` (sticky unless `count` is given)."""
+        with self.middleware.lock:
+            self.middleware.faults[action] = Fault(code, status, message or f"{code} (injected by the test)", count)
+
+    def calls(self, action: str) -> list[dict[str, str]]:
+        with self.middleware.lock:
+            return [r.params for r in self.middleware.requests if r.action == action]
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self.middleware.lock:
+            return list(self.middleware.requests)
+
+
+# ---- AWS Price List API (moto does not implement it) --------------------------------------------------------
+
+
+def price_list_document(instance_type: str, region: str, location: str, usd: str, *, vcpu: str, memory: str,
+                        gpu: str, gpu_memory: str, family: str = "GPU instance", os_name: str = "Linux",
+                        capacity: str = "Used", tenancy: str = "Shared", sku: str = "") -> dict:
+    """One `PriceList` entry shaped like the real AmazonEC2 product document (attributes + OnDemand term)."""
+    sku = sku or f"SKU{zlib.crc32(repr((instance_type, region, os_name, capacity, tenancy)).encode()):010d}"
+    term, dim = "JRTCKXETXF", "6YS6EN2CT7"
+    return {
+        "product": {
+            "productFamily": "Compute Instance",
+            "attributes": {
+                "enhancedNetworkingSupported": "Yes", "memory": memory, "vcpu": vcpu, "capacitystatus": capacity,
+                "locationType": "AWS Region", "instanceFamily": family, "operatingSystem": os_name,
+                "regionCode": region, "servicename": "Amazon Elastic Compute Cloud", "gpuMemory": gpu_memory,
+                "instanceType": instance_type, "tenancy": tenancy, "usagetype": f"BoxUsage:{instance_type}",
+                "servicecode": "AmazonEC2", "licenseModel": "No License required", "currentGeneration": "Yes",
+                "preInstalledSw": "NA", "location": location, "processorArchitecture": "64-bit",
+                "marketoption": "OnDemand", "operation": "RunInstances", "availabilityzone": "NA", "gpu": gpu,
+            },
+            "sku": sku,
+        },
+        "serviceCode": "AmazonEC2",
+        "terms": {"OnDemand": {f"{sku}.{term}": {
+            "priceDimensions": {f"{sku}.{term}.{dim}": {
+                "unit": "Hrs", "endRange": "Inf", "beginRange": "0", "appliesTo": [], "rateCode": f"{sku}.{term}.{dim}",
+                "description": f"${usd} per On Demand {os_name} {instance_type} Instance Hour",
+                "pricePerUnit": {"USD": usd},
+            }},
+            "sku": sku, "effectiveDate": "2026-01-01T00:00:00Z", "offerTermCode": term, "termAttributes": {},
+        }}},
+        "version": "20260101000000", "publicationDate": "2026-01-01T00:00:00Z",
+    }
+
+
+@dataclass
+class PricingFake:
+    """The AWS Price List API's JSON 1.1 protocol (`X-Amz-Target: AWSPriceListService.GetProducts`).
+
+    Applies TERM_MATCH filters to product attributes like the real service and pages with NextToken.
+    `fail_with=(status, "__type", message)` makes every call fail."""
+
+    products: list[dict] = field(default_factory=list)
+    page_size: int = 2
+    fail_with: tuple[int, str, str] | None = None
+    requests: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._server = make_server("127.0.0.1", 0, self._wsgi, True, request_handler=_QuietHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-aws-pricing")
+
+    def start(self) -> PricingFake:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+
+    def _wsgi(self, environ, start_response):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = json.loads(environ["wsgi.input"].read(length) or b"{}")
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        self.requests.append({"target": target, "body": body})
+
+        def reply(status: int, doc: dict):
+            data = json.dumps(doc).encode()
+            start_response(f"{status} X", [("Content-Type", "application/x-amz-json-1.1"),
+                                           ("Content-Length", str(len(data)))])
+            return [data]
+
+        if self.fail_with:
+            status, type_, message = self.fail_with
+            return reply(status, {"__type": type_, "message": message})
+        if target != "AWSPriceListService.GetProducts":
+            return reply(400, {"__type": "UnknownOperationException", "message": f"unknown target {target}"})
+        matched = [p for p in self.products if p["serviceCode"] == body.get("ServiceCode") and all(
+            p["product"]["attributes"].get(f["Field"]) == f["Value"] for f in body.get("Filters", [])
+            if f.get("Type") == "TERM_MATCH")]
+        start = int(body.get("NextToken") or 0)
+        page = matched[start:start + self.page_size]
+        doc = {"FormatVersion": "aws_v1", "PriceList": [json.dumps(p) for p in page]}
+        if start + self.page_size < len(matched):
+            doc["NextToken"] = str(start + self.page_size)
+        return reply(200, doc)

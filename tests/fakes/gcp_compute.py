@@ -1,0 +1,311 @@
+"""A stateful fake of the Compute Engine v1 REST API (the subset ftplan uses), served by werkzeug on 127.0.0.1.
+
+The real `google-cloud-compute` client talks to it through `ClientOptions(api_endpoint="http://127.0.0.1:PORT")`.
+It behaves like Compute where ftplan depends on it:
+- insert answers with a RUNNING zone operation; only `operations/{op}/wait` finishes it (DONE), and errors
+  (capacity, quota) arrive *inside* that operation, as on GCP;
+- an instance goes PROVISIONING -> STAGING -> RUNNING over `boot_polls` GETs; its external IP is `nat_ip`
+  (default 127.0.0.1, so an end-to-end test can put a local sshd behind it);
+- delete is an operation too; the instance is gone (404) once it is DONE;
+- aggregated list honours the label filters ftplan sends; images resolve by family.
+Switches: `insert_op_error` (async error in the operation), `sync_errors[(method, kind)]` (an HTTP error
+answered at once), `valid_tokens` (401 for any other bearer token). Every request is recorded in `requests`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import zlib
+from dataclasses import dataclass, field
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+DLVM_PROJECT = "deeplearning-platform-release"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: dict | None
+    authorization: str | None
+
+
+@dataclass
+class FakeCompute:
+    nat_ip: str = "127.0.0.1"
+    boot_polls: int = 2
+    valid_tokens: set[str] | None = None
+    insert_op_error: tuple[str, str, int] | None = None          # (code, message, httpErrorStatusCode)
+    sync_errors: dict[tuple[str, str], tuple[int, str, str]] = field(default_factory=dict)  # -> (http, reason, msg)
+    requests: list[Recorded] = field(default_factory=list)
+    instances: dict[tuple[str, str, str], dict] = field(default_factory=dict)   # (project, zone, name)
+    firewalls: dict[tuple[str, str], dict] = field(default_factory=dict)
+    operations: dict[str, dict] = field(default_factory=dict)
+    images: list[dict] = field(default_factory=list)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            self.images = [
+                _image("common-cu124-v20250325-ubuntu-2204-py310", "common-cu124-ubuntu-2204-py310", "2025-03-25"),
+                _image("common-cu128-ubuntu-2204-nvidia-570-v20250812", "common-cu128-ubuntu-2204-nvidia-570",
+                       "2025-08-12"),
+                _image("tf-2-17-cu123-v20250301-debian-11", "tf-2-17-cu123-debian-11", "2025-03-01"),
+            ]
+        self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-gcp-compute")
+
+    # ---- lifecycle and test helpers ------------------------------------------------------------------
+
+    def start(self) -> FakeCompute:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+
+    def calls(self, method: str, path_suffix: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.method == method and r.path.endswith(path_suffix)]
+
+    def vanish(self, project: str, zone: str, name: str) -> None:
+        """The instance disappears behind ftplan's back (preempted with DELETE action, deleted by a human)."""
+        with self._lock:
+            self.instances.pop((project, zone, name), None)
+
+    # ---- WSGI ----------------------------------------------------------------------------------------
+
+    def _wsgi(self, environ, start_response):
+        request = Request(environ)
+        body = request.get_json(silent=True) if request.data else None
+        with self._lock:
+            self.requests.append(Recorded(request.method, request.path, dict(request.args), body,
+                                          request.headers.get("Authorization")))
+            response = self._route(request, body)
+        return response(environ, start_response)
+
+    def _route(self, request: Request, body: dict | None) -> Response:
+        if self.valid_tokens is not None:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in self.valid_tokens:
+                return _error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials. Expected OAuth 2 "
+                              "access token, login cookie or other valid authentication credential.", "authError")
+        path, method = request.path, request.method
+        m = re.fullmatch(r"/compute/v1/projects/([^/]+)/(.*)", path)
+        if not m:
+            return _error(404, "NOT_FOUND", f"The requested URL {path} was not found on this server.", "notFound")
+        project, rest = m.groups()
+        routes = [
+            ("POST", r"zones/([^/]+)/instances", "insert", self._insert),
+            ("GET", r"zones/([^/]+)/instances/([^/]+)", "get", self._get),
+            ("DELETE", r"zones/([^/]+)/instances/([^/]+)", "delete", self._delete),
+            ("POST", r"zones/([^/]+)/operations/([^/]+)/wait", "wait", self._wait_op),
+            ("GET", r"zones/([^/]+)/operations/([^/]+)", "op", self._get_op),
+            ("GET", r"aggregated/instances", "aggregated", self._aggregated),
+            ("POST", r"global/firewalls", "firewall-insert", self._fw_insert),
+            ("GET", r"global/firewalls/([^/]+)", "firewall-get", self._fw_get),
+            ("DELETE", r"global/firewalls/([^/]+)", "firewall-delete", self._fw_delete),
+            ("POST", r"global/operations/([^/]+)/wait", "global-wait", self._wait_global_op),
+            ("GET", r"global/images/family/([^/]+)", "image-family", self._image_family),
+            ("GET", r"global/images", "images", self._list_images),
+        ]
+        for verb, pattern, kind, handler in routes:
+            hit = re.fullmatch(pattern, rest)
+            if verb == method and hit:
+                if (method, kind) in self.sync_errors:
+                    status, reason, message = self.sync_errors[(method, kind)]
+                    return _error(status, _STATUS_NAMES.get(status, "ERROR"), message, reason)
+                return handler(request, project, *hit.groups(), body=body)
+        return _error(404, "NOT_FOUND", f"The requested URL {path} was not found on this server.", "notFound")
+
+    # ---- instances -----------------------------------------------------------------------------------
+
+    def _insert(self, request, project, zone, body):
+        name = body["name"]
+        if (project, zone, name) in self.instances:
+            return _error(409, "ALREADY_EXISTS", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' "
+                          "already exists", "alreadyExists")
+        link = f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}/instances/{name}"
+        inst = json.loads(json.dumps(body))
+        inst.update({
+            "kind": "compute#instance", "id": str(next(self._ids)), "status": "PROVISIONING", "selfLink": link,
+            "zone": f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}",
+            "creationTimestamp": "2026-01-01T00:00:00.000-07:00", "_polls": 0,
+        })
+        for i, nic in enumerate(inst.get("networkInterfaces", [])):
+            nic["networkIP"] = f"10.128.0.{i + 2}"
+            for ac in nic.get("accessConfigs", []):
+                ac["natIP"] = self.nat_ip
+        self.instances[(project, zone, name)] = inst
+        op = self._new_op(project, zone, "insert", link, target=(project, zone, name))
+        if self.insert_op_error:
+            self.operations[op["name"]]["_error"] = self.insert_op_error
+        return _json(op)
+
+    def _get(self, request, project, zone, name, body):
+        inst = self.instances.get((project, zone, name))
+        if inst is None:
+            return _not_found(project, zone, name)
+        inst["_polls"] += 1
+        if inst["status"] in ("PROVISIONING", "STAGING"):
+            inst["status"] = "RUNNING" if inst["_polls"] >= self.boot_polls else "STAGING"
+        return _json({k: v for k, v in inst.items() if not k.startswith("_")})
+
+    def _delete(self, request, project, zone, name, body):
+        inst = self.instances.get((project, zone, name))
+        if inst is None:
+            return _not_found(project, zone, name)
+        inst["status"] = "STOPPING"
+        return _json(self._new_op(project, zone, "delete", inst["selfLink"], target=(project, zone, name)))
+
+    def _aggregated(self, request, project, body):
+        match = _label_matcher(request.args.get("filter", ""))
+        items: dict[str, dict] = {}
+        for (p, zone, _), inst in sorted(self.instances.items()):
+            if p == project and match(inst.get("labels", {})):
+                items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(
+                    {k: v for k, v in inst.items() if not k.startswith("_")})
+        return _json({"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances",
+                      "items": items, "selfLink": f"{self.endpoint}{request.path}"})
+
+    # ---- operations ----------------------------------------------------------------------------------
+
+    def _new_op(self, project, zone, kind, target_link, target):
+        name = f"operation-{next(self._ids)}-{kind}"
+        scope = f"zones/{zone}" if zone else "global"
+        op = {
+            "kind": "compute#operation", "id": str(next(self._ids)), "name": name, "operationType": kind,
+            "targetLink": target_link, "status": "RUNNING", "progress": 0,
+            "selfLink": f"{self.endpoint}/compute/v1/projects/{project}/{scope}/operations/{name}",
+            "_target": target, "_zone": zone,
+        }
+        if zone:
+            op["zone"] = f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}"
+        self.operations[name] = op
+        return {k: v for k, v in op.items() if not k.startswith("_")}
+
+    def _finish(self, op: dict) -> dict:
+        if op["status"] != "DONE":
+            op.update(status="DONE", progress=100)
+            kind, target = op["operationType"], op["_target"]
+            if op.get("_error"):
+                code, message, http = op["_error"]
+                op["error"] = {"errors": [{"code": code, "message": message}]}
+                op["httpErrorStatusCode"] = http
+                op["httpErrorMessage"] = _STATUS_NAMES.get(http, "ERROR").replace("_", " ")
+                if kind == "insert":
+                    self.instances.pop(target, None)
+            elif kind == "delete":
+                self.instances.pop(target, None)
+            elif kind == "firewall-delete":
+                self.firewalls.pop(target, None)
+        return {k: v for k, v in op.items() if not k.startswith("_")}
+
+    def _wait_op(self, request, project, zone, name, body):
+        op = self.operations.get(name)
+        if op is None or op["_zone"] != zone:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/zones/{zone}/operations/{name}' "
+                          "was not found", "notFound")
+        return _json(self._finish(op))
+
+    def _get_op(self, request, project, zone, name, body):
+        op = self.operations.get(name)
+        if op is None:
+            return _error(404, "NOT_FOUND", f"operation {name} not found", "notFound")
+        return _json({k: v for k, v in op.items() if not k.startswith("_")})
+
+    def _wait_global_op(self, request, project, name, body):
+        op = self.operations.get(name)
+        if op is None or op["_zone"] is not None:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/operations/{name}' was not "
+                          "found", "notFound")
+        return _json(self._finish(op))
+
+    # ---- firewalls and images ------------------------------------------------------------------------
+
+    def _fw_insert(self, request, project, body):
+        name = body["name"]
+        link = f"{self.endpoint}/compute/v1/projects/{project}/global/firewalls/{name}"
+        self.firewalls[(project, name)] = {**body, "kind": "compute#firewall", "id": str(next(self._ids)),
+                                           "selfLink": link}
+        return _json(self._new_op(project, None, "firewall-insert", link, target=(project, name)))
+
+    def _fw_get(self, request, project, name, body):
+        fw = self.firewalls.get((project, name))
+        if fw is None:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/firewalls/{name}' was not "
+                          "found", "notFound")
+        return _json(fw)
+
+    def _fw_delete(self, request, project, name, body):
+        fw = self.firewalls.get((project, name))
+        if fw is None:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/firewalls/{name}' was not "
+                          "found", "notFound")
+        return _json(self._new_op(project, None, "firewall-delete", fw["selfLink"], target=(project, name)))
+
+    def _image_family(self, request, project, family, body):
+        found = [i for i in self.images if i["family"] == family and project == DLVM_PROJECT]
+        if not found:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/images/family/{family}' was "
+                          "not found", "notFound")
+        return _json(max(found, key=lambda i: i["creationTimestamp"]))
+
+    def _list_images(self, request, project, body):
+        flt = request.args.get("filter", "")
+        m = re.fullmatch(r'\s*family\s+eq\s+"?([^"]*)"?\s*', flt)
+        images = [i for i in self.images if project == DLVM_PROJECT and (not m or re.fullmatch(m.group(1), i["family"]))]
+        return _json({"kind": "compute#imageList", "items": images})
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:
+        pass
+
+
+_STATUS_NAMES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "SERVICE_UNAVAILABLE"}
+
+
+def _image(name: str, family: str, date: str) -> dict:
+    return {
+        "kind": "compute#image", "id": str(zlib.crc32(name.encode())), "name": name, "family": family,
+        "status": "READY", "creationTimestamp": f"{date}T10:00:00.000-07:00", "diskSizeGb": "50",
+        "selfLink": f"https://www.googleapis.com/compute/v1/projects/{DLVM_PROJECT}/global/images/{name}",
+    }
+
+
+def _json(data: dict, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json; charset=UTF-8")
+
+
+def _error(status: int, status_name: str, message: str, reason: str) -> Response:
+    return _json({"error": {"code": status, "message": message, "status": status_name,
+                            "errors": [{"message": message, "domain": "global", "reason": reason}]}}, status)
+
+
+def _not_found(project: str, zone: str, name: str) -> Response:
+    return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found",
+                  "notFound")
+
+
+def _label_matcher(flt: str):
+    """The two label filters ftplan sends: `labels.K:*` (has key) and `labels.K = "V"`."""
+    if not flt:
+        return lambda labels: True
+    m = re.fullmatch(r'\s*labels\.([a-z0-9_-]+)\s*:\s*\*\s*', flt)
+    if m:
+        return lambda labels: m.group(1) in labels
+    m = re.fullmatch(r'\s*labels\.([a-z0-9_-]+)\s*=\s*"([^"]*)"\s*', flt)
+    if m:
+        return lambda labels: labels.get(m.group(1)) == m.group(2)
+    raise ValueError(f"fake Compute does not understand filter {flt!r}")
