@@ -1,0 +1,192 @@
+"""`ftplan plan`: the cheapest instance that holds the job, across providers, with the run's total cost.
+
+Takes every `ftplan estimate` option plus budget and offer filters; prints a ranked table with the
+cost-vs-time Pareto frontier marked, then the cheapest offers that were rejected and why.
+Plain text output on purpose: importing rich would cost more than the whole ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from planner.commands import estimate as estimate_command
+from planner.errors import UserError
+from planner.offers import split_csv
+
+# Every `ftplan estimate` option except the single-GPU choice and --json is a `plan` option too: the same
+# click.Option objects, so the two commands can never drift apart.
+_NOT_SHARED = {"gpu_name", "gpu_count", "as_json"}
+ESTIMATE_PARAMS = [p for p in estimate_command.estimate.params if p.name not in _NOT_SHARED]
+
+
+def build_request(model_arg: str, **opts):
+    request, _how = estimate_command._request(model_arg, opts)
+    return request
+
+
+def _fmt_money(x: float) -> str:
+    return f"{x:,.2f}"
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]).rstrip()
+
+
+def resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly):
+    """Validate filter flags against what exists (suggesting close names) and build optimizer.Filters."""
+    from planner.gpus import load_gpus, resolve_gpu
+    from planner.offers import OfferTable, check_provider, suggest
+    from planner.optimizer import Filters
+
+    provs = tuple(dict.fromkeys(check_provider(p) for p in split_csv(providers)))
+    names: list[str] = []
+    for g in split_csv(gpus):
+        gpu = resolve_gpu(g)
+        card = gpu.same_as or gpu.name  # a provider's other spelling of the same card counts too
+        names += [x.name for x in load_gpus().values() if x.name == card or x.same_as == card]
+    for flag, value in (("--min-vcpus", min_vcpus), ("--min-ram", min_ram), ("--max-hourly", max_hourly)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be a positive number, got {value:g}")
+    table = OfferTable.load(provs or None)
+    regs = tuple(split_csv(regions))
+    if regs:
+        known = {r[9] for r in table.rows}
+        for reg in regs:
+            if reg not in known:
+                where = f" for {', '.join(provs)}" if provs else ""
+                raise UserError(f"unknown region '{reg}'{where}{suggest(reg, sorted(known))}; "
+                                "'ftplan catalog show --regions' lists them")
+    return Filters(providers=provs, regions=regs, gpus=tuple(dict.fromkeys(names)), market=market,
+                   min_vcpus=min_vcpus, min_ram_gib=min_ram, max_hourly=max_hourly), table
+
+
+def nothing_fits(result, request_label: str) -> UserError:
+    """The one-line error when no offer survives: over budget (name the cheapest that fits) or too big."""
+    over = [r for r in result.rejected if r.kind == "budget"]
+    if over:
+        o = min(over, key=lambda r: r.over_usd)
+        market = "spot" if o.offer["spot"] else "on-demand"
+        total = result.budget + o.over_usd
+        enough = math.ceil(total * 100) / 100  # whole cents, rounded up, so the hint always works
+        return UserError(
+            f"nothing fits within the ${result.budget:,.2f} budget; the cheapest offer that fits is "
+            f"{o.offer['provider']} {o.offer['instance_type']} ({o.offer['gpu']} x{o.offer['gpu_count']}, "
+            f"{market}, {o.offer['region']}) at ${total:,.4f} total; raise --budget to at least {enough:.2f}")
+    hourly = [r for r in result.rejected if r.kind == "max_hourly"]
+    if hourly:
+        o = hourly[0]
+        return UserError(f"every offer that fits costs more than --max-hourly; the cheapest is "
+                         f"{o.offer['provider']} {o.offer['instance_type']} at ${o.offer['price_hour']:,.2f}/h")
+    mem = sorted((r for r in result.rejected if r.kind == "memory"), key=lambda r: r.short_gib)
+    if mem:
+        return UserError(
+            f"no offer can hold {request_label}: closest is {mem[0].offer['provider']} "
+            f"{mem[0].offer['instance_type']}, which {mem[0].reason}; try --method qlora, a smaller --seq-len "
+            "or --batch-size, or more GPUs")
+    if result.considered == 0:
+        return UserError("no offers match these filters; loosen --providers/--regions/--gpu/--min-vcpus/--min-ram")
+    gpu = [r for r in result.rejected if r.kind == "gpu"]
+    reason = f": {gpu[0].reason}" if gpu else ""
+    return UserError(f"no offer can run {request_label}{reason}")
+
+
+@click.command("plan")
+@click.option("--budget", type=float, default=None, help="Most you will spend on the whole run, USD.")
+@click.option("--max-hourly", type=float, default=None, help="Most you will pay per instance-hour, USD.")
+@click.option("--headroom", type=float, default=0.10, show_default=True,
+              help="Safety margin on the estimated peak memory (0.10 = 10 %).")
+@click.option("--providers", "providers", multiple=True, help="Only these providers (comma-separated).")
+@click.option("--regions", "regions", multiple=True, help="Only these regions (comma-separated).")
+@click.option("--gpu", "gpus", multiple=True, help="Only these GPU types (comma-separated).")
+@click.option("--spot", "market", flag_value="spot", help="Spot/preemptible offers only.")
+@click.option("--on-demand", "market", flag_value="on-demand", help="On-demand offers only.")
+@click.option("--any", "market", flag_value="any", default=True, help="Spot and on-demand (default).")
+@click.option("--min-vcpus", type=float, default=None, help="At least this many host vCPUs.")
+@click.option("--min-ram", type=float, default=None, help="At least this much host RAM, GiB.")
+@click.option("--preemption-rate", type=float, default=0.1, show_default=True,
+              help="Expected spot preemptions per hour of training.")
+@click.option("--checkpoint-minutes", type=float, default=30.0, show_default=True,
+              help="Checkpoint interval; a preemption loses half of it on average.")
+@click.option("--top", type=int, default=10, show_default=True, help="How many offers to list.")
+@click.option("--all-regions", is_flag=True, help="One line per place instead of one per instance type.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcpus, min_ram, preemption_rate,
+         checkpoint_minutes, top, all_regions, as_json, **estimate_kwargs):
+    """Cheapest instance that fits, across providers, with total cost."""
+    from planner.offers import stale_warning
+    from planner.optimizer import plan_offers
+
+    if budget is not None and not budget > 0:
+        raise UserError(f"--budget must be a positive number of dollars, got {budget:g}")
+    if top <= 0:
+        raise UserError(f"--top must be a positive number, got {top}")
+    if preemption_rate < 0 or checkpoint_minutes <= 0:
+        raise UserError("--preemption-rate must be >= 0 and --checkpoint-minutes > 0")
+    request = build_request(**estimate_kwargs)
+    filters, table = resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly)
+    warning = stale_warning(table)
+    if warning:
+        click.echo(warning, err=True)
+    result = plan_offers(request, filters, budget, headroom=headroom, preemption_rate=preemption_rate,
+                         checkpoint_min=checkpoint_minutes, table=table)
+    label = f"{request.model.name} ({request.method})"
+    if not len(result):
+        raise nothing_fits(result, label)
+    lines = result.top(top, collapse=not all_regions)
+    frontier = result.frontier()
+    if as_json:
+        click.echo(json.dumps({
+            "model": request.model.name, "method": request.method, "budget_usd": budget,
+            "headroom": headroom, "market": market, "considered": result.considered, "feasible": len(result),
+            "catalogs": [{"provider": f.provider, "origin": f.origin, "retrieved_at": str(f.oldest),
+                          "age_days": f.age_days()} for f in table.files],
+            "warnings": [warning] if warning else [],
+            "offers": [o.to_dict() for o in lines],
+            "frontier": [o.to_dict() for o in frontier],
+            "rejected": [r.to_dict() for r in result.rejected],
+        }, indent=2))
+        return
+    best = lines[0]
+    click.echo(f"{label}: {len(result)} feasible prices (spot and on-demand counted apart) among "
+               f"{result.considered} offers; "
+               f"peak {best.peak_gib:.1f} GiB per GPU on the cheapest, +{headroom:.0%} margin required")
+    rows = []
+    for n, o in enumerate(lines, 1):
+        rows.append(_line(n, o))
+    shown = {(o.provider, o.instance_type, o.spot) for o in lines}
+    extra = [o for o in frontier if (o.provider, o.instance_type, o.spot) not in shown]
+    for o in extra:
+        rows.append(_line("", o))
+    headers = ["#", "provider", "instance", "GPU x n", "region", "market", "$/h", "est. h", "est. total $",
+               "headroom GiB", "frontier"]
+    click.echo(_table(headers, rows, right={0, 6, 7, 8, 9}))
+    click.echo("* = on the cost-vs-time Pareto frontier (no other offer is both cheaper and faster); "
+               "rows without # are faster frontier offers beyond the top list.")
+    click.echo("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
+               "preemption time. Prices are catalog snapshots, not live quotes; availability is not checked.")
+    if result.rejected:
+        click.echo("\nrejected (cheapest first):")
+        for r in result.rejected:
+            o = r.offer
+            market_ = "spot" if o["spot"] else "on-demand"
+            click.echo(f"  {o['provider']} {o['instance_type']} ({o['gpu']} x{o['gpu_count']}, {market_}, "
+                       f"${o['price_hour']:,.3f}/h): {r.reason}")
+
+
+def _line(n, o) -> list[str]:
+    region = o.region + (f" (+{len(o.other_regions)})" if o.other_regions else "")
+    return [str(n), o.provider, o.instance_type, f"{o.gpu} x{o.gpu_count}", region,
+            "spot" if o.spot else "on-demand", f"{o.price_hour:,.3f}", f"{o.hours:.2f}", _fmt_money(o.total_usd),
+            f"{o.headroom_gib:.1f}", "*" if o.pareto else ""]
+
+
+plan.params[:0] = ESTIMATE_PARAMS

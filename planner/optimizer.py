@@ -1,0 +1,607 @@
+"""Rank offers by expected total cost of the whole run: the cheapest instance that holds the job.
+
+Cost of one candidate = hourly price x billed hours, where billed hours = provisioning + setup +
+training + artifact pull, rounded up to the provider's billing granularity (and its minimum charge).
+Spot adds the expected preemption overhead: rate/h x training hours x (half a checkpoint interval of
+lost work + a restart = provisioning + setup again).
+
+Speed: the estimate depends only on (GPU type, GPU count, listed memory), a few dozen combinations,
+so it is computed once per group; the per-offer work is a single pass of float arithmetic over
+plain tuples. Groups that cannot hold the job are rejected without touching their rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
+
+from catalogs import data_path
+from planner import offers as O
+from planner.errors import UserError
+from planner.offers import OfferTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from planner.estimate import EstimateRequest
+
+MARKETS = ("any", "spot", "on-demand")
+
+
+# --------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class Overheads:
+    """Billed minutes besides training, per provider (catalogs/provider_overheads.json)."""
+
+    provision_min: float
+    setup_min: float
+    pull_min: float
+    min_billed_s: int = 0
+
+    @property
+    def fixed_h(self) -> float:
+        return (self.provision_min + self.setup_min + self.pull_min) / 60
+
+    @property
+    def restart_h(self) -> float:
+        """A spot restart provisions and sets up a new instance before training resumes."""
+        return (self.provision_min + self.setup_min) / 60
+
+
+@lru_cache(maxsize=1)
+def load_overheads() -> dict[str, Overheads]:
+    raw = json.loads(data_path("provider_overheads.json").read_text())
+    out = {}
+    for name, d in raw["providers"].items():
+        ov = Overheads(float(d["provision_min"]), float(d["setup_min"]), float(d["pull_min"]), int(d["min_billed_s"]))
+        if min(ov.provision_min, ov.setup_min, ov.pull_min, ov.min_billed_s) < 0:
+            raise ValueError(f"provider_overheads.json: negative value for {name}")
+        out[name] = ov
+    return out
+
+
+@dataclass(frozen=True)
+class Need:
+    """What the job needs on one (GPU type, GPU count): per-GPU peak and training hours.
+
+    `reason` set = this GPU type cannot run the job at all (precision unsupported, not CUDA, unknown)."""
+
+    peak_gib: float = 0.0
+    train_hours: float = 0.0
+    usable_gib: float | None = None   # what the driver reports; caps the memory an offer lists
+    reason: str | None = None
+    strategy: str = "single"          # single | ddp | zero3: how the GPUs share the job
+
+
+# evaluate(gpu, gpu_count) -> Need; called once per (gpu, count) pair present in the catalog.
+Evaluator = Callable[[str, int], Need]
+
+
+@dataclass
+class Filters:
+    providers: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()        # canonical GPU names
+    market: str = "any"               # any | spot | on-demand
+    min_vcpus: float | None = None
+    min_ram_gib: float | None = None
+    max_hourly: float | None = None   # $/h cap on the instance price
+
+
+@dataclass
+class CostModel:
+    headroom: float = 0.10            # safety margin on the estimated peak
+    preemption_rate: float = 0.1      # expected spot preemptions per hour of training
+    checkpoint_min: float = 30.0      # work lost per preemption is half an interval on average
+    overheads: dict[str, Overheads] = field(default_factory=lambda: dict(load_overheads()))
+
+    def spot_extra_h(self, train_h: float, ov: Overheads) -> float:
+        return self.preemption_rate * train_h * (self.checkpoint_min / 120 + ov.restart_h)
+
+
+def billed_hours(hours: float, granularity_s: int, min_billed_s: int = 0) -> float:
+    """Hours the provider charges for `hours` of running: rounded up to its granularity and minimum."""
+    seconds = max(hours * 3600, float(min_billed_s))
+    return math.ceil(seconds / granularity_s - 1e-9) * granularity_s / 3600
+
+
+# --------------------------------------------------------------------------- outputs
+
+@dataclass
+class RankedOffer:
+    provider: str
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    gpu_memory_gib: float
+    vcpus: float | None
+    ram_gib: float | None
+    region: str
+    zone: str
+    spot: bool
+    price_hour: float
+    hours: float                # expected wall-clock hours incl. overheads (and preemptions, for spot)
+    train_hours: float
+    billed_hours: float
+    total_usd: float
+    peak_gib: float
+    headroom_gib: float
+    strategy: str
+    provision_min: float
+    setup_min: float
+    pull_min: float
+    preemption_h: float
+    pareto: bool = False
+    other_regions: list[str] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        """Offers of one type and market are one line in tables: the cheapest place, with the others listed."""
+        return (self.provider, self.instance_type, self.gpu, self.gpu_count, self.spot)
+
+    def label(self) -> str:
+        market = "spot" if self.spot else "on-demand"
+        return f"{self.provider} {self.instance_type} ({self.gpu} x{self.gpu_count}, {market}, {self.region})"
+
+    def to_dict(self) -> dict:
+        return {
+            "provider": self.provider, "instance_type": self.instance_type, "gpu": self.gpu,
+            "gpu_count": self.gpu_count, "gpu_memory_gib": self.gpu_memory_gib, "vcpus": self.vcpus,
+            "ram_gib": self.ram_gib, "region": self.region, "zone": self.zone, "spot": self.spot,
+            "price_hour": self.price_hour, "hours": round(self.hours, 4), "train_hours": round(self.train_hours, 4),
+            "billed_hours": round(self.billed_hours, 4), "total_usd": round(self.total_usd, 4),
+            "peak_gib": round(self.peak_gib, 2), "headroom_gib": round(self.headroom_gib, 2),
+            "strategy": self.strategy, "pareto": self.pareto,
+            "overheads": {"provision_min": self.provision_min, "setup_min": self.setup_min,
+                          "pull_min": self.pull_min, "preemption_h": round(self.preemption_h, 4)},
+            "other_regions": self.other_regions,
+        }
+
+
+@dataclass
+class Rejected:
+    offer: dict                 # provider, instance_type, gpu, gpu_count, region, spot, price_hour (+ total_usd)
+    kind: str                   # memory | gpu | budget | max_hourly
+    reason: str
+    short_gib: float | None = None
+    over_usd: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"offer": self.offer, "kind": self.kind, "reason": self.reason}
+        if self.short_gib is not None:
+            d["short_gib"] = round(self.short_gib, 2)
+        if self.over_usd is not None:
+            d["over_usd"] = round(self.over_usd, 4)
+        return d
+
+
+
+@dataclass
+class _Group:
+    """Offers sharing provider, GPU type, count, listed memory and granularity: one evaluation each.
+
+    Row indices are pre-sorted by on-demand and by spot price, once per table, so a budget or an hourly
+    cap is a bisection and every group yields its offers already in cost order."""
+
+    provider: str
+    gpu: str
+    count: int
+    mem: float
+    granularity: int
+    od_rows: list[int] = field(default_factory=list)
+    od_prices: list[float] = field(default_factory=list)
+    spot_rows: list[int] = field(default_factory=list)
+    spot_prices: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _GroupEval:
+    need: Need
+    capacity_gib: float
+    hours_od: float = 0.0
+    hours_spot: float = 0.0
+    billed_od: float = 0.0
+    billed_spot: float = 0.0
+
+
+@dataclass
+class _Stream:
+    """Feasible offers of one group in one market, cheapest first: totals[k] belongs to rows[k]."""
+
+    totals: list[float]
+    rows: list[int]
+    hours: float
+    spot: bool
+    group: int
+
+    def items(self):
+        h, s, g = self.hours, self.spot, self.group
+        return ((t, h, i, s, g) for t, i in zip(self.totals, self.rows, strict=True))
+
+    def head(self) -> tuple:
+        return self.totals[0], self.hours, self.rows[0], self.spot, self.group
+
+
+@dataclass
+class PlanResult:
+    """Every feasible offer, ranked by expected total (cheapest first), plus the most useful rejections.
+
+    Each group's offers are already in cost order, so the global ranking is a lazy k-way merge:
+    `iter_ranked()` yields the cheapest first without sorting all offers; `offers` materialises them all."""
+
+    table: OfferTable
+    streams: list[_Stream]
+    evals: dict[int, _GroupEval]
+    groups: list[_Group]
+    cost: CostModel
+    rejected: list[Rejected]
+    considered: int             # offers (rows) that passed the filters
+    budget: float | None = None
+
+    def __len__(self) -> int:
+        return sum(len(s.rows) for s in self.streams)
+
+    def iter_ranked(self):
+        """(total_usd, hours, row index, spot, group) tuples, cheapest first (ties: faster first)."""
+        return heapq.merge(*(s.items() for s in self.streams))
+
+    def materialize(self, item: tuple) -> RankedOffer:
+        total, hours, i, spot, g = item
+        r, grp, ev = self.table.rows[i], self.groups[g], self.evals[g]
+        ov = self.cost.overheads[grp.provider]
+        need = ev.need
+        return RankedOffer(
+            provider=r[O.PROVIDER], instance_type=r[O.INSTANCE_TYPE], gpu=r[O.GPU], gpu_count=r[O.GPU_COUNT],
+            gpu_memory_gib=r[O.GPU_MEM], vcpus=r[O.VCPUS], ram_gib=r[O.RAM], region=r[O.REGION], zone=r[O.ZONE],
+            spot=spot, price_hour=r[O.SPOT] if spot else r[O.PRICE], hours=hours, train_hours=need.train_hours,
+            billed_hours=ev.billed_spot if spot else ev.billed_od, total_usd=total, peak_gib=need.peak_gib,
+            headroom_gib=ev.capacity_gib - need.peak_gib, strategy=need.strategy,
+            provision_min=ov.provision_min, setup_min=ov.setup_min, pull_min=ov.pull_min,
+            preemption_h=ev.hours_spot - ev.hours_od if spot else 0.0,
+        )
+
+    def iter_offers(self):
+        return (self.materialize(item) for item in self.iter_ranked())
+
+    @cached_property
+    def offers(self) -> list[RankedOffer]:
+        """All feasible offers, ranked (what the launcher walks when an offer has no capacity)."""
+        return list(self.iter_offers())
+
+    @property
+    def best(self) -> RankedOffer | None:
+        heads = [s.head() for s in self.streams if s.rows]
+        return self.materialize(min(heads)) if heads else None
+
+    def frontier_points(self) -> set[tuple[float, float]]:
+        """(total, hours) points of the cost-vs-time Pareto frontier over all feasible offers.
+
+        Within a stream the hours are constant, so only its cheapest offer can be on the frontier."""
+        points, best_h = set(), math.inf
+        for total, hours in sorted((s.totals[0], s.hours) for s in self.streams if s.rows):
+            if hours < best_h:
+                points.add((total, hours))
+                best_h = hours
+        return points
+
+    def top(self, n: int = 10, collapse: bool = True) -> list[RankedOffer]:
+        """The best `n` lines for display; with `collapse`, one line per provider/type/market (its cheapest
+        place), listing the other regions where the same type is also feasible."""
+        lines: list[RankedOffer] = []
+        seen: set[tuple] = set()
+        frontier = self.frontier_points()
+        for item in self.iter_ranked():
+            if len(lines) >= n:
+                break
+            o = self.materialize(item)
+            if collapse:
+                if o.key() in seen:
+                    continue
+                seen.add(o.key())
+                o.other_regions = self._other_regions(o, item[4])
+            o.pareto = (item[0], item[1]) in frontier
+            lines.append(o)
+        return lines
+
+    def _other_regions(self, o: RankedOffer, group: int) -> list[str]:
+        rows = self.table.rows
+        regions = {rows[i][O.REGION] for s in self.streams if s.group == group and s.spot == o.spot
+                   for i in s.rows if rows[i][O.INSTANCE_TYPE] == o.instance_type}
+        regions.discard(o.region)
+        return sorted(regions)
+
+    def frontier(self) -> list[RankedOffer]:
+        """One offer per Pareto point, cheapest first: the faster options worth paying more for."""
+        points = self.frontier_points()
+        best: dict[tuple, tuple] = {}
+        for s in self.streams:
+            if s.rows and (s.totals[0], s.hours) in points:
+                item = s.head()
+                key = item[:2]
+                if key not in best or item < best[key]:
+                    best[key] = item
+        lines = [self.materialize(item) for _, item in sorted(best.items())]
+        for o in lines:
+            o.pareto = True
+        return lines
+
+
+# --------------------------------------------------------------------------- ranking
+
+def group_rows(table: OfferTable) -> list[_Group]:
+    """Index the table once (cached on it): rows sharing what the estimate and billing depend on,
+    each group's rows sorted by on-demand price and by spot price."""
+    cached = getattr(table, "_groups", None)
+    if cached is not None:
+        return cached
+    index: dict[tuple, _Group] = {}
+    rows = table.rows
+    for i, r in enumerate(rows):
+        key = (r[O.PROVIDER], r[O.GPU], r[O.GPU_COUNT], r[O.GPU_MEM], r[O.GRANULARITY])
+        grp = index.get(key)
+        if grp is None:
+            grp = index[key] = _Group(*key)
+        grp.od_rows.append(i)
+        if r[O.SPOT] is not None:
+            grp.spot_rows.append(i)
+    for grp in index.values():
+        grp.od_rows.sort(key=lambda i: rows[i][O.PRICE])
+        grp.od_prices = [rows[i][O.PRICE] for i in grp.od_rows]
+        grp.spot_rows.sort(key=lambda i: rows[i][O.SPOT])
+        grp.spot_prices = [rows[i][O.SPOT] for i in grp.spot_rows]
+    groups = list(index.values())
+    table._groups = groups
+    return groups
+
+
+def _offer_brief(r: tuple, spot: bool, total: float | None = None) -> dict:
+    d = {"provider": r[O.PROVIDER], "instance_type": r[O.INSTANCE_TYPE], "gpu": r[O.GPU],
+         "gpu_count": r[O.GPU_COUNT], "region": r[O.REGION], "zone": r[O.ZONE], "spot": spot,
+         "price_hour": r[O.SPOT] if spot else r[O.PRICE]}
+    if total is not None:
+        d["total_usd"] = round(total, 4)
+    return d
+
+
+def _cut(prices: list[float], billed: float, cap: float, hi: int) -> int:
+    """How many leading prices keep price x billed within `cap` (exact at the boundary)."""
+    if cap == math.inf or billed <= 0:
+        return hi
+    k = bisect.bisect_right(prices, cap / billed, 0, hi)
+    while k > 0 and prices[k - 1] * billed > cap:
+        k -= 1
+    while k < hi and prices[k] * billed <= cap:
+        k += 1
+    return k
+
+
+def rank(
+    table: OfferTable,
+    evaluate: Evaluator,
+    filters: Filters | None = None,
+    cost: CostModel | None = None,
+    budget: float | None = None,
+    rejected_per_kind: int = 5,
+) -> PlanResult:
+    """Rank every offer of `table` that passes `filters` by expected total cost (see module docstring)."""
+    f = filters or Filters()
+    cost = cost or CostModel()
+    if f.market not in MARKETS:
+        raise UserError(f"unknown market '{f.market}'; use --spot, --on-demand or --any")
+    rows = table.rows
+    groups = group_rows(table)
+    providers, gpus, regions = set(f.providers), set(f.gpus), set(f.regions)
+    min_vcpus, min_ram = f.min_vcpus, f.min_ram_gib
+    max_hourly = f.max_hourly if f.max_hourly is not None else math.inf
+    cap = budget if budget is not None else math.inf
+    markets = [spot for spot, on in ((False, f.market != "spot"), (True, f.market != "on-demand")) if on]
+    margin = 1.0 + cost.headroom
+    row_filter = bool(regions) or min_vcpus is not None or min_ram is not None
+
+    def row_ok(r: tuple) -> bool:
+        if regions and r[O.REGION] not in regions:
+            return False
+        if min_vcpus is not None and (r[O.VCPUS] is None or r[O.VCPUS] < min_vcpus):
+            return False
+        return not (min_ram is not None and (r[O.RAM] is None or r[O.RAM] < min_ram))
+
+    needs: dict[tuple[str, int], Need] = {}
+    evals: dict[int, _GroupEval] = {}
+    streams: list[_Stream] = []
+    over: list[tuple] = []
+    hourly: list[tuple] = []
+    group_rejects: list[tuple] = []
+    considered = 0
+    limit = rejected_per_kind
+
+    for g, grp in enumerate(groups):
+        if (providers and grp.provider not in providers) or (gpus and grp.gpu not in gpus):
+            continue
+        ov = cost.overheads.get(grp.provider)
+        if ov is None:
+            raise UserError(f"no overheads configured for provider '{grp.provider}' in provider_overheads.json")
+        need = needs.get((grp.gpu, grp.count))
+        if need is None:
+            need = needs[(grp.gpu, grp.count)] = evaluate(grp.gpu, grp.count)
+        capacity = min(grp.mem, need.usable_gib) if need.usable_gib else grp.mem
+        ev = evals[g] = _GroupEval(need, capacity)
+        if need.reason is not None or need.peak_gib * margin > capacity:
+            idx = [i for i in grp.od_rows if row_ok(rows[i])] if row_filter else grp.od_rows
+            considered += len(idx)
+            if idx:
+                group_rejects.append((rows[idx[0]][O.PRICE], g, idx[0]))
+            continue
+        ev.hours_od = ov.fixed_h + need.train_hours
+        ev.hours_spot = ev.hours_od + cost.spot_extra_h(need.train_hours, ov)
+        ev.billed_od = billed_hours(ev.hours_od, grp.granularity, ov.min_billed_s)
+        ev.billed_spot = billed_hours(ev.hours_spot, grp.granularity, ov.min_billed_s)
+        if row_filter:
+            considered += sum(1 for i in grp.od_rows if row_ok(rows[i]))
+        else:
+            considered += len(grp.od_rows)
+        for spot in markets:
+            idx, prices = (grp.spot_rows, grp.spot_prices) if spot else (grp.od_rows, grp.od_prices)
+            if row_filter:
+                keep = [k for k, i in enumerate(idx) if row_ok(rows[i])]
+                idx, prices = [idx[k] for k in keep], [prices[k] for k in keep]
+            billed = ev.billed_spot if spot else ev.billed_od
+            hi = bisect.bisect_right(prices, max_hourly)
+            k = _cut(prices, billed, cap, hi)
+            if k:
+                streams.append(_Stream([p * billed for p in prices[:k]], idx[:k],
+                                       ev.hours_spot if spot else ev.hours_od, spot, g))
+            over.extend((prices[j] * billed, idx[j], spot) for j in range(k, min(hi, k + limit)))
+            hourly.extend((prices[j], idx[j], spot) for j in range(hi, min(len(idx), hi + limit)))
+    rejected = _rejections(rows, groups, evals, group_rejects, over, hourly, cost.headroom, budget,
+                           max_hourly, limit)
+    return PlanResult(table, streams, evals, groups, cost, rejected, considered, budget)
+
+
+def _distinct(items: Iterable[tuple], key, limit: int) -> list[tuple]:
+    seen, out = set(), []
+    for it in items:
+        k = key(it)
+        if k in seen:
+            continue
+        seen.add(k)
+        out.append(it)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _rejections(rows, groups, evals, group_rejects, over, hourly, headroom, budget, max_hourly,
+                limit) -> list[Rejected]:
+    """The cheapest offers that do not fit (by how many GiB) or break a cap (by how much)."""
+    out: list[Rejected] = []
+    group_rejects.sort()
+    by_kind: dict[str, list[Rejected]] = {"memory": [], "gpu": []}
+    seen: set[tuple] = set()
+    for _price, g, i in group_rejects:
+        grp, ev = groups[g], evals[g]
+        kind = "gpu" if ev.need.reason is not None else "memory"
+        key = (kind, grp.gpu, grp.count if kind == "memory" else 0)
+        if key in seen or len(by_kind[kind]) >= limit:
+            continue
+        seen.add(key)
+        if kind == "gpu":
+            by_kind[kind].append(Rejected(_offer_brief(rows[i], False), "gpu", ev.need.reason))
+            continue
+        want = ev.need.peak_gib * (1 + headroom)
+        short = want - ev.capacity_gib
+        by_kind[kind].append(Rejected(
+            _offer_brief(rows[i], False), "memory",
+            f"needs {want:.1f} GiB per GPU ({ev.need.peak_gib:.1f} GiB peak + {headroom:.0%} margin), "
+            f"{grp.gpu} has {ev.capacity_gib:.1f}: short by {short:.1f} GiB",
+            short_gib=short))
+    out += by_kind["memory"] + by_kind["gpu"]
+
+    def brief_key(t: tuple) -> tuple:
+        return rows[t[1]][O.PROVIDER], rows[t[1]][O.INSTANCE_TYPE], t[2]
+
+    for total, i, spot in _distinct(sorted(over), brief_key, limit):
+        out.append(Rejected(_offer_brief(rows[i], spot, total), "budget",
+                            f"total ${total:,.2f} exceeds the ${budget:,.2f} budget by ${total - budget:,.2f}",
+                            over_usd=total - budget))
+    for price, i, spot in _distinct(sorted(hourly), brief_key, limit):
+        out.append(Rejected(_offer_brief(rows[i], spot), "max_hourly",
+                            f"${price:,.2f}/h exceeds --max-hourly ${max_hourly:,.2f}"))
+    return out
+
+
+# --------------------------------------------------------------------------- from an estimate request
+
+def _strategy(count: int, zero: int) -> str:
+    if count == 1:
+        return "single" if zero == 0 else f"zero{zero}"
+    return "ddp" if zero == 0 else f"zero{zero}"
+
+
+def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10) -> Evaluator:
+    """Evaluator backed by the estimator (planner.memory + planner.throughput) for one job.
+
+    Several GPUs run data-parallel when one GPU holds the job; when it does not (and the user did not
+    pin --zero), the same instance is tried with ZeRO-3 sharding, the slower but leaner layout.
+    Peak memory does not depend on the GPU type, only on count and sharding, so it is computed once per
+    (count, ZeRO stage): this is what keeps a plan over ~120 (GPU, count) pairs fast."""
+    from dataclasses import replace
+
+    from planner.estimate import training_tokens
+    from planner.gpus import resolve_gpu
+    from planner.memory import estimate_memory
+    from planner.throughput import tokens_per_second
+
+    tokens = training_tokens(request)
+    if tokens is None:
+        raise UserError("planning needs the dataset size: pass --dataset FILE or --dataset-tokens N")
+    zero3 = replace(request, zero=3)
+    peaks: dict[tuple[int, bool], float] = {}
+
+    def peak(count: int, sharded: bool) -> float:
+        key = (count, sharded)
+        if key not in peaks:
+            peaks[key] = estimate_memory(zero3 if sharded else request, count).total
+        return peaks[key]
+
+    def evaluate(gpu_name: str, count: int) -> Need:
+        try:
+            gpu = resolve_gpu(gpu_name)
+        except UserError:
+            return Need(reason=f"{gpu_name} is not in the GPU table")
+        if gpu.vendor != "NVIDIA":
+            return Need(reason=f"{gpu.name} is a {gpu.vendor} GPU; the training job needs CUDA")
+        if request.precision.startswith("bf16") and not gpu.supports_bf16:
+            return Need(reason=f"{gpu.name} has no bf16; pass --precision fp16-mixed to consider it")
+        req = request
+        total = peak(count, False)
+        if (count > 1 and request.zero is None and request.resolved_zero(count) != 3
+                and total * (1 + headroom) > gpu.usable_gib):
+            req = zero3
+            total = peak(count, True)
+        hours = tokens / tokens_per_second(req, gpu, count) / 3600
+        return Need(peak_gib=total, train_hours=hours, usable_gib=gpu.usable_gib,
+                    strategy=_strategy(count, req.resolved_zero(count)))
+
+    return evaluate
+
+
+def download_minutes(request: EstimateRequest, gib_per_min: float) -> float:
+    """Minutes to fetch the base model's 16-bit weights on the instance (part of setup and of every restart)."""
+    return request.model.params_total() * 2 / 2**30 / gib_per_min
+
+
+def plan_offers(
+    request: EstimateRequest,
+    filters: Filters | None = None,
+    budget: float | None = None,
+    *,
+    headroom: float = 0.10,
+    preemption_rate: float = 0.1,
+    checkpoint_min: float = 30.0,
+    download_gib_per_min: float = 6.0,
+    overheads: dict[str, Overheads] | None = None,
+    table: OfferTable | None = None,
+) -> PlanResult:
+    """The launcher's entry point: every feasible offer for `request`, cheapest expected total first."""
+    if budget is not None and not budget > 0:
+        raise UserError(f"--budget must be a positive number of dollars, got {budget:g}")
+    if not 0 <= headroom < 10:
+        raise UserError(f"--headroom must be a fraction such as 0.1 (10 %), got {headroom:g}")
+    base = overheads or load_overheads()
+    extra = download_minutes(request, download_gib_per_min)
+    cost = CostModel(
+        headroom=headroom, preemption_rate=preemption_rate, checkpoint_min=checkpoint_min,
+        overheads={p: replace_overheads(ov, setup_min=ov.setup_min + extra) for p, ov in base.items()},
+    )
+    table = table if table is not None else OfferTable.load(tuple(filters.providers) if filters else None)
+    return rank(table, estimate_evaluator(request, headroom), filters, cost, budget)
+
+
+def replace_overheads(ov: Overheads, **changes) -> Overheads:
+    from dataclasses import replace
+
+    return replace(ov, **changes)
