@@ -6,8 +6,13 @@ Scored sets (decided here, printed at the end):
 - memory: `kind == measured`, a peak memory value, `outcome` ran (or blank), a model we can describe and a
   method ftplan models. Each row is converted to the quantity it measured: decimal GB / GiB / MiB;
   `max_memory_allocated` -> our `allocated`; NVML "used" -> our `reserved` + the context the source measured;
-  sums over GPUs -> per GPU. Rows whose unit and method are unknown (Qwen "G") are compared as GiB of the
-  allocator's reserved memory, the quantity nvidia-smi-style tables usually report.
+  sums over GPUs -> per GPU. Rows whose unit and method are unknown (Qwen "G", 2023) are compared as GiB of
+  nvidia-smi's device figure: reserved memory + the pre-lazy-loading CUDA context S12 measured (1.3 GiB).
+- each row's training code is mapped to `framework` (LitGPT rows -> "litgpt": fp32 base under bf16-mixed,
+  FSDP keeping gathered frozen weights); LitGPT multi-GPU runs are FSDP (ZeRO-3); BERT rows without an
+  attention column are eager (transformers had no SDPA for BERT before v4.41).
+- S06 full fine-tunes use the stated GPU count unless 8 B/param (bf16 weights, grads, AdamW states) alone
+  exceeds the measured peak on it; then the published 4xA10G machine.
 - throughput: measured rows with `derived_tokens_per_s_total` (fixed token count per step).
 - fits: measured rows that report only ran/OOM: the estimator's fits-on-GPU decision.
 Everything else is listed as skipped with its reason. LitGPT rows (S05) train on Alpaca at its natural
@@ -70,10 +75,12 @@ ARCH: dict[str, ModelSpec] = {
     "gemma-7b": _llama("gemma-7b", 256000, 3072, 28, 16, 16, 24576, tied=True, head_dim=256),
     "gemma-2-2b": from_hf_config(dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, num_hidden_layers=26,
                                       num_attention_heads=8, num_key_value_heads=4, intermediate_size=9216,
-                                      head_dim=256), name="gemma-2-2b"),
+                                      head_dim=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+                                 name="gemma-2-2b"),
     "gemma-2-9b": from_hf_config(dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, num_hidden_layers=42,
                                       num_attention_heads=16, num_key_value_heads=8, intermediate_size=14336,
-                                      head_dim=256), name="gemma-2-9b"),
+                                      head_dim=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+                                 name="gemma-2-9b"),
     "llama-3-8b": _llama("llama-3-8b", 128256, 4096, 32, 32, 8, 14336),
     "llama-3.2-1b": _llama("llama-3.2-1b", 128256, 2048, 16, 32, 8, 8192, tied=True, head_dim=64),
     "llama-3.2-3b": _llama("llama-3.2-3b", 128256, 3072, 28, 24, 8, 8192, tied=True, head_dim=128),
@@ -123,7 +130,7 @@ class Mapped:
     gpu_name: str
     gpu_count: int
     measured_mem_gib: float | None  # converted to GiB of the quantity `mem_quantity` names
-    mem_quantity: str  # "allocated" | "reserved" | "nvml"
+    mem_quantity: str  # "allocated" | "reserved" | "nvml" (reserved + the context the source's stack had)
     context_gib: float
     measured_tps: float | None
 
@@ -154,6 +161,8 @@ def map_row(r: dict) -> Mapped | str:
         return "LoRA on an 8-bit (LLM.int8) base: not a method ftplan models"
     if "adapter" in method:
         return "LLaMA-Adapter: not a method ftplan models"
+    if "gptq" in r["quantization"].lower():
+        return "GPTQ int4 base (auto-gptq kernels, fp16): not a method ftplan models (its qlora is bitsandbytes NF4)"
     if "prefix" in method:
         return "ChatGLM's own INT4 quantization: not modelled"
     if r["extra_trainable"].lower().startswith(("embedding", "lm_head")):
@@ -164,6 +173,12 @@ def map_row(r: dict) -> Mapped | str:
     gpu_name = GPU_MAP.get(r["gpu"])
     if gpu_name is None:
         return f"GPU '{r['gpu']}' not in the GPU table"
+    if r["source_id"] == "S06" and "ambiguous" in r["notes"]:
+        return ("GPU count ambiguous (source: published only for 4xA10G, README says single-GPU) and no "
+                "reading fits: 1 GPU is below the 8 B/param states, 4-GPU FSDP is half the peak")
+    if r["cpu_offload"].lower().startswith("yes") and "zero-3" in r["parallelism"].lower():
+        return ("ZeRO-3 parameter offload on 1 GPU: the GPU peak is DeepSpeed's live-parameter, prefetch and "
+                "bucket buffers (sizes set by accelerate's unstated 'auto' config), not the model's tensors")
     if r["seq_len"] == "" and r["source_id"] != "S05":
         return "sequence length not stated"
     n = _int(r["gpu_count"], 1)
@@ -184,18 +199,21 @@ def map_row(r: dict) -> Mapped | str:
     seq = 1304 if src == "S05" else _int(r["seq_len"], 512)
     ckpt = r["grad_ckpt"].lower().startswith("yes")
     attn = "eager" if "eager" in r["attention"].lower() else "sdpa"
+    if not r["attention"] and model.is_encoder:
+        attn = "eager"  # BERT had only eager attention in transformers before v4.41 (the S12 docs predate it)
+    framework = "litgpt" if "lit" in r["framework"].lower() else "hf"
     par = r["parallelism"].lower()
     zero = 3 if ("zero-3" in par or "fsdp" in par) else 2 if "zero-2" in par else 0
     if src == "S07" and base == "full":
         zero = 3  # finetune_ds.sh defaults to ds_config_zero3.json (SOURCES.md)
-    notes = []
-    if src == "S06" and base == "full":
-        # Weights + bf16 AdamW states alone exceed the measured peak on one card: these ran on the 4xA10G
-        # machine the table was published for, with LitGPT's FSDP.
-        n, zero = 4, 3
-        notes.append("scored as 4xA10G FSDP")
     if src == "S07" and base == "qlora":
         precision = "fp16-mixed"
+    if src == "S06" and base == "full" and 8 * model.params_total() / n > float(r["peak_mem"] or "inf") * 1e9:
+        # bf16 weights + grads + AdamW states (8 B/param) alone exceed the measured peak on the stated GPU
+        # count: the run used the 4xA10G machine the table was published for (LitGPT FSDP).
+        n = 4
+    if src in ("S05", "S06") and n > 1:
+        zero = 3  # LitGPT's multi-GPU strategy is FSDP (full shard)
     offload = "optimizer" if r["cpu_offload"].lower().startswith("yes") else "none"
     req = EstimateRequest(
         model=model, method=base, seq_len=seq, batch_size=_int(r["micro_batch"], 1),
@@ -203,7 +221,7 @@ def map_row(r: dict) -> Mapped | str:
         optimizer=optimizer, precision=precision, offload=offload, grad_checkpointing=ckpt, attention=attn,
         zero=zero if (zero or n > 1) else None, double_quant=("dq" in r["quantization"].lower()
                                                               or "double" in r["quantization"].lower()),
-        lora_dropout=0.1 if src == "S11" else 0.05)
+        lora_dropout=0.1 if src == "S11" else 0.05, framework=framework)
     measured, quantity, context = None, "allocated", 0.0
     if r["peak_mem"]:
         value = float(r["peak_mem"])
@@ -220,7 +238,9 @@ def map_row(r: dict) -> Mapped | str:
         if "nvml" in metric or "nvidia-smi" in metric:
             quantity, context = "nvml", 1343 / 1024  # context measured by the source (S12)
         elif "not stated" in metric:
-            quantity = "reserved"
+            # An unstated tool in a 2023 table: nvidia-smi's device figure, whose CUDA context before lazy
+            # loading (CUDA < 12.2) is the 1.3 GiB S12 measured.
+            quantity, context = "nvml", 1343 / 1024
     tps = float(r["derived_tokens_per_s_total"]) if r["derived_tokens_per_s_total"] else None
     return Mapped(r, req, gpu_name, n, measured, quantity, context, tps)
 

@@ -22,6 +22,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 PRECISIONS = ("bf16-mixed", "bf16-true", "fp16-mixed", "fp32")
 OFFLOADS = ("none", "optimizer", "all")
 ATTENTIONS = ("sdpa", "flash", "eager")
+# Training code whose conventions change what is stored (see planner.memory's docstring): "hf" is the
+# transformers Trainer / PEFT / accelerate / DeepSpeed stack ftplan's own job uses; "litgpt" is LitGPT.
+FRAMEWORKS = ("hf", "litgpt")
 
 
 @dataclass
@@ -46,6 +49,7 @@ class EstimateRequest:
     double_quant: bool = True
     dataset_tokens: int | None = None
     epochs: float = 1.0
+    framework: str = "hf"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,7 +57,7 @@ class EstimateRequest:
     def validate(self) -> None:
         """Raise UserError naming the first bad field and how to fix it."""
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("offload", OFFLOADS),
-                              ("attention", ATTENTIONS)):
+                              ("attention", ATTENTIONS), ("framework", FRAMEWORKS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(allowed)}")
@@ -181,4 +185,4 @@ def smallest_fit(req: EstimateRequest, gpu: GPU, gpu_count: int = 1, max_gpus: i
     return out
 
 
-__all__ = ["EstimateRequest", "Estimate", "estimate", "estimate_memory", "smallest_fit", "trainable_params"]
+__all__ = ["FRAMEWORKS", "EstimateRequest", "Estimate", "estimate", "estimate_memory", "smallest_fit", "trainable_params"]

@@ -7,45 +7,40 @@ on them directly. Lookups are case-insensitive and ignore spaces, '-' and '_' ("
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import os
+from dataclasses import asdict, dataclass
 from functools import lru_cache
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pathlib import Path
 
 from catalogs import data_path
+from planner import __version__
 from planner.errors import UserError
 
 
-class GPU(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class GPU:
+    """One GPU type. A plain dataclass so a warm start never imports pydantic; the entries are validated
+    with pydantic (`_validated_entries`) whenever gpus.json changes."""
 
     name: str
-    aliases: list[str] = Field(default_factory=list)
+    aliases: tuple[str, ...]
     vendor: str
     architecture: str
-    memory_gib: float = Field(gt=0)       # marketed size
-    usable_mib: int = Field(gt=0)         # what the driver reports as total; a job can never use more
-    bf16_tflops: float | None = Field(default=None, gt=0)
-    fp16_tflops: float = Field(gt=0)
-    tf32_tflops: float | None = Field(default=None, gt=0)
-    fp32_tflops: float = Field(gt=0)
-    fp8_tflops: float | None = Field(default=None, gt=0)
-    mem_bandwidth_gbs: float = Field(gt=0)
+    memory_gib: float       # marketed size
+    usable_mib: int         # what the driver reports as total; a job can never use more
+    bf16_tflops: float | None
+    fp16_tflops: float
+    tf32_tflops: float | None
+    fp32_tflops: float
+    fp8_tflops: float | None
+    mem_bandwidth_gbs: float
     supports_bf16: bool
     supports_fp8: bool
     interconnect: str
-    interconnect_gbs: float = Field(gt=0)
-    same_as: str | None = None            # another provider's spelling of the same card
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GPU:
-        if self.supports_bf16 != (self.bf16_tflops is not None):
-            raise ValueError(f"{self.name}: supports_bf16 must match bf16_tflops")
-        if self.supports_fp8 != (self.fp8_tflops is not None):
-            raise ValueError(f"{self.name}: supports_fp8 must match fp8_tflops")
-        if self.usable_mib > self.memory_gib * 1024 * 1.0001:
-            raise ValueError(f"{self.name}: usable_mib exceeds memory_gib")
-        return self
+    interconnect_gbs: float
+    same_as: str | None = None  # another provider's spelling of the same card
 
     @property
     def usable_gib(self) -> float:
@@ -65,17 +60,52 @@ class GPU(BaseModel):
         return max(self.tf32_tflops or 0.0, self.fp32_tflops)
 
 
+def validate_gpu_entry(entry: dict) -> GPU:
+    """One gpus.json entry checked with pydantic (types, ranges, consistency); ValueError if invalid."""
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class _Entry(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        name: str
+        aliases: tuple[str, ...] = ()
+        vendor: str
+        architecture: str
+        memory_gib: float = Field(gt=0)
+        usable_mib: int = Field(gt=0)
+        bf16_tflops: float | None = Field(default=None, gt=0)
+        fp16_tflops: float = Field(gt=0)
+        tf32_tflops: float | None = Field(default=None, gt=0)
+        fp32_tflops: float = Field(gt=0)
+        fp8_tflops: float | None = Field(default=None, gt=0)
+        mem_bandwidth_gbs: float = Field(gt=0)
+        supports_bf16: bool
+        supports_fp8: bool
+        interconnect: str
+        interconnect_gbs: float = Field(gt=0)
+        same_as: str | None = None
+
+        @model_validator(mode="after")
+        def _consistent(self) -> _Entry:
+            if self.supports_bf16 != (self.bf16_tflops is not None):
+                raise ValueError(f"{self.name}: supports_bf16 must match bf16_tflops")
+            if self.supports_fp8 != (self.fp8_tflops is not None):
+                raise ValueError(f"{self.name}: supports_fp8 must match fp8_tflops")
+            if self.usable_mib > self.memory_gib * 1024 * 1.0001:
+                raise ValueError(f"{self.name}: usable_mib exceeds memory_gib")
+            return self
+
+    return GPU(**_Entry.model_validate(entry).model_dump())
+
+
 def _key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch not in " -_")
 
 
-@lru_cache(maxsize=1)
-def load_gpus() -> dict[str, GPU]:
-    """All GPU types keyed by canonical name (validated once per process)."""
-    raw = json.loads(data_path("gpus.json").read_text())
-    gpus = {}
-    for item in raw["gpus"]:
-        gpu = GPU.model_validate(item)
+def _validated_entries(raw: bytes) -> list[dict]:
+    gpus: dict[str, GPU] = {}
+    for item in json.loads(raw)["gpus"]:
+        gpu = validate_gpu_entry(item)
         if gpu.name in gpus:
             raise ValueError(f"gpus.json: duplicate GPU {gpu.name}")
         gpus[gpu.name] = gpu
@@ -83,7 +113,47 @@ def load_gpus() -> dict[str, GPU]:
         if gpu.same_as is not None and gpu.same_as not in gpus:
             raise ValueError(f"gpus.json: {gpu.name}.same_as names unknown GPU {gpu.same_as}")
     _index(gpus)  # rejects names/aliases that collide after normalisation
-    return gpus
+    return [{**asdict(g), "aliases": list(g.aliases)} for g in gpus.values()]  # as JSON gives it back
+
+
+def validated_cache_path(kind: str, raw: bytes, code: bytes = b"") -> Path:
+    """Where the validated form of a data file lives: the user cache dir, keyed by the sha256 of the file,
+    of the validating module's source (`code`) and the ftplan version, so an edit to either validates
+    again. FTPLAN_CACHE_DIR overrides the dir."""
+    root = os.environ.get("FTPLAN_CACHE_DIR")
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("ftplan")
+    digest = hashlib.sha256(hashlib.sha256(raw).digest() + hashlib.sha256(code).digest()).hexdigest()[:20]
+    return Path(root) / "validated" / f"{kind}-{__version__}-{digest}.json"
+
+
+def read_validated(kind: str, raw: bytes, validate, code: bytes = b"") -> list[dict]:
+    """`validate(raw)` once per (file content, validating code, version), then the cached JSON: warm
+    starts skip pydantic. The cache is a convenience: unreadable or unwritable, the file is validated again."""
+    path = validated_cache_path(kind, raw, code)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    entries = validate(raw)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return entries
+
+
+@lru_cache(maxsize=1)
+def load_gpus() -> dict[str, GPU]:
+    """All GPU types keyed by canonical name (validated once per gpus.json content, then cached)."""
+    raw = data_path("gpus.json").read_bytes()
+    entries = read_validated("gpus", raw, _validated_entries, Path(__file__).read_bytes())
+    return {e["name"]: GPU(**{**e, "aliases": tuple(e["aliases"])}) for e in entries}
 
 
 @lru_cache(maxsize=1)

@@ -10,6 +10,11 @@ Conventions that decide the numbers (documented because users compare them with 
   fp32 gradients and optimizer states, plus the 16-bit copy autocast keeps for the backward pass;
   frozen base weights of adapter methods are loaded in 16 bits (torch_dtype=bfloat16).
 - `bf16-true` keeps everything in bf16 (torchtune, LitGPT): 2-byte weights, grads and Adam states.
+- `framework="litgpt"` changes two conventions: under bf16-mixed the frozen base stays fp32 (LitGPT
+  loads the checkpoint in the precision's parameter dtype) and autocast keeps a 16-bit copy of every
+  frozen Linear weight for the backward pass.
+  Its FSDP LoRA keeps each block's all-gathered frozen weights until the end of the backward pass
+  (measured: per-GPU peak = unsharded weights + shard, LitGPT resource tables).
 - `fp32` keeps everything in fp32 (matmuls may use TF32).
 - The components before `allocator_overhead` are what `torch.cuda.max_memory_allocated()` reports;
   adding the allocator's fragmentation gives `max_memory_reserved()`; adding the CUDA context gives
@@ -96,8 +101,15 @@ def _master_bytes(precision: str) -> int:
     return 2 if precision == "bf16-true" else 4
 
 
-def _frozen_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+def _frozen_bytes(precision: str, framework: str = "hf") -> int:
+    """Bytes of a frozen base weight: 16-bit for HF (torch_dtype) unless fp32; LitGPT under *-mixed
+    keeps the fp32 parameters the precision plugin creates."""
+    return 4 if precision == "fp32" or (framework == "litgpt" and _mixed(precision)) else 2
+
+
+def _fp32_base(req: EstimateRequest) -> bool:
+    """Frozen base weights in fp32 while the matmuls run in 16 bits (autocast makes copies)."""
+    return req.method != "qlora" and req.framework == "litgpt" and _mixed(req.precision)
 
 
 def optimizer_state_bytes(optimizer: str, precision: str, model: ModelSpec, trainable: int, method: str) -> float:
@@ -152,6 +164,14 @@ def _quantized_params(model: ModelSpec) -> int:
 
 
 # ---- activations ---------------------------------------------------------------------------------
+def _eager_attention(req: EstimateRequest) -> bool:
+    """Whether the seq x seq scores are materialised: eager attention, or SDPA on a model with attention
+    logit soft-capping (Gemma-2), which SDPA cannot express so transformers and LitGPT fall back to eager."""
+    if req.attention == "eager":
+        return True
+    return req.attention == "sdpa" and bool(req.model.hf_extra.get("attn_logit_softcapping"))
+
+
 def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
     """(bytes saved for backward per token per block, bytes of one block's backward working set per token).
 
@@ -165,10 +185,17 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
     q = m.num_heads * m.head_dim
     kv = m.num_kv_heads * m.head_dim
     inter = m.intermediate_size * (m.experts_per_token if m.num_experts > 1 else 1)
-    norm = (4 if m.norm == "rmsnorm" else c) * h * (1 if m.parallel_block else 2)
-    attn = c * (q + 2 * kv) + c * q
-    if req.attention == "eager":
-        attn += m.num_heads * req.seq_len * (4 + c)
+    # RMSNorm upcasts its input to fp32 (HF, LitGPT); autocast runs layer_norm in fp32 as well.
+    norm_bytes = 4 if (m.norm == "rmsnorm" or _mixed(req.precision)) else c
+    norm = norm_bytes * h * (1 if m.parallel_block else 2)
+    # transformers' SDPA/eager paths repeat k and v to every query head (repeat_kv copies) and keep the
+    # copies; flash-attention reads the grouped k/v, and LitGPT's expand() is a view.
+    kv_saved = q if (req.framework == "hf" and req.attention != "flash") else kv
+    attn = c * (q + 2 * kv_saved) + c * q
+    if _eager_attention(req):
+        attn += m.num_heads * req.seq_len * (4 + c)  # fp32 softmax + the 16-bit copy the PV matmul keeps
+        if m.hf_extra.get("attn_logit_softcapping"):
+            attn += m.num_heads * req.seq_len * c  # tanh keeps its output
     mlp = c * (3 * inter if m.gated_mlp else inter)
 
     # Which weight groups have trained weights (need their inputs saved)?
@@ -215,7 +242,9 @@ def activation_bytes(req: EstimateRequest, shard: int = 1) -> float:
     layers = m.num_layers
     if req.method == "freeze":
         layers = min(req.freeze_trainable_layers, m.num_layers)  # nothing below the lowest trained block
-    hidden_dtype = 4 if (_mixed(req.precision) and req.method == "full") or req.precision == "fp32" else 2
+    # The residual stream is fp32 when the weights it comes from are (fp32 masters, LitGPT's fp32 base).
+    hidden_dtype = 4 if (_mixed(req.precision) and (req.method == "full" or _fp32_base(req))) \
+        or req.precision == "fp32" else 2
     if req.grad_checkpointing:
         # Each block keeps its input; one block at a time is recomputed and back-propagated.
         act = tokens * (layers * hidden_dtype * m.hidden_size + per_layer + k * working)
@@ -234,7 +263,10 @@ def logits_bytes(req: EstimateRequest) -> float:
     if req.model.is_encoder:
         return 0.0
     c = _compute_bytes(req.precision)
-    return req.batch_size * req.seq_len * req.model.vocab_size * (2 * c + 8)
+    per = 2 * c + 8
+    if req.model.hf_extra.get("final_logit_softcapping"):
+        per += c  # tanh(logits / cap) * cap: tanh keeps its output for the backward pass
+    return req.batch_size * req.seq_len * req.model.vocab_size * per
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
@@ -261,7 +293,13 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
         weights = p_total * _master_bytes(prec)
     else:
         frozen = p_total - (p_train if req.method == "freeze" else 0)
-        weights = frozen * _frozen_bytes(prec) + (p_train * _master_bytes(prec) if req.method == "freeze" else 0)
+        weights = frozen * _frozen_bytes(prec, req.framework) + (
+            p_train * _master_bytes(prec) if req.method == "freeze" else 0)
+        if _fp32_base(req):
+            # autocast's 16-bit copy of each frozen Linear weight is saved for the backward pass: all of
+            # them without checkpointing, one block's with it (plus the output head's either way).
+            lin = _quantized_params(m) // (m.num_layers if req.grad_checkpointing else 1)
+            weights += 2 * (lin + m.params_lm_head())
 
     # Trainable tensors beyond the base weights: adapters / virtual tokens in master precision, and the
     # 16-bit copy autocast keeps of every trained fp32 weight for the backward pass.
@@ -280,6 +318,8 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
         gradients /= n
     if n > 1 and zero >= 3:
         gathered = 2 * 2 * m.params_per_block()  # the block being computed and the next one prefetched
+        if req.framework == "litgpt" and req.method not in ("full", "freeze"):
+            gathered = weights  # frozen base: every block's gathered weights live until backward ends
         weights = weights / n + gathered
         trainable /= n
     if req.offload in ("optimizer", "all"):
@@ -308,7 +348,7 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
 
     if opt == "paged_adamw8bit":
         notes.append("paged optimizer: bitsandbytes can evict its states to CPU RAM under memory pressure")
-    if req.attention == "eager" and req.seq_len >= 2048:
+    if _eager_attention(req) and req.seq_len >= 2048:
         notes.append("eager attention keeps the seq x seq score matrix of every head; sdpa or flash does not")
     return MemoryEstimate(
         weights=weights / GIB, trainable=trainable / GIB, gradients=gradients / GIB, optimizer=optimizer / GIB,

@@ -11,20 +11,23 @@ head). Mixtral follows transformers 5: experts are fused 3D parameters (`mlp.exp
 `mlp.experts.down_proj`) and the router `mlp.gate` is a bare parameter, so none of them is an
 nn.Linear and peft's "all-linear" does not target them.
 
-Only pydantic is imported at module level: the planner path (`ftplan estimate/plan`) must stay
-light. httpx/platformdirs are imported inside the resolver.
+Nothing heavy is imported at module level: ModelSpec is a plain frozen dataclass, validated with
+pydantic (imported on demand) when built from a dict or config.json; the shipped catalog is validated
+once per file content and version and read back from the user cache afterwards (`planner.gpus.
+read_validated`), so a warm `ftplan estimate` never imports pydantic. httpx/platformdirs are imported
+inside the resolver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from planner.errors import UserError
 
@@ -95,15 +98,14 @@ _LAYOUT = {"mistral": "llama", "mixtral": "llama", "qwen2": "llama", "gemma2": "
            "roberta": "bert"}
 
 
-class LinearModule(BaseModel):
+@dataclass(frozen=True, kw_only=True)
+class LinearModule:
     """One weight matrix of a block, by its HF module name relative to the block.
 
     `kind`: "linear"/"conv1d" are real nn.Linear/Conv1D modules (bitsandbytes quantizes them);
     "experts" are fused MoE expert weights (`count` experts, one 3D parameter) and "router" the MoE
     router, both bare parameters in transformers 5 that stay 16-bit under QLoRA.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     name: str
     in_features: int
@@ -121,34 +123,112 @@ class LinearModule(BaseModel):
         return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
 
 
-class ModelSpec(BaseModel):
-    """A model architecture. Counts are methods, computed from these fields."""
+def _schema():
+    """The pydantic model that validates a ModelSpec's fields (built on first use: pydantic is slow to
+    import and to build, and a warm start never needs it)."""
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    class ModelSpecSchema(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+        name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+        hf_id: str
+        aliases: list[str] = []
+        family: str
+        model_type: ModelType
+        vocab_size: int = Field(gt=0)
+        hidden_size: int = Field(gt=0)
+        num_layers: int = Field(gt=0)
+        num_heads: int = Field(gt=0)
+        num_kv_heads: int = Field(gt=0)
+        head_dim: int = Field(gt=0)
+        intermediate_size: int = Field(gt=0)
+        num_experts: int = Field(default=1, ge=1)
+        experts_per_token: int = Field(default=1, ge=1)
+        tie_word_embeddings: bool
+        max_position_embeddings: int = Field(gt=0)
+        is_encoder: bool = False
+        random_init: bool = False
+        position_embedding: Literal["rope", "learned"] = "rope"
+        type_vocab_size: int = Field(default=0, ge=0)
+        norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+        norms_per_block: int = Field(default=2, ge=1)
+        embedding_norm: bool = False
+        final_norm: bool = True
+        qkv_bias: bool = False
+        o_bias: bool = False
+        mlp_bias: bool = False
+        gated_mlp: bool = True
+        fused_qkv: bool = False
+        fused_gate_up: bool = False
+        parallel_block: bool = False
+        lm_head_bias: bool = False
+        pooler: bool = False
+        hf_extra: dict[str, Any] = {}
+
+        @model_validator(mode="before")
+        @classmethod
+        def _fill_traits(cls, data: Any) -> Any:
+            if isinstance(data, dict):
+                mt = data.get("model_type")
+                if mt is not None and mt not in _TRAITS:
+                    raise ValueError(f"model_type '{mt}' is not supported; supported: {', '.join(_TRAITS)}")
+                data = {**_TRAITS.get(mt, {}), **data}
+                h, nh = data.get("hidden_size"), data.get("num_heads")
+                if "head_dim" not in data and isinstance(h, int) and isinstance(nh, int) and nh > 0:
+                    data["head_dim"] = data["hidden_size"] // data["num_heads"]
+                data.setdefault("num_kv_heads", data.get("num_heads"))
+            return data
+
+        @model_validator(mode="after")
+        def _check(self) -> ModelSpecSchema:
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            if self.experts_per_token > self.num_experts:
+                raise ValueError("experts_per_token exceeds num_experts")
+            if (self.num_experts > 1) != (self.model_type == "mixtral"):
+                raise ValueError("num_experts > 1 only for model_type mixtral (and mixtral needs it)")
+            if self.model_type in ("gpt2", "gptj", "bert", "roberta", "distilbert", "phi") and (
+                self.num_kv_heads != self.num_heads or self.head_dim * self.num_heads != self.hidden_size
+            ):
+                raise ValueError(f"{self.model_type} needs num_kv_heads == num_heads and head_dim * num_heads "
+                                 "== hidden_size")
+            return self
+
+    return ModelSpecSchema
+
+
+_schema = lru_cache(maxsize=1)(_schema)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A model architecture. Counts are methods, computed from these fields. Build it with
+    `ModelSpec.model_validate(dict)` or `from_hf_config`: the constructor does not validate."""
+
+    name: str
     hf_id: str
-    aliases: list[str] = []
+    aliases: list[str] = field(default_factory=list)
     family: str
-    model_type: ModelType
-    vocab_size: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_experts: int = Field(default=1, ge=1)
-    experts_per_token: int = Field(default=1, ge=1)
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_experts: int = 1
+    experts_per_token: int = 1
     tie_word_embeddings: bool
-    max_position_embeddings: int = Field(gt=0)
+    max_position_embeddings: int
     is_encoder: bool = False
     random_init: bool = False
     # Architecture traits (defaults per model_type from _TRAITS).
-    position_embedding: Literal["rope", "learned"] = "rope"
-    type_vocab_size: int = Field(default=0, ge=0)  # BERT token-type embeddings
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm has weight + bias
-    norms_per_block: int = Field(default=2, ge=1)
+    position_embedding: str = "rope"
+    type_vocab_size: int = 0  # BERT token-type embeddings
+    norm: str = "rmsnorm"  # layernorm has weight + bias
+    norms_per_block: int = 2
     embedding_norm: bool = False
     final_norm: bool = True
     qkv_bias: bool = False
@@ -161,35 +241,30 @@ class ModelSpec(BaseModel):
     lm_head_bias: bool = False
     pooler: bool = False  # encoder AutoModel pooler (dense hidden->hidden)
     # config.json values that do not change the parameter count (rope, eps, activation, token ids).
-    hf_extra: dict[str, Any] = {}
+    hf_extra: dict[str, Any] = field(default_factory=dict)
 
-    @model_validator(mode="before")
+    __hash__ = None  # lists/dicts inside: unhashable, as the pydantic model was
+
     @classmethod
-    def _fill_traits(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            mt = data.get("model_type")
-            if mt is not None and mt not in _TRAITS:
-                raise ValueError(f"model_type '{mt}' is not supported; supported: {', '.join(_TRAITS)}")
-            data = {**_TRAITS.get(mt, {}), **data}
-            h, nh = data.get("hidden_size"), data.get("num_heads")
-            if "head_dim" not in data and isinstance(h, int) and isinstance(nh, int) and nh > 0:
-                data["head_dim"] = data["hidden_size"] // data["num_heads"]
-            data.setdefault("num_kv_heads", data.get("num_heads"))
-        return data
+    def model_validate(cls, data: Any) -> ModelSpec:
+        """Validated ModelSpec (pydantic.ValidationError, a ValueError, names the bad field)."""
+        return cls(**_schema().model_validate(data).model_dump())
 
-    @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.experts_per_token > self.num_experts:
-            raise ValueError("experts_per_token exceeds num_experts")
-        if (self.num_experts > 1) != (self.model_type == "mixtral"):
-            raise ValueError("num_experts > 1 only for model_type mixtral (and mixtral needs it)")
-        if self.model_type in ("gpt2", "gptj", "bert", "roberta", "distilbert", "phi") and (
-            self.num_kv_heads != self.num_heads or self.head_dim * self.num_heads != self.hidden_size
-        ):
-            raise ValueError(f"{self.model_type} needs num_kv_heads == num_heads and head_dim * num_heads == hidden_size")
-        return self
+    def model_dump(self, include: set[str] | None = None, exclude_defaults: bool = False) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if include is not None and f.name not in include:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if exclude_defaults and value == default:
+                continue
+            out[f.name] = value
+        return out
+
+    def model_copy(self, update: dict[str, Any] | None = None) -> ModelSpec:
+        return dataclasses.replace(self, **(update or {}))
+
 
     # ---- counts -------------------------------------------------------------------------
     def _norm_size(self) -> int:
@@ -375,6 +450,9 @@ class ModelSpec(BaseModel):
         return d
 
 
+ModelSpec.model_fields = {f.name: f for f in dataclasses.fields(ModelSpec)}  # pydantic-style field names
+
+
 # ModelSpec field -> config.json key, per model_type.
 _FIELD_NAMES: dict[str, dict[str, str]] = {
     "default": {
@@ -463,8 +541,10 @@ def from_hf_config(config: dict, name: str | None = None, hf_id: str | None = No
     spec["name"] = _slug(name or ident.rsplit("/", 1)[-1])
     spec["hf_id"] = ident
     spec["family"] = mt
+    from pydantic import ValidationError
+
     try:
-        return ModelSpec(**spec)
+        return ModelSpec.model_validate(spec)
     except ValidationError as exc:
         raise ValueError(_first_error(exc)) from None
 
@@ -474,7 +554,7 @@ def _slug(text: str) -> str:
     return s or "model"
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     return f"{loc}: {err['msg']}" if loc else err["msg"]
@@ -485,9 +565,24 @@ class CatalogError(UserError):
     """The shipped (or a given) models.json is broken."""
 
 
+def _validated_catalog(text: bytes | str, path: Path) -> list[dict]:
+    """Every entry of a models.json validated, as plain dicts (what the cache stores)."""
+    return [spec.model_dump() for spec in _parse_catalog(text, path).values()]
+
+
 def _load_catalog_file(path: Path) -> dict[str, ModelSpec]:
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_bytes()
+    except OSError as exc:
+        raise CatalogError(f"cannot read model catalog {path}: {exc}; reinstall ftplan or fix the file") from None
+    return _parse_catalog(text, path)
+
+
+def _parse_catalog(text: bytes | str, path: Path) -> dict[str, ModelSpec]:
+    from pydantic import ValidationError
+
+    try:
+        raw = json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise CatalogError(f"cannot read model catalog {path}: {exc}; reinstall ftplan or fix the file") from None
     entries = raw.get("models") if isinstance(raw, dict) else None
@@ -513,8 +608,15 @@ def _load_catalog_file(path: Path) -> dict[str, ModelSpec]:
 @lru_cache(maxsize=1)
 def _default_catalog() -> dict[str, ModelSpec]:
     from catalogs import data_path
+    from planner.gpus import read_validated
 
-    return _load_catalog_file(data_path("models.json"))
+    path = data_path("models.json")
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise CatalogError(f"cannot read model catalog {path}: {exc}; reinstall ftplan or fix the file") from None
+    entries = read_validated("models", text, lambda raw: _validated_catalog(raw, path), Path(__file__).read_bytes())
+    return {e["name"]: ModelSpec(**e) for e in entries}
 
 
 def load_catalog(path: str | Path | None = None) -> dict[str, ModelSpec]:

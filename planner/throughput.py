@@ -1,6 +1,7 @@
 """Training throughput: FLOPs per token by method, the GPU's dense peak, and fitted utilisation.
 
-time per micro-batch = FLOPs / (utilisation x peak) + per-block launch overhead, where utilisation and
+time per micro-batch = FLOPs / (utilisation x peak) + per-block launch overhead + the optimizer step's
+memory traffic / bandwidth amortised over grad_accum micro-batches, where utilisation and
 the overhead are fitted per method to the published measurements (`catalogs/throughput.json`, written
 by `scripts/fit_throughput.py`). Several GPUs multiply by a scaling efficiency per parallelism.
 """
@@ -85,6 +86,17 @@ def scaling_efficiency(req: EstimateRequest, gpu: GPU, gpu_count: int) -> float:
     return max(0.2, (1 - loss) ** math.log2(gpu_count))
 
 
+def optimizer_step_bytes(req: EstimateRequest, gpu_count: int = 1) -> float:
+    """Bytes one GPU reads and writes in one optimizer step: a memory-bound pass over its share of the
+    trained parameters (param, grad, states read; param, states written; + the 16-bit copy under *-mixed)."""
+    opt = req.resolved_optimizer
+    w = 2 if req.precision == "bf16-true" else 4
+    state = {"adamw": 2 * w, "adamw8bit": 2, "paged_adamw8bit": 2, "sgd": 0, "adafactor": 0.1 * w}[opt]
+    per_param = 2 * w + w + 2 * state + (2 if req.precision in ("bf16-mixed", "fp16-mixed") else 0)
+    n = gpu_count if (gpu_count > 1 and req.resolved_zero(gpu_count) >= 1) else 1
+    return trainable_params(req) * per_param / n
+
+
 def tokens_per_second(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> float:
     """Training tokens per second over all GPUs."""
     peak = gpu.peak_tflops(req.precision) * 1e12
@@ -95,6 +107,9 @@ def tokens_per_second(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> flo
         # Dequantising every 4-bit weight once per forward (and per recomputation/backward) is memory-bound.
         passes = 3 if req.grad_checkpointing else 2
         step += passes * _quantized_params(req.model) * 2.5 / (gpu.mem_bandwidth_gbs * 1e9)
-    if req.offload != "none":
+    if req.offload == "none":
+        # The optimizer step runs once per grad_accum micro-batches (memory-bound; on the CPU when offloaded).
+        step += optimizer_step_bytes(req, gpu_count) / (gpu.mem_bandwidth_gbs * 1e9) / req.grad_accum
+    else:
         step *= fitted_constants()["throughput"]["offload_slowdown"][req.offload]
     return gpu_count * scaling_efficiency(req, gpu, gpu_count) * tokens / step

@@ -131,3 +131,14 @@ def test_estimate_path_imports_no_heavy_libraries():
              "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_framework_changes_the_base_weights_and_bad_value_is_one_line():
+    def weights(fw):
+        res = run([*MISTRAL, "--method", "lora", "--gpu", "A100-80GB", "--framework", fw, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)["memory_gib"]["weights"]
+
+    # LitGPT's bf16-mixed keeps the frozen base in fp32: at least twice the 16-bit weights.
+    assert weights("litgpt") > 2 * weights("hf")
+    one_line_error(run_process([*MISTRAL, "--method", "lora", "--framework", "axolotl"]), "--framework")

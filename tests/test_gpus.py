@@ -6,11 +6,10 @@ import csv
 import json
 
 import pytest
-from pydantic import ValidationError
 
 from catalogs import data_path
 from planner.errors import UserError
-from planner.gpus import GPU, load_gpus, resolve_gpu, table_gpus
+from planner.gpus import load_gpus, resolve_gpu, table_gpus, validate_gpu_entry
 
 # Every AcceleratorName in SkyPilot's catalogs for the five providers (AWS v8, GCP v8, Lambda v8, RunPod v7,
 # Paperspace v6 snapshots), plus the cards the issue names. Input data for the check, not expected output.
@@ -87,13 +86,42 @@ def test_cards_without_bf16_fall_back_to_fp16():
 
 def test_inconsistent_entries_are_rejected():
     entry = json.loads(data_path("gpus.json").read_text())["gpus"][0]
-    GPU.model_validate(entry)
-    with pytest.raises(ValidationError):
-        GPU.model_validate({**entry, "supports_bf16": False})
-    with pytest.raises(ValidationError):
-        GPU.model_validate({**entry, "memory_gib": -1})
-    with pytest.raises(ValidationError):
-        GPU.model_validate({**entry, "usable_mib": 10 * 1024 * 1024})
+    assert validate_gpu_entry(entry).name == entry["name"]
+    with pytest.raises(ValueError, match="supports_bf16"):
+        validate_gpu_entry({**entry, "supports_bf16": False})
+    with pytest.raises(ValueError, match="memory_gib"):
+        validate_gpu_entry({**entry, "memory_gib": -1})
+    with pytest.raises(ValueError, match="usable_mib"):
+        validate_gpu_entry({**entry, "usable_mib": 10 * 1024 * 1024})
+
+
+def test_validated_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
+    """A warm start reads the cached validated entries (no pydantic); an edited file is validated again."""
+    import subprocess
+    import sys
+
+    from planner import gpus
+
+    monkeypatch.setenv("FTPLAN_CACHE_DIR", str(tmp_path))
+    raw = data_path("gpus.json").read_bytes()
+    calls = []
+
+    def validate(data):
+        calls.append(1)
+        return gpus._validated_entries(data)
+
+    first = gpus.read_validated("gpus", raw, validate)
+    assert gpus.read_validated("gpus", raw, validate) == first and len(calls) == 1
+    edited = raw.replace(b'"usable_mib": 40960', b'"usable_mib": 40000', 1)
+    assert edited != raw
+    assert gpus.read_validated("gpus", edited, validate) != first and len(calls) == 2
+    # A fresh process with a warm cache resolves GPUs without importing pydantic.
+    probe = ("import sys; from planner.gpus import resolve_gpu; print(resolve_gpu('a100').usable_gib, "
+             "'pydantic' in sys.modules)")
+    env = {**__import__("os").environ, "FTPLAN_CACHE_DIR": str(tmp_path / "fresh")}
+    cold = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    warm = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert cold.stdout.split() == ["40.0", "True"] and warm.stdout.split() == ["40.0", "False"]
 
 
 def test_table_lists_each_physical_card_once():

@@ -168,3 +168,58 @@ def test_fit_decision_uses_driver_visible_memory(big):
     a10g = estimate(req, resolve_gpu("A10G"))
     assert a10g.headroom_gib == pytest.approx(resolve_gpu("A10G").usable_gib - total)
     assert a10g.fits == (total <= resolve_gpu("A10G").usable_gib)
+
+
+def test_litgpt_fp32_base_under_autocast_keeps_16bit_weight_copies(tiny_spec):
+    """LitGPT bf16-mixed: the frozen base is fp32 and autocast saves a bf16 copy of every Linear weight
+    for the backward pass. Counted on real tensors with saved_tensors_hooks (CPU autocast)."""
+    import torch
+
+    model = _hf_model(tiny_spec, torch.float32)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # what PEFT does so adapters below the top still get gradients
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    copies: dict[int, int] = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and shapes & {tuple(t.shape), tuple(t.shape)[::-1]}:
+            copies[t.data_ptr()] = t.numel() * 2
+        return t
+
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    req = EstimateRequest(model=tiny_spec, method="lora", lora_r=8, seq_len=16, grad_checkpointing=False,
+                          framework="litgpt")
+    lit, hf = estimate_memory(req), estimate_memory(replace(req, framework="hf"))
+    assert hf.weights * GIB == 2 * tiny_spec.params_total()
+    fp32_extra = 2 * tiny_spec.params_total()  # 4-byte instead of 2-byte base weights
+    assert (lit.weights - hf.weights) * GIB - fp32_extra == pytest.approx(sum(copies.values()), rel=0.01)
+    # With checkpointing only one block's copies (and the head's) are alive at a time.
+    ckpt = estimate_memory(replace(req, grad_checkpointing=True))
+    assert ckpt.weights < lit.weights
+
+
+def test_litgpt_fsdp_lora_keeps_gathered_frozen_weights(big):
+    """LitGPT's FSDP with a frozen base peaks at the unsharded weights plus the shard (resource tables);
+    HF/DeepSpeed ZeRO-3 frees each block's gathered weights, so its peak shrinks with more GPUs."""
+    req = EstimateRequest(model=big, method="lora", precision="bf16-true", zero=3, framework="litgpt")
+    one = estimate_memory(req, 1).weights
+    lit2, lit4 = estimate_memory(req, 2).weights, estimate_memory(req, 4).weights
+    assert lit2 == pytest.approx(one * 1.5) and lit4 == pytest.approx(one * 1.25)
+    hf4 = estimate_memory(replace(req, framework="hf"), 4).weights
+    assert hf4 < one / 3
+
+
+def test_softcapped_attention_materialises_scores_even_with_sdpa(big):
+    """Gemma-2's attention logit soft-capping cannot run in SDPA: the scores are materialised as in eager."""
+    capped = big.model_copy(update={"hf_extra": {"attn_logit_softcapping": 50.0}})
+    base = EstimateRequest(model=big, method="lora", seq_len=1024, grad_checkpointing=False)
+    plain = estimate_memory(base).activations
+    soft = estimate_memory(replace(base, model=capped)).activations
+    eager = estimate_memory(replace(base, attention="eager")).activations
+    # eager scores (fp32 softmax + bf16 copy) plus the tanh output soft-capping keeps: 8 bytes per score.
+    assert soft - plain == pytest.approx(32 * 1024**2 * 8 * 32 / GIB, rel=0.01)
+    assert soft > eager > plain
+    flash = estimate_memory(replace(base, model=capped, attention="flash")).activations
+    assert flash < plain  # flash-attention supports soft-capping and reads grouped k/v without copies

@@ -76,3 +76,21 @@ def test_throughput_is_plausible_against_published_order_of_magnitude(model):
     req = EstimateRequest(model=model, method="qlora", seq_len=2048)
     assert 300 < tokens_per_second(req, resolve_gpu("L4")) < 2500
     assert 2000 < tokens_per_second(req, resolve_gpu("H100-SXM")) < 15000
+
+
+def test_optimizer_step_is_amortised_over_gradient_accumulation(model):
+    """The optimizer step is one memory-bound pass over the trained parameters per optimizer step, so it
+    costs short sequences without accumulation the most."""
+    from planner.throughput import optimizer_step_bytes
+
+    gpu = resolve_gpu("A100-80GB")
+    req = EstimateRequest(model=model, method="full", seq_len=256, grad_accum=1)
+    p = model.params_total()
+    # fp32 master read+write, fp32 grad read, two fp32 Adam states read+write, bf16 copy written.
+    assert optimizer_step_bytes(req) == pytest.approx(p * (8 + 4 + 16 + 2))
+    t1 = req.seq_len / tokens_per_second(req, gpu)
+    t8 = 8 * req.seq_len / tokens_per_second(replace(req, grad_accum=8), gpu)
+    step = optimizer_step_bytes(req) / (gpu.mem_bandwidth_gbs * 1e9)
+    assert 8 * t1 - t8 == pytest.approx(7 * step, rel=1e-6)
+    lora = EstimateRequest(model=model, method="lora", seq_len=256)
+    assert optimizer_step_bytes(lora) < optimizer_step_bytes(req) / 100

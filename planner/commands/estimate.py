@@ -1,6 +1,8 @@
 """`ftplan estimate`: peak memory per GPU by component, fits or not, tokens/s and hours.
 
-Imports only click, pydantic and the planner's pure modules: a cold run stays well under 0.3 s.
+Imports only click and the planner's pure modules; the data files are validated with pydantic once per
+content and read from the user cache afterwards (`planner.gpus.read_validated`), and nothing here imports
+rich, so a warm-cache run never pays for pydantic or rich (`benchmarks/cli_speed`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 import click
 
 from planner.errors import UserError
-from planner.estimate import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS
+from planner.estimate import ATTENTIONS, FRAMEWORKS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS
 
 _LABELS = {"weights": "base weights", "trainable": "trainable params", "gradients": "gradients",
            "optimizer": "optimizer states", "activations": "activations", "logits": "logits + loss",
@@ -46,7 +48,7 @@ def _request(model_arg: str, opts: dict):
         grad_accum=opts["grad_accum"], lora_r=opts["lora_r"], lora_targets=opts["lora_targets"],
         optimizer=opts["optimizer"], precision=opts["precision"], offload=opts["offload"],
         grad_checkpointing=opts["grad_checkpointing"], attention=opts["attention"], zero=opts["zero"],
-        dataset_tokens=dataset_tokens, epochs=opts["epochs"])
+        dataset_tokens=dataset_tokens, epochs=opts["epochs"], framework=opts["framework"])
     return req, how
 
 
@@ -113,6 +115,8 @@ def _print_table(req, rows) -> None:
 @click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True)
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True)
 @click.option("--attention", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True)
+@click.option("--framework", type=click.Choice(FRAMEWORKS), default="hf", show_default=True,
+              help="Training code: hf (Trainer/PEFT/accelerate, what 'ftplan launch' runs) or litgpt.")
 @click.option("--zero", type=click.IntRange(0, 3), default=None, help="DeepSpeed ZeRO stage / FSDP (3).")
 @click.option("--dataset", type=click.Path(dir_okay=False), default=None,
               help="JSONL (Alpaca or chat messages) to count tokens from.")
