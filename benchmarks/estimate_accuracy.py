@@ -17,6 +17,8 @@ Scored sets (decided here, printed at the end):
 - fits: measured rows that report only ran/OOM: the estimator's fits-on-GPU decision.
 Everything else is listed as skipped with its reason. LitGPT rows (S05) train on Alpaca at its natural
 length: the peak happens at the longest sample, which LitGPT puts first (1,304 tokens), so seq_len = 1304.
+Being the first micro-batch, it has no equally long predecessor whose bitsandbytes inputs LitGPT would
+still hold (`planner.memory.litgpt_previous_step_input_bytes`), so that term is left out of those rows.
 
 The two naive anchors are scored on the same memory rows: LLaMA-Factory's size-class table (GB per
 billion parameters by method) and accelerate's estimate-memory rule (weights x 4 for Adam, i.e. 16 bytes
@@ -37,10 +39,22 @@ sys.path.insert(0, str(ROOT))
 
 from planner.estimate import EstimateRequest, estimate  # noqa: E402
 from planner.gpus import resolve_gpu  # noqa: E402
+from planner.memory import litgpt_previous_step_input_bytes  # noqa: E402
 from planner.models import ModelSpec, from_hf_config  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "calibration" / "published-measurements.csv"
 GIB = 1024**3
+
+
+def _table_name(name: str) -> str | None:
+    """A GPU named in ftplan's own spelling (e.g. rows from benchmarks/gpu_calibration.py: 'H200')."""
+    from planner.errors import UserError
+    from planner.gpus import resolve_gpu
+
+    try:
+        return resolve_gpu(name).name if name else None
+    except UserError:
+        return None
 
 
 def _llama(name, vocab, h, layers, heads, kv, inter, tied=False, head_dim=None, **extra) -> ModelSpec:
@@ -133,6 +147,7 @@ class Mapped:
     mem_quantity: str  # "allocated" | "reserved" | "nvml" (reserved + the context the source's stack had)
     context_gib: float
     measured_tps: float | None
+    longest_first: bool = False  # the peak micro-batch is the run's first: nothing before it as long
 
 
 def _targets(row: dict, model: ModelSpec) -> str:
@@ -170,7 +185,7 @@ def map_row(r: dict) -> Mapped | str:
     model = model_for(r["model"])
     if model is None:
         return f"model '{r['model']}' not described (encoder-decoder or unknown architecture)"
-    gpu_name = GPU_MAP.get(r["gpu"])
+    gpu_name = GPU_MAP.get(r["gpu"]) or _table_name(r["gpu"])
     if gpu_name is None:
         return f"GPU '{r['gpu']}' not in the GPU table"
     if r["source_id"] == "S06" and "ambiguous" in r["notes"]:
@@ -242,16 +257,18 @@ def map_row(r: dict) -> Mapped | str:
             # loading (CUDA < 12.2) is the 1.3 GiB S12 measured.
             quantity, context = "nvml", 1343 / 1024
     tps = float(r["derived_tokens_per_s_total"]) if r["derived_tokens_per_s_total"] else None
-    return Mapped(r, req, gpu_name, n, measured, quantity, context, tps)
+    longest_first = "first iteration uses the longest sample" in r["packed"]
+    return Mapped(r, req, gpu_name, n, measured, quantity, context, tps, longest_first)
 
 
 def predicted_mem(m: Mapped) -> float:
     mem = estimate(m.req, resolve_gpu(m.gpu_name), m.gpu_count).memory
+    leftover = litgpt_previous_step_input_bytes(m.req) / GIB if m.longest_first else 0.0
     if m.mem_quantity == "allocated":
-        return mem.allocated
+        return mem.allocated - leftover
     if m.mem_quantity == "reserved":
-        return mem.reserved
-    return mem.reserved + m.context_gib
+        return mem.reserved - leftover
+    return mem.reserved - leftover + m.context_gib
 
 
 def predicted_tps(m: Mapped) -> float:

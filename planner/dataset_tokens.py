@@ -64,9 +64,69 @@ def _load_tokenizer(tokenizer_file: Path | None):
         return None
 
 
+def _records(path: Path, fh):
+    """(line number, record) pairs of a JSONL file or of a JSON array file (Alpaca's own format).
+
+    A JSON array is recognised by its first non-blank byte; its records are numbered by the line on
+    which each one starts, so an error still names a line the user can open."""
+    head = fh.read(4096).lstrip()
+    fh.seek(0)
+    if head.startswith(b"["):
+        try:
+            text = fh.read().decode("utf-8")
+            items = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            line = getattr(exc, "lineno", "?")
+            raise UserError(f"{path} line {line}: not valid JSON ({getattr(exc, 'msg', exc)}); "
+                            "pass a JSON array of records or JSONL with one object per line") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: expected a JSON array of records or JSONL")
+        starts = _array_item_lines(text)
+        for i, record in enumerate(items):
+            yield (starts[i] if i < len(starts) else 1), record
+        return
+    for lineno, raw in enumerate(fh, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} line {lineno}: not valid JSON ({getattr(exc, 'msg', exc)}); "
+                            "each line must be one JSON object") from None
+        yield lineno, record
+
+
+def _array_item_lines(text: str) -> list[int]:
+    """Line number on which each top-level element of a JSON array starts."""
+    starts, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+            if depth == 1:
+                starts.append(line)
+        elif ch in "[{":
+            if depth == 1:
+                starts.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return starts
+
+
 def count_dataset_tokens(path: str | Path, vocab_size: int, tokenizer_file: Path | None = None,
                          max_seq_len: int | None = None) -> tuple[int, int, str]:
-    """(tokens, records, how) for a JSONL file; each record is truncated to max_seq_len as a trainer would."""
+    """(tokens, records, how) for a JSONL or JSON-array file; each record is truncated to max_seq_len
+    as a trainer would."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -76,14 +136,7 @@ def count_dataset_tokens(path: str | Path, vocab_size: int, tokenizer_file: Path
     ratio = bytes_per_token(vocab_size)
     tokens = records = 0
     with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({getattr(exc, 'msg', exc)}); "
-                                "each line must be one JSON object") from None
+        for lineno, record in _records(path, fh):
             texts = _texts(record, path, lineno)
             if tok is not None:
                 n = sum(len(tok.encode(t).ids) for t in texts)

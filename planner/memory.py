@@ -15,6 +15,12 @@ Conventions that decide the numbers (documented because users compare them with 
   frozen Linear weight for the backward pass.
   Its FSDP LoRA keeps each block's all-gathered frozen weights until the end of the backward pass
   (measured: per-GPU peak = unsharded weights + shard, LitGPT resource tables).
+  Always: its lm_head is never tied (a second vocab x hidden matrix), and logits + the loss's
+  log-softmax stay in the compute dtype (chunked head and loss, no upcast).
+  QLoRA (Fabric's BitsandbytesPrecision, bitsandbytes 0.42): the head is NF4 too, weights are
+  dequantized through fp16 (two copies of the biggest weight at a time), and the previous
+  micro-batch's MatMul4Bit inputs are still alive during the next forward (see
+  `_litgpt_previous_step_inputs`).
 - `fp32` keeps everything in fp32 (matmuls may use TF32).
 - The components before `allocator_overhead` are what `torch.cuda.max_memory_allocated()` reports;
   adding the allocator's fragmentation gives `max_memory_reserved()`; adding the CUDA context gives
@@ -24,7 +30,7 @@ Conventions that decide the numbers (documented because users compare them with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -164,6 +170,43 @@ def _quantized_params(model: ModelSpec) -> int:
 
 
 # ---- activations ---------------------------------------------------------------------------------
+def _bnb_keeps_inputs(req: EstimateRequest) -> bool:
+    return req.method == "qlora" and bool(fitted_constants()["memory"]["qlora_saves_linear_inputs"])
+
+
+def _bnb_inputs_per_token_layer(req: EstimateRequest) -> float:
+    """Bytes per token per block of the inputs bitsandbytes' MatMul4Bit keeps (`ctx.tensors = (A, B)`):
+    the attention input, the attention output (proj input), the MLP input (shared with the attention
+    input in a parallel block) and the MLP activation (down-projection input)."""
+    m, c = req.model, _compute_bytes(req.precision)
+    h, q = m.hidden_size, m.num_heads * m.head_dim
+    inter = m.intermediate_size * (m.experts_per_token if m.num_experts > 1 else 1)
+    return c * (h + q + (0 if m.parallel_block else h) + inter)
+
+
+def litgpt_previous_step_input_bytes(req: EstimateRequest) -> float:
+    """The previous micro-batch's leftover (see `_litgpt_previous_step_inputs`), in bytes. It assumes the
+    previous micro-batch was as long as this one; a run whose only longest micro-batch is its first (LitGPT's
+    2023 resource tables) peaks without it."""
+    return _litgpt_previous_step_inputs(req, req.batch_size * req.seq_len)
+
+
+def _litgpt_previous_step_inputs(req: EstimateRequest, tokens: int) -> float:
+    """MatMul4Bit inputs of the PREVIOUS micro-batch that are still alive during this one's forward (LitGPT).
+
+    bitsandbytes <= 0.42 (the version LitGPT pins) stores them as plain ctx attributes, which backward does
+    not release (only save_for_backward tensors are); they live as long as the graph. LitGPT's loop keeps
+    the graph reachable through `logits = model(input_ids, lm_head_chunk_size=128)` until the next forward
+    returns, so at the end of that forward the old inputs coexist with the new activations: every block's
+    inputs plus the final-norm output the quantized lm_head chunks took. HF's Trainer drops its outputs
+    after backward, so it has no such term; with checkpointing LitGPT would keep only block boundaries.
+    """
+    if req.framework != "litgpt" or not _bnb_keeps_inputs(req) or req.grad_checkpointing:
+        return 0.0
+    c = _compute_bytes(req.precision)
+    return tokens * (req.model.num_layers * _bnb_inputs_per_token_layer(req) + c * req.model.hidden_size)
+
+
 def _eager_attention(req: EstimateRequest) -> bool:
     """Whether the seq x seq scores are materialised: eager attention, or SDPA on a model with attention
     logit soft-capping (Gemma-2), which SDPA cannot express so transformers and LitGPT fall back to eager."""
@@ -215,12 +258,12 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
     else:  # prompt / prefix: nothing inside the blocks is trained
         attn_in = mlp_in = down_in = False
         lora = []
-    if req.method == "qlora" and fitted_constants()["memory"]["qlora_saves_linear_inputs"]:
+    if _bnb_keeps_inputs(req):
         # bitsandbytes < 0.43 kept the input of every 4-bit Linear for its backward (MatMul4Bit saved A),
         # including a copy of the attention output; kept as the default because an underestimate means an
         # OOM after the instance is paid for, and many images still pin such versions.
         attn_in = mlp_in = down_in = True
-        saved_inputs = c * (h + q + (0 if m.parallel_block else h) + inter)
+        saved_inputs = _bnb_inputs_per_token_layer(req)
     else:
         saved_inputs = c * (h * attn_in + (0 if m.parallel_block else h * mlp_in) + inter * down_in)
     lora_extra = 0.0
@@ -252,7 +295,7 @@ def activation_bytes(req: EstimateRequest, shard: int = 1) -> float:
         act = tokens * (layers * per_layer + k * working)
     # Final norm input (fp32 in HF) + embedding output.
     act += tokens * m.hidden_size * (4 + hidden_dtype)
-    return act
+    return act + _litgpt_previous_step_inputs(req, tokens)
 
 
 def logits_bytes(req: EstimateRequest) -> float:
@@ -264,14 +307,58 @@ def logits_bytes(req: EstimateRequest) -> float:
         return 0.0
     c = _compute_bytes(req.precision)
     per = 2 * c + 8
+    if req.framework == "litgpt":
+        # LitGPT computes the head in 128-token chunks (`model(input_ids, lm_head_chunk_size=128)`) and the
+        # loss per chunk without upcasting (`chunked_cross_entropy`): the logits and the log-softmax that
+        # cross_entropy saves stay in the compute dtype, and the gradients exist one chunk at a time.
+        per = 2 * c
     if req.model.hf_extra.get("final_logit_softcapping"):
         per += c  # tanh(logits / cap) * cap: tanh keeps its output for the backward pass
     return req.batch_size * req.seq_len * req.model.vocab_size * per
 
 
+# ---- QLoRA base weights ---------------------------------------------------------------------------
+def _qlora_weight_bytes(req: EstimateRequest) -> float:
+    """NF4 storage of the quantized Linears, 16-bit for the rest, plus the one weight being dequantized.
+
+    HF (transformers' BitsAndBytesConfig) quantizes the block Linears only and dequantizes to the dtype
+    the weights were loaded in: one 16-bit copy of the biggest Linear at a time.
+    LitGPT (Fabric's BitsandbytesPrecision, no ignore_modules) replaces EVERY nn.Linear, so its own,
+    always untied lm_head (vocab x hidden, copied from the embedding for tied checkpoints) is NF4 as well;
+    Fabric quantizes from `weight.half()`, so the quant state is fp16 and MatMul4Bit's
+    `dequantize_4bit(B).to(A.dtype)` makes a second, compute-dtype copy under bf16: the transient is
+    2 + 2 bytes per weight of the biggest quantized Linear, which for 50k+ vocabularies is the lm_head.
+    """
+    m = req.model
+    per = NF4_DQ_BYTES if req.double_quant else NF4_BYTES
+    quant = _quantized_params(m)
+    biggest = max(x.in_features * x.out_features for x in m.linear_modules() if x.kind in _LINEAR)
+    sixteen_bit = m.params_total() - quant
+    deq_bytes = 2
+    if req.framework == "litgpt" and not m.is_encoder:
+        head = m.vocab_size * m.hidden_size
+        sixteen_bit -= min(m.params_lm_head(), head)  # an untied head's weight moves to NF4 (bias stays)
+        quant += head
+        biggest = max(biggest, head)
+        deq_bytes += 0 if req.precision.startswith("fp16") else _compute_bytes(req.precision)
+    return quant * per + sixteen_bit * 2 + deq_bytes * biggest
+
+
 # ---- the estimate -----------------------------------------------------------------------------------
+def _as_loaded(req: EstimateRequest) -> EstimateRequest:
+    """The model as the framework holds it. LitGPT's GPT has its own lm_head and never ties it: its checkpoint
+    converter copies the embedding into `lm_head.weight` for tied checkpoints (Gemma, Llama 3.2), so the
+    head is a second vocab x hidden matrix (trained, with gradients and states, in a full fine-tune)."""
+    m = req.model
+    if req.framework == "litgpt" and m.tie_word_embeddings and not m.is_encoder:
+        return replace(req, model=m.model_copy({"tie_word_embeddings": False}))
+    return req
+
+
+
 def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
     """Peak memory per GPU, by component, for `req` on `gpu_count` GPUs (DDP / ZeRO / FSDP)."""
+    req = _as_loaded(req)
     m = req.model
     notes: list[str] = []
     p_total = m.params_total()
@@ -283,12 +370,7 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
 
     # Base weights in their storage format.
     if req.method == "qlora":
-        quant = _quantized_params(m)
-        per = NF4_DQ_BYTES if req.double_quant else NF4_BYTES
-        weights = quant * per + (p_total - quant) * 2
-        # One Linear at a time is dequantized to 16 bits for its matmul.
-        biggest = max(x.in_features * x.out_features for x in m.linear_modules() if x.kind in _LINEAR)
-        weights += 2 * biggest
+        weights = _qlora_weight_bytes(req)
     elif req.method == "full":
         weights = p_total * _master_bytes(prec)
     else:

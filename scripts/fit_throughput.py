@@ -2,7 +2,9 @@
 
 Usage: python scripts/fit_throughput.py [--csv ../shared/calibration/published-measurements.csv] [--dry-run]
 
-Fitted (grid search, median absolute relative error over the scored rows of benchmarks/estimate_accuracy.py):
+Fitted (grid search, median absolute relative error over the scored rows of benchmarks/estimate_accuracy.py;
+the memory constants only among values that keep every row within MEMORY_MAX_ERR, because a median-only fit
+trades a few badly underestimated rows - OOMs after the instance is paid for - for a slightly better median):
 - memory.activation_working_set: multiplier of one block's backward working set, on rows that report
   allocated memory (LitGPT, PEFT), so fragmentation does not enter;
 - memory.allocator_fragmentation: on rows reporting reserved / device memory;
@@ -35,8 +37,17 @@ def _set(consts: dict) -> None:
     path.write_text(json.dumps(consts, indent=1) + "\n")
 
 
+MEMORY_MAX_ERR = 0.20
+
+
 def _median_err(rows, predict, measured) -> float:
     return statistics.median(abs(predict(m) - measured(m)) / measured(m) for m in rows)
+
+
+def _memory_objective(rows) -> tuple[bool, float, float]:
+    """(any row beyond MEMORY_MAX_ERR, median error, max error) over `rows`: smaller is better."""
+    errs = [abs(bench.predicted_mem(m) - m.measured_mem_gib) / m.measured_mem_gib for m in rows]
+    return max(errs) > MEMORY_MAX_ERR, statistics.median(errs), max(errs)
 
 
 def main(argv: list[str]) -> int:
@@ -52,18 +63,18 @@ def main(argv: list[str]) -> int:
         for k in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0):  # >= 0.5: a block's gradients always exist
             consts["memory"]["activation_working_set"] = k
             _set(consts)
-            err = _median_err(allocated, bench.predicted_mem, lambda m: m.measured_mem_gib)
-            best = min(best or (err, k), (err, k))
+            best = min(best or (_memory_objective(allocated), k), (_memory_objective(allocated), k))
         consts["memory"]["activation_working_set"] = best[1]
-        print(f"activation_working_set: {best[1]} (median err {best[0]:.3f} on {len(allocated)} rows)")
+        print(f"activation_working_set: {best[1]} (median err {best[0][1]:.3f}, max {best[0][2]:.3f} "
+              f"on {len(allocated)} rows)")
         best = None
         for f in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4):  # the caching allocator always rounds blocks up
             consts["memory"]["allocator_fragmentation"] = f
             _set(consts)
-            err = _median_err(reserved, bench.predicted_mem, lambda m: m.measured_mem_gib)
-            best = min(best or (err, f), (err, f))
+            best = min(best or (_memory_objective(reserved), f), (_memory_objective(reserved), f))
         consts["memory"]["allocator_fragmentation"] = best[1]
-        print(f"allocator_fragmentation: {best[1]} (median err {best[0]:.3f} on {len(reserved)} rows)")
+        print(f"allocator_fragmentation: {best[1]} (median err {best[0][1]:.3f}, max {best[0][2]:.3f} "
+              f"on {len(reserved)} rows)")
         table = consts["throughput"]
         for method in ("full", "lora", "qlora"):
             rows = [m for m in tps_rows if _method_key(m.req) == method]

@@ -223,3 +223,158 @@ def test_softcapped_attention_materialises_scores_even_with_sdpa(big):
     assert soft > eager > plain
     flash = estimate_memory(replace(base, model=capped, attention="flash")).activations
     assert flash < plain  # flash-attention supports soft-capping and reads grouped k/v without copies
+
+
+# ---- LitGPT QLoRA (Fabric BitsandbytesPrecision + bitsandbytes 0.42, the version LitGPT pins) ----------
+def _nf4_from_half(weight):
+    """Quantize as Fabric's `_Linear4bit._quantize_weight` does: from `weight.half()`, so the quant state
+    (and what dequantize_4bit returns) is fp16."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.quantize_4bit(weight.detach().contiguous().half(), blocksize=64, compress_statistics=False,
+                              quant_type="nf4")
+
+
+def _matmul4bit_v042():
+    """bitsandbytes 0.42.0 `autograd/_functions.py` MatMul4Bit as released (forward: dequantize, linear,
+    `ctx.tensors = (A, B)`; backward: `grad_A = grad_output @ dequantize_4bit(B).to(grad_output.dtype)`).
+    Not installable here (0.42 has no CPU 4-bit kernels); the lines that decide memory are reproduced."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    class MatMul4BitV042(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, A, B, quant_state):
+            output = torch.nn.functional.linear(A, bnbf.dequantize_4bit(B, quant_state).to(A.dtype))
+            ctx.state = quant_state
+            ctx.tensors = (A, B) if any(ctx.needs_input_grad[:2]) else (None, None)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            _, B = ctx.tensors
+            return grad_output @ bnbf.dequantize_4bit(B, ctx.state).to(grad_output.dtype), None, None
+
+    class NF4Linear(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.packed, self.state = _nf4_from_half(linear.weight)
+
+        def forward(self, x):
+            return MatMul4BitV042.apply(x, self.packed, self.state)
+
+    return MatMul4BitV042, NF4Linear
+
+
+def test_litgpt_keeps_the_previous_micro_batch_bitsandbytes_inputs(tiny_spec):
+    """bitsandbytes <= 0.42 stores MatMul4Bit's input as a ctx attribute, which backward does not release.
+    LitGPT's loop keeps `logits` (hence the graph) until the next forward returns, so these inputs are still
+    alive then. Counted on real tensors: every quantized Linear (Fabric converts lm_head too) of a tiny
+    Llama, after backward, with the logits still referenced as LitGPT's loop does."""
+    import torch
+
+    fn, nf4_linear = _matmul4bit_v042()
+    model = _hf_model(tiny_spec, torch.bfloat16)
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, nf4_linear(child))
+    ids = torch.randint(0, 512, (2, 16))
+    embeds = model.get_input_embeddings()(ids).requires_grad_()  # adapters below: inputs need grad
+    logits = model(inputs_embeds=embeds).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+
+    kept, seen, stack = {}, set(), [logits.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == fn.__name__ + "Backward" and node.tensors[0] is not None:
+            storage = node.tensors[0].untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+    req = EstimateRequest(model=tiny_spec, method="qlora", precision="bf16-true", seq_len=16, batch_size=2,
+                          grad_checkpointing=False, framework="litgpt")
+    from planner.memory import litgpt_previous_step_input_bytes
+
+    assert litgpt_previous_step_input_bytes(req) == sum(kept.values())
+    # HF's Trainer drops the graph after backward; checkpointing and plain LoRA have no such inputs.
+    assert litgpt_previous_step_input_bytes(replace(req, framework="hf")) == 0
+    assert litgpt_previous_step_input_bytes(replace(req, grad_checkpointing=True)) == 0
+    assert litgpt_previous_step_input_bytes(replace(req, method="lora")) == 0
+
+
+def test_installed_bitsandbytes_no_longer_keeps_the_input():
+    """Why it is a fitted switch (`qlora_saves_linear_inputs`): bitsandbytes >= 0.43 saves (None, B)."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(64, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 64, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4")
+    layer = layer.to("cpu")
+    out = layer(torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True))
+    assert out.grad_fn.tensors[0] is None
+
+
+def test_litgpt_qlora_quantizes_the_head_and_dequantizes_through_fp16(tiny_spec):
+    """Fabric's BitsandbytesPrecision replaces every nn.Linear, LitGPT's lm_head included, quantizing from
+    fp16: dequantize_4bit returns fp16 and MatMul4Bit's `.to(bf16)` makes a second copy. Storage measured on
+    real bitsandbytes tensors; the transient is both copies of the biggest weight (here the head)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    model = _hf_model(tiny_spec, torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    stored = 0
+    for lin in linears:
+        packed, state = _nf4_from_half(lin.weight)
+        stored += _bytes([packed, state.absmax])
+    head_packed, head_state = _nf4_from_half(model.lm_head.weight)
+    fp16 = bnbf.dequantize_4bit(head_packed, head_state)
+    transient = _bytes([fp16, fp16.to(torch.bfloat16)])
+    assert fp16.dtype == torch.float16
+    quantized = {id(p) for lin in linears for p in lin.parameters()}
+    stored += _bytes(p for p in model.parameters() if id(p) not in quantized)  # embedding, norms: bf16
+
+    req = EstimateRequest(model=tiny_spec, method="qlora", precision="bf16-true", seq_len=16,
+                          double_quant=False, framework="litgpt")
+    mem = estimate_memory(req)
+    assert mem.weights * GIB == pytest.approx(stored + transient, rel=0.03)  # 16-float code table per weight
+    hf = estimate_memory(replace(req, framework="hf"))
+    assert mem.weights < hf.weights + transient / GIB  # the head shrinks to 4 bits
+
+
+def test_litgpt_logits_stay_in_compute_dtype():
+    """LitGPT's chunked lm_head + `chunked_cross_entropy` never upcast: cross_entropy on bf16 logits keeps a
+    bf16 log-softmax, so the logits and what the loss saves are 2 + 2 bytes per token and vocabulary entry."""
+    import torch
+
+    from planner.models import from_hf_config
+
+    spec = from_hf_config(dict(TINY, vocab_size=1024), name="tiny-1k")
+    tokens, vocab = 2 * 16, 1024
+    logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.nn.functional.cross_entropy(logits, torch.randint(0, vocab, (tokens,)), reduction="none")
+    big_saved = list({t.data_ptr(): t for t in saved if t.numel() == tokens * vocab}.values())  # log-softmax
+    assert [t.dtype for t in big_saved] == [torch.bfloat16]
+    req = EstimateRequest(model=spec, method="lora", precision="bf16-true", seq_len=16, batch_size=2,
+                          framework="litgpt")
+    assert estimate_memory(req).logits * GIB == _bytes([logits]) + _bytes(big_saved)
+    assert estimate_memory(replace(req, framework="hf")).logits > estimate_memory(req).logits
+
+
+def test_litgpt_never_ties_the_head():
+    """LitGPT's converter copies a tied checkpoint's embedding into its own lm_head: a second matrix."""
+    from planner.models import from_hf_config
+
+    tied = from_hf_config(dict(TINY, tie_word_embeddings=True), name="tiny-tied")
+    req = EstimateRequest(model=tied, method="lora", precision="bf16-true", seq_len=16, framework="litgpt")
+    lit, hf = estimate_memory(req), estimate_memory(replace(req, framework="hf"))
+    assert (lit.weights - hf.weights) * GIB == 2 * tied.vocab_size * tied.hidden_size
+    assert lit.params_total == hf.params_total + tied.vocab_size * tied.hidden_size
