@@ -96,6 +96,24 @@ def _print_table(req, rows) -> None:
                    f"{est.headroom_gib:>+9.1f} {est.tokens_per_s:>10,.0f} {_fmt_hours(est.hours):>9}")
 
 
+def _corrected(est, req):
+    """Scale the estimate by what finished runs of the same GPU, model and method measured (planner.corrections).
+
+    Only when the run store exists: a first-time user's estimate never opens SQLite."""
+    from planner.store import Store, default_store_path
+
+    path = default_store_path()
+    if not path.is_file():
+        return est
+    from planner.corrections import apply_corrections
+
+    try:
+        est, _ = apply_corrections(est, est.gpu.name, req.model.name, req.method, Store(path))
+    except Exception as exc:  # noqa: BLE001 - a broken store must not break an estimate
+        est.notes.append(f"measured-run corrections skipped: {' '.join(str(exc).split())[:120]}")
+    return est
+
+
 @click.command("estimate")
 @click.option("--model", "model_arg", required=True, help="Catalog name, HF id, or a local config.json / folder.")
 @click.option("--method", type=click.Choice(METHODS), required=True)
@@ -133,7 +151,7 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     req, how = _request(model_arg, opts)
     if gpu_name is not None:
         gpu = resolve_gpu(gpu_name)
-        est = run_estimate(req, gpu, gpu_count)
+        est = _corrected(run_estimate(req, gpu, gpu_count), req)
         suggestions = [] if est.fits else smallest_fit(req, gpu, gpu_count)
         if as_json:
             out = {"model": req.model.name, "method": req.method, "params_total": est.memory.params_total,

@@ -1,0 +1,67 @@
+"""The launcher's fault matrix as a table: every case of tests/test_fault_matrix.py, plus kill -9 + gc.
+
+    .venv/bin/python benchmarks/fault_matrix.py
+
+Starts its own sshd on 127.0.0.1 and the fake Lambda API server; prints one line per case
+(case, outcome, instances left, seconds) and ends with `key: value` lines, `cases: N` and
+`leaked_instances: 0` when every path ended with the instance terminated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import test_fault_matrix as fm  # noqa: E402
+from fakes.lambda_api import shared_fake_lambda  # noqa: E402
+from sshd_fixture import SSHD  # noqa: E402
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="ftplan-fault-matrix-"))
+    sshd = SSHD(work / "sshd").start()
+    fake = shared_fake_lambda()
+    os.environ[fm.LAMBDA_KEY_ENV] = fake.api_key
+    rows, leaked, failures = [], 0, 0
+    t_all = time.monotonic()
+    try:
+        for i, case in enumerate(fm.cases()):
+            tmp = work / f"case{i}"
+            tmp.mkdir()
+            got = fm.run_case(case, tmp, fake, sshd)
+            problems = fm.check(case, got)
+            leaked += got["live_instances"]
+            failures += bool(problems)
+            rows.append((case.name, got["status"], got["live_instances"], got["seconds"],
+                         "ok" if not problems else "; ".join(problems)))
+        tmp = work / "kill9"
+        tmp.mkdir()
+        t0 = time.monotonic()
+        k = fm.kill9_then_gc(tmp, fake, sshd)
+        ok = k["live_before_gc"] == 1 and k["live_after_gc"] == 0 and k["run_status"] == "failed"
+        leaked += k["live_after_gc"]
+        failures += not ok
+        rows.append(("kill -9 launcher, then ftplan gc --yes", f"gc: {k['run_status']}", k["live_after_gc"],
+                     time.monotonic() - t0, "ok" if ok else f"unexpected: {k}"))
+    finally:
+        sshd.stop()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'case':<{width}}  {'outcome':<22} {'left':>4} {'seconds':>8}  check")
+    for name, status, left, secs, verdict in rows:
+        print(f"{name:<{width}}  {status:<22} {left:>4} {secs:>8.2f}  {verdict}")
+    print(f"total_seconds: {time.monotonic() - t_all:.1f}")
+    print(f"failed_checks: {failures}")
+    print(f"cases: {len(rows)}")
+    print(f"leaked_instances: {leaked}")
+    return 0 if failures == 0 and leaked == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

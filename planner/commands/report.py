@@ -1,0 +1,71 @@
+"""`ftplan runs` and `ftplan report`: what runs cost, estimated vs actual, from the run store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from planner.errors import UserError
+
+
+def _store(path: str | None):
+    from planner.store import Store, default_store_path
+
+    p = Path(path) if path else default_store_path()
+    if not p.exists():
+        raise UserError(f"no run store at {p} yet; launch a run first, or pass --store FILE")
+    return Store(p)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--limit", type=int, help="Only the newest N runs.")
+@click.option("--store", "store_path", type=click.Path(dir_okay=False))
+def runs(as_json, limit, store_path):
+    """List recorded runs: estimated vs actual time and cost."""
+    from planner.reports import render_runs_text, runs_table
+
+    if limit is not None and limit <= 0:
+        raise UserError("--limit must be a positive integer")
+    rows = runs_table(_store(store_path), limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo("no runs recorded yet; 'ftplan launch --dry-run' shows what a run would cost")
+    else:
+        click.echo(render_runs_text(rows), nl=False)
+
+
+@click.command()
+@click.argument("run_id", required=False)
+@click.option("--by", type=click.Choice(["provider", "month"]), help="Totals per provider or per month.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML page.")
+@click.option("--store", "store_path", type=click.Path(dir_okay=False))
+def report(run_id, by, as_json, html_path, store_path):
+    """Report of one run, or totals by provider or month."""
+    from planner import reports
+
+    if bool(run_id) == bool(by):
+        raise UserError("give either a RUN id or --by provider|month (see 'ftplan runs' for ids)")
+    if by and html_path:
+        raise UserError("--html is for one run's report; use --json for totals")
+    store = _store(store_path)
+    if by:
+        rows = reports.totals(store, by)
+        click.echo(json.dumps(rows, indent=2) if as_json else reports.render_totals_text(rows, by), nl=as_json)
+        return
+    rep = reports.run_report(store, run_id)
+    if html_path:
+        try:
+            Path(html_path).write_text(reports.render_report_html(rep), encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write {html_path}: {exc.strerror}; pick a writable path") from None
+        if not as_json:
+            click.echo(f"wrote {html_path}")
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    elif not html_path:
+        click.echo(reports.render_report_text(rep), nl=False)

@@ -1,0 +1,121 @@
+"""Learn from finished runs: measured tokens/s and peak memory correct later estimates.
+
+For each (gpu, model, method) the store holds, per finished run, what the estimate said and what the
+job measured. The correction factor is the median of measured/estimated over those runs (the median,
+so one odd run, e.g. a throttled test, does not swing it). A later estimate for the same triple is
+scaled by it, and says so in its notes.
+
+Only the store (sqlite3) is imported: this sits on the `ftplan estimate/plan` path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+# Runs whose measurements are trustworthy: the job got far enough to measure a steady rate.
+_USABLE = ("succeeded", "stopped_over_budget")
+# Factors outside this band are more likely a broken measurement than a bad estimate.
+_SANE = (0.05, 20.0)
+
+
+@dataclass(frozen=True)
+class Correction:
+    gpu: str
+    model: str
+    method: str
+    runs: int
+    throughput_factor: float | None   # measured / estimated tokens/s
+    memory_factor: float | None       # measured / estimated peak GiB
+
+    def note(self) -> str:
+        parts = []
+        if self.throughput_factor is not None:
+            parts.append(f"throughput x{self.throughput_factor:.2f}")
+        if self.memory_factor is not None:
+            parts.append(f"peak memory x{self.memory_factor:.2f}")
+        return (f"corrected from {self.runs} measured run(s) of {self.model} {self.method} on {self.gpu}: "
+                + ", ".join(parts))
+
+
+def _median_ratio(pairs: list[tuple[Any, Any]]) -> float | None:
+    ratios = [float(m) / float(e) for m, e in pairs if m and e and float(e) > 0]
+    ratios = [r for r in ratios if _SANE[0] <= r <= _SANE[1]]
+    return statistics.median(ratios) if ratios else None
+
+
+def correction_for(store: Any, gpu: str, model: str, method: str) -> Correction | None:
+    """The correction for this triple, or None when no finished run measured it."""
+    rows = store.db.execute(
+        "SELECT est_tokens_per_s, measured_tokens_per_s, est_peak_mem_gib, measured_peak_mem_gib FROM runs "
+        f"WHERE lower(gpu) = lower(?) AND model = ? AND method = ? AND status IN ({', '.join('?' * len(_USABLE))})"
+        " AND (measured_tokens_per_s IS NOT NULL OR measured_peak_mem_gib IS NOT NULL)",
+        (gpu, model, method, *_USABLE),
+    ).fetchall()
+    if not rows:
+        return None
+    tput = _median_ratio([(r[1], r[0]) for r in rows])
+    mem = _median_ratio([(r[3], r[2]) for r in rows])
+    if tput is None and mem is None:
+        return None
+    return Correction(gpu=gpu, model=model, method=method, runs=len(rows), throughput_factor=tput,
+                      memory_factor=mem)
+
+
+def apply_corrections(estimate: Any, gpu: str, model: str, method: str, store: Any) -> tuple[Any, str | None]:
+    """Return (corrected estimate, note) or (estimate unchanged, None).
+
+    Works on the planner's `Estimate` (a dataclass or pydantic model with `tokens_per_s`, `hours`,
+    `memory.total`, `headroom_gib`, `fits`, `notes`); fields it does not have are left alone.
+    """
+    corr = correction_for(store, gpu, model, method) if store is not None else None
+    if corr is None:
+        return estimate, None
+    changes: dict[str, Any] = {}
+    if corr.throughput_factor is not None and getattr(estimate, "tokens_per_s", None):
+        changes["tokens_per_s"] = estimate.tokens_per_s * corr.throughput_factor
+        if getattr(estimate, "hours", None) is not None:
+            changes["hours"] = estimate.hours / corr.throughput_factor
+    memory = getattr(estimate, "memory", None)
+    if corr.memory_factor is not None and memory is not None and getattr(memory, "total", None):
+        new_total = memory.total * corr.memory_factor
+        changes["memory"] = _scale_memory(memory, corr.memory_factor)
+        if getattr(estimate, "headroom_gib", None) is not None:
+            headroom = estimate.headroom_gib - (new_total - memory.total)
+            changes["headroom_gib"] = headroom
+            if hasattr(estimate, "fits"):
+                changes["fits"] = headroom >= 0
+    note = corr.note()
+    notes = getattr(estimate, "notes", None)
+    if isinstance(notes, (list, tuple)):
+        changes["notes"] = [*notes, note]
+    return _replace(estimate, **changes), note
+
+
+# The components of planner.memory.MemoryEstimate; `total` is their sum, so scaling each keeps it so.
+_MEMORY_COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits",
+                      "allocator_overhead", "cuda_context")
+
+
+def _scale_memory(memory: Any, factor: float) -> Any:
+    """Scale every memory component by `factor`, so the breakdown still sums to the corrected peak."""
+    if dataclasses.is_dataclass(memory) and "total" not in {f.name for f in dataclasses.fields(memory)}:
+        known = {f.name for f in dataclasses.fields(memory)}
+        return dataclasses.replace(memory, **{k: getattr(memory, k) * factor
+                                              for k in _MEMORY_COMPONENTS if k in known})
+    return _replace(memory, total=memory.total * factor)
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    if not changes:
+        return obj
+    if dataclasses.is_dataclass(obj):
+        known = {f.name for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **{k: v for k, v in changes.items() if k in known})
+    if hasattr(obj, "model_copy"):
+        return obj.model_copy(update=changes)
+    if isinstance(obj, dict):
+        return {**obj, **changes}
+    raise TypeError(f"cannot correct an estimate of type {type(obj).__name__}")

@@ -1,0 +1,245 @@
+"""`ftplan.toml`: the project file that `ftplan init` writes and `ftplan launch` reads.
+
+Precedence: command-line flags > project file > defaults. The file is parsed with `tomllib` and
+validated with pydantic, so a typo (`budget_usd = "twenty"`, `mehtod = ...`) is a one-line error that
+names the file and the key instead of a surprise at the provider. Secrets never live here: provider
+sections name the *environment variable* that holds a key (`api_key_env`), not the key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from planner.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - py3.10
+    import tomli as tomllib
+
+DEFAULT_FILE = "ftplan.toml"
+
+TEMPLATE = """\
+# ftplan project file: `ftplan launch` reads it, command-line flags override it.
+# `ftplan launch --dry-run` shows the plan (instance, $/h, hours, total) without starting anything.
+
+[job]
+model = "{model}"                # catalog name (e.g. tiny-llama, llama-3.1-8b, mistral-7b)
+method = "{method}"                  # qlora | lora | full
+dataset = "{dataset}"   # JSONL: alpaca {{instruction,input,output}}, sharegpt or messages
+seq_len = 512                      # tokens per example after truncation
+batch_size = 4                     # per GPU
+grad_accum = 4                     # optimizer step every grad_accum micro-batches
+epochs = 1
+max_steps = 0                      # 0 = the whole dataset x epochs
+learning_rate = 2e-4
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+optimizer = "paged_adamw_8bit"
+gradient_checkpointing = true
+checkpoint_every_steps = 50        # also what a budget stop or a spot loss can resume from
+seed = 42
+
+[launch]
+providers = ["runpod", "lambda", "aws", "gcp", "paperspace"]   # where to look for offers
+regions = []                       # empty = any region
+spot = "on-demand"                 # on-demand | spot | auto (spot if cheaper)
+budget_usd = {budget}                  # hard cap for the whole run, all instances together
+on_over_budget = "stop"            # stop (checkpoint, pull, tear down) | continue
+spot_recovery = true               # after a spot loss, resume on the next offer within the budget
+max_offer_tries = 3                # offers to try when a provider has no capacity
+sync_every_min = 10                # pull checkpoints back this often during training
+runs_dir = "runs"                  # artifacts land in runs/<run-id>/
+
+# Per-provider settings. Keys are read from the environment variable named here, never from this file.
+[providers.local]                  # this machine over SSH (for trying the whole chain on a laptop)
+price_hour = 0.0                   # what an hour here is accounted at in `ftplan report`
+
+# [providers.runpod]
+# api_key_env = "RUNPOD_API_KEY"
+# [providers.lambda]
+# api_key_env = "LAMBDA_API_KEY"
+# [providers.aws]
+# profile = "default"
+# [providers.gcp]
+# project = "my-project"
+
+# Pin offers instead of picking from the catalog (tried in this order on no capacity):
+# [[launch.offers]]
+# provider = "lambda"
+# instance_type = "gpu_1x_a10"
+# gpu = "A10"
+# region = "us-east-1"
+# price_hour = 0.75
+"""
+
+
+class JobSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny-llama"
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    dataset: str | None = None
+    seq_len: int = Field(512, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int = Field(0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    checkpoint_every_steps: int = Field(50, gt=0)
+    heartbeat_every_s: float = Field(2.0, gt=0)
+    seed: int = 42
+    throttle_s_per_step: float = Field(0.0, ge=0)  # demos/tests: slow each step down deliberately
+
+
+class PinnedOffer(BaseModel):
+    """An offer named in the project file instead of picked from the catalog (tried in order)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    instance_type: str
+    gpu: str
+    gpu_count: int = Field(1, gt=0)
+    region: str = ""
+    zone: str | None = None
+    spot: bool = False
+    price_hour: float = Field(..., ge=0)
+
+
+class LaunchSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    providers: list[str] = ["runpod", "lambda", "aws", "gcp", "paperspace"]
+    regions: list[str] = []
+    spot: Literal["on-demand", "spot", "auto"] = "on-demand"
+    budget_usd: float | None = Field(None, gt=0)
+    on_over_budget: Literal["stop", "continue"] = "stop"
+    spot_recovery: bool = True
+    max_offer_tries: int = Field(3, gt=0)
+    sync_every_min: float = Field(10, gt=0)
+    runs_dir: str = "runs"
+    poll_interval_s: float = Field(2.0, gt=0)
+    wait_ready_timeout_s: float = Field(1200, gt=0)
+    ssh_connect_timeout_s: float = Field(300, gt=0)
+    pull_margin_min: float = Field(10, ge=0)        # budget kept aside for pulling artifacts and teardown
+    remote_python: str | None = None
+    offers: list[PinnedOffer] = []                  # pinned offers: skip the catalog, try these in order
+    bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see planner.bundle)
+
+
+class ProjectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job: JobSection = JobSection()
+    launch: LaunchSection = LaunchSection()
+    providers: dict[str, dict[str, Any]] = {}
+    source: str | None = None  # the file it came from (not a TOML key)
+
+    @field_validator("providers")
+    @classmethod
+    def _no_inline_secrets(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, section in value.items():
+            for key in section:
+                if key in ("api_key", "token", "secret", "password"):
+                    raise ValueError(
+                        f"[providers.{name}] {key}: keys do not belong in the project file; "
+                        f"put it in an environment variable and set api_key_env = \"NAME\""
+                    )
+        return value
+
+    def provider_options(self, name: str) -> dict[str, Any]:
+        """Options for `get_provider(name, **options)`: the section minus what only the launcher reads."""
+        return {k: v for k, v in self.providers.get(name, {}).items() if k not in LAUNCHER_ONLY_KEYS}
+
+    def price_override(self, name: str) -> float | None:
+        value = self.providers.get(name, {}).get("price_hour")
+        return float(value) if value is not None else None
+
+
+# Provider-section keys the launcher reads itself (not adapter options).
+LAUNCHER_ONLY_KEYS = ("price_hour", "remote_root", "gpu")
+
+
+def render_template(model: str = "tiny-llama", method: str = "qlora", dataset: str = "data/train.jsonl",
+                    budget: float = 20) -> str:
+    return TEMPLATE.format(model=model, method=method, dataset=dataset, budget=_fmt_number(budget))
+
+
+def write_template(path: Path, *, force: bool = False, **values: Any) -> Path:
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; edit it, or pass --force to overwrite it")
+    path.write_text(render_template(**values))
+    return path
+
+
+def load_project(path: str | Path | None = None, *, required: bool = False) -> ProjectConfig:
+    """Read and validate a project file; `path=None` reads ./ftplan.toml when present, else defaults."""
+    if path is None:
+        candidate = Path(DEFAULT_FILE)
+        if not candidate.exists():
+            if required:
+                raise UserError(f"no {DEFAULT_FILE} here; run 'ftplan init' or pass --config FILE")
+            return ProjectConfig()
+        path = candidate
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; run 'ftplan init' to write one") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}; fix the line it names") from None
+    try:
+        cfg = ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_first_error(exc)}") from None
+    cfg.source = str(path)
+    return cfg
+
+
+def with_overrides(cfg: ProjectConfig, **flags: Any) -> ProjectConfig:
+    """Apply command-line flags (None = not given). Keys are `job.<field>` or `launch.<field>` names."""
+    job = cfg.job.model_dump()
+    launch = cfg.launch.model_dump()
+    for key, value in flags.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        target = {"job": job, "launch": launch}[section]
+        if field not in target:
+            raise KeyError(key)
+        target[field] = value
+    try:
+        return ProjectConfig(job=JobSection(**job), launch=LaunchSection(**launch), providers=cfg.providers,
+                             source=cfg.source)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc, flags=True)) from None
+
+
+def _first_error(exc: ValidationError, *, flags: bool = False) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'; see the template 'ftplan init' writes for the valid keys"
+    if flags:
+        return f"invalid value for {loc.split('.')[-1].replace('_', '-')}: {msg}"
+    return f"invalid value for '{loc}': {msg}"
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
