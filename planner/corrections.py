@@ -64,6 +64,31 @@ def correction_for(store: Any, gpu: str, model: str, method: str) -> Correction 
                       memory_factor=mem)
 
 
+def corrections_by_gpu(store: Any, model: str, method: str) -> dict[str, Correction]:
+    """Corrections for every GPU that finished runs of this model and method measured (for `ftplan plan`)."""
+    gpus = [r[0] for r in store.db.execute(
+        "SELECT DISTINCT gpu FROM runs WHERE model = ? AND method = ? AND gpu IS NOT NULL", (model, method))]
+    found = {}
+    for gpu in gpus:
+        corr = correction_for(store, gpu, model, method)
+        if corr is not None:
+            found[gpu.lower()] = corr
+    return found
+
+
+def stored_corrections(model: str, method: str) -> dict[str, Correction]:
+    """`corrections_by_gpu` from the default run store, or {} when there is none (never creates one)."""
+    from planner.store import Store, default_store_path
+
+    path = default_store_path()
+    if not path.is_file():
+        return {}
+    try:
+        return corrections_by_gpu(Store(path), model, method)
+    except Exception:  # noqa: BLE001 - a broken store must not break a plan
+        return {}
+
+
 def apply_corrections(estimate: Any, gpu: str, model: str, method: str, store: Any) -> tuple[Any, str | None]:
     """Return (corrected estimate, note) or (estimate unchanged, None).
 

@@ -521,13 +521,16 @@ def _strategy(count: int, zero: int) -> str:
     return "ddp" if zero == 0 else f"zero{zero}"
 
 
-def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10) -> Evaluator:
+def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
+                       corrections: dict | None = None) -> Evaluator:
     """Evaluator backed by the estimator (planner.memory + planner.throughput) for one job.
 
     Several GPUs run data-parallel when one GPU holds the job; when it does not (and the user did not
     pin --zero), the same instance is tried with ZeRO-3 sharding, the slower but leaner layout.
     Peak memory does not depend on the GPU type, only on count and sharding, so it is computed once per
-    (count, ZeRO stage): this is what keeps a plan over ~120 (GPU, count) pairs fast."""
+    (count, ZeRO stage): this is what keeps a plan over ~120 (GPU, count) pairs fast.
+    `corrections` (lower-case GPU name -> planner.corrections.Correction) scales throughput and peak by
+    what finished runs of the same model and method measured on that GPU."""
     from dataclasses import replace
 
     from planner.estimate import training_tokens
@@ -562,7 +565,12 @@ def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10) -> Eval
                 and total * (1 + headroom) > gpu.usable_gib):
             req = zero3
             total = peak(count, True)
-        hours = tokens / tokens_per_second(req, gpu, count) / 3600
+        tps = tokens_per_second(req, gpu, count)
+        corr = (corrections or {}).get(gpu.name.lower())
+        if corr is not None:
+            tps *= corr.throughput_factor or 1.0
+            total *= corr.memory_factor or 1.0
+        hours = tokens / tps / 3600
         return Need(peak_gib=total, train_hours=hours, usable_gib=gpu.usable_gib,
                     strategy=_strategy(count, req.resolved_zero(count)))
 
@@ -585,6 +593,7 @@ def plan_offers(
     download_gib_per_min: float = 6.0,
     overheads: dict[str, Overheads] | None = None,
     table: OfferTable | None = None,
+    corrections: dict | None = None,
 ) -> PlanResult:
     """The launcher's entry point: every feasible offer for `request`, cheapest expected total first."""
     if budget is not None and not budget > 0:
@@ -598,7 +607,7 @@ def plan_offers(
         overheads={p: replace_overheads(ov, setup_min=ov.setup_min + extra) for p, ov in base.items()},
     )
     table = table if table is not None else OfferTable.load(tuple(filters.providers) if filters else None)
-    return rank(table, estimate_evaluator(request, headroom), filters, cost, budget)
+    return rank(table, estimate_evaluator(request, headroom, corrections), filters, cost, budget)
 
 
 def replace_overheads(ov: Overheads, **changes) -> Overheads:

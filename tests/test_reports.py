@@ -178,3 +178,25 @@ def test_estimate_command_uses_measured_runs_of_the_same_gpu_model_method(tmp_pa
     # another GPU is not corrected
     _, out, _ = ftplan(capsys, *args, "--gpu", "L4")
     assert not any("corrected" in n for n in json.loads(out)["notes"])
+
+
+def test_plan_uses_measured_runs_for_that_gpu_only(tmp_path, capsys, monkeypatch):
+    s = Store(tmp_path / "c.sqlite3")
+    _run(s, "ft-p", provider="lambda", created=1e9, est_usd=1, hours=1, price=1, gpu="L4",
+         tps=250, est_tps=1000)
+    args = ("plan", "--model", "tiny-llama", "--method", "qlora", "--dataset-tokens", "50000000",
+            "--providers", "aws", "--gpu", "L4,L40S", "--on-demand", "--json", "--top", "200")
+
+    def train_hours(out):
+        offers = json.loads(out)["offers"]
+        return {o["gpu"]: o["train_hours"] for o in offers if o["gpu_count"] == 1}
+
+    monkeypatch.setenv("FTPLAN_STORE", str(tmp_path / "none.sqlite3"))
+    _, out, _ = ftplan(capsys, *args)
+    plain = train_hours(out)
+    monkeypatch.setenv("FTPLAN_STORE", str(s.path))
+    rc, out, _ = ftplan(capsys, *args)
+    corrected = train_hours(out)
+    assert rc == 0 and "corrected from 1 measured run" in json.loads(out)["corrections"][0]
+    assert corrected["L4"] == pytest.approx(plain["L4"] * 4, rel=0.01)
+    assert corrected["L40S"] == pytest.approx(plain["L40S"], rel=0.001)

@@ -136,8 +136,11 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     warning = stale_warning(table)
     if warning:
         click.echo(warning, err=True)
+    from planner.corrections import stored_corrections
+
+    corrections = stored_corrections(request.model.name, request.method)
     result = plan_offers(request, filters, budget, headroom=headroom, preemption_rate=preemption_rate,
-                         checkpoint_min=checkpoint_minutes, table=table)
+                         checkpoint_min=checkpoint_minutes, table=table, corrections=corrections)
     label = f"{request.model.name} ({request.method})"
     if not len(result):
         raise nothing_fits(result, label)
@@ -150,6 +153,7 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
             "catalogs": [{"provider": f.provider, "origin": f.origin, "retrieved_at": str(f.oldest),
                           "age_days": f.age_days()} for f in table.files],
             "warnings": [warning] if warning else [],
+            "corrections": [c.note() for c in corrections.values()],
             "offers": [o.to_dict() for o in lines],
             "frontier": [o.to_dict() for o in frontier],
             "rejected": [r.to_dict() for r in result.rejected],
@@ -169,6 +173,8 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     headers = ["#", "provider", "instance", "GPU x n", "region", "market", "$/h", "est. h", "est. total $",
                "headroom GiB", "frontier"]
     click.echo(_table(headers, rows, right={0, 6, 7, 8, 9}))
+    for c in corrections.values():
+        click.echo(f"note: {c.note()}")
     click.echo("* = on the cost-vs-time Pareto frontier (no other offer is both cheaper and faster); "
                "rows without # are faster frontier offers beyond the top list.")
     click.echo("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
