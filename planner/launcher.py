@@ -10,118 +10,48 @@ Money safety is the design constraint, not a feature:
 
 Everything that talks to the outside world is injected (`provider_factory`, `runner_factory`), so the
 same code runs against real clouds, the fake provider servers and `local` (sshd on this machine).
+
+Where the rest lives: the plan and result types in `planner.launch_plan`, pulling/syncing/salvage in
+`planner.run_artifacts`, teardown steps and `ftplan gc` in `planner.teardown`, `ftplan attach` in
+`planner.attach`, the progress display in `planner.live_display`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets as _secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from planner.budget import BudgetGuard, Progress
+from planner.launch_plan import (  # noqa: F401  (re-exported: the public names of this module before the split)
+    Candidate,
+    InstanceLost,
+    LaunchFailed,
+    LaunchPlan,
+    LaunchResult,
+    NoCapacity,
+    OverBudget,
+    new_run_id,
+)
+from planner.live_display import NullDisplay
+from planner.run_artifacts import ArtifactSteps, _read_json
 from planner.store import Store
-from planner.teardown import Interrupted, interruptible, shielded
-
-# Providers that reach a machine we do not rent: terminate() never touches it, so the launcher itself
-# must stop the job there on every non-success path.
-UNMANAGED_PROVIDERS = ("local", "ssh")
-
-
-@dataclass
-class Candidate:
-    """One priced offer the launcher may provision, cheapest first."""
-
-    provider: str
-    instance_type: str
-    gpu: str
-    gpu_count: int = 1
-    region: str = ""
-    zone: str | None = None
-    spot: bool = False
-    price_hour: float = 0.0
-    est_hours: float | None = None
-    est_usd: float | None = None
-    headroom_gib: float | None = None
+from planner.teardown import (  # noqa: F401  (UNMANAGED_PROVIDERS: re-exported)
+    UNMANAGED_PROVIDERS,
+    Interrupted,
+    TeardownSteps,
+    interruptible,
+    shielded,
+)
+from planner.teardown import scrubbed as _scrub
 
 
-@dataclass
-class LaunchPlan:
-    run_id: str
-    job_config: dict[str, Any]              # what remote_job/train.py reads (no secrets)
-    dataset: Path
-    candidates: list[Candidate]
-    model: str
-    method: str
-    runs_dir: Path
-    budget_usd: float | None = None
-    on_over_budget: str = "stop"
-    spot_recovery: bool = True
-    max_offer_tries: int = 3
-    sync_every_s: float = 600.0
-    poll_interval_s: float = 2.0
-    wait_ready_timeout_s: float = 1200.0
-    ssh_connect_timeout_s: float = 300.0
-    pull_margin_s: float = 600.0
-    identity: Path | None = None            # an already-authorized key (local/ssh); else a per-run key
-    remote_python: str | None = None
-    remote_root: str = "~/ftplan-runs"
-    estimate: dict[str, Any] = field(default_factory=dict)  # hours, usd, peak_mem_gib, tokens_per_s
-    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    job_secrets: dict[str, str] = field(default_factory=dict)  # e.g. HF_TOKEN; never stored
-    extra_files: dict[str, Path] = field(default_factory=dict)  # bundle extras (local model folder, job/ overrides)
+class Launcher(ArtifactSteps, TeardownSteps):
+    """One run, start to end; `run()` for a new launch, `take_over()` for `ftplan attach` after a crash."""
 
-    @property
-    def run_dir(self) -> Path:
-        return self.runs_dir / self.run_id
-
-
-@dataclass
-class LaunchResult:
-    run_id: str
-    status: str                      # succeeded | failed | stopped_over_budget | cancelled
-    artifacts_dir: str
-    estimated: dict[str, float | None]
-    actual: dict[str, float | None]
-    error: str | None = None
-    teardown_confirmed: bool = True
-    instances: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class LaunchFailed(Exception):
-    """A phase failed for a reason the run record should state (already scrubbed)."""
-
-
-class NoCapacity(LaunchFailed):
-    pass
-
-
-class InstanceLost(Exception):
-    """The instance vanished under a running job (spot preemption, deleted in the console)."""
-
-
-class OverBudget(Exception):
-    pass
-
-
-def new_run_id() -> str:
-    """Lowercase, <= 63 chars, no quotes: valid as a GCP label, AWS tag, RunPod/Lambda name."""
-    return f"ft-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(2)}"
-
-
-def _noop(*_a: Any, **_k: Any) -> None:
-    return None
-
-
-class Launcher:
     def __init__(self, store: Store, plan: LaunchPlan, *, provider_factory: Callable[..., Any] | None = None,
                  runner_factory: Callable[..., Any] | None = None, bundle_builder: Callable[..., Path] | None = None,
                  display: Any = None):
@@ -130,7 +60,7 @@ class Launcher:
         self.provider_factory = provider_factory or _default_provider_factory
         self.runner_factory = runner_factory or _default_runner_factory
         self.bundle_builder = bundle_builder or _default_bundle_builder
-        self.display = display or _NullDisplay()
+        self.display = display or NullDisplay()
         self.guard = BudgetGuard(plan.budget_usd, pull_margin_s=plan.pull_margin_s)
         self.run_id = plan.run_id
         self.providers: dict[str, Any] = {}
@@ -348,6 +278,7 @@ class Launcher:
         last_sync = time.time()
         last_describe = 0.0
         stopping = False
+        overshoot_noted = False
         while True:
             hb = self._call_runner(lambda: runner.read_json(self.run_id, "out/heartbeat.json"), inst)
             if hb:
@@ -366,15 +297,23 @@ class Launcher:
                 if code is None:  # the job vanished without an exit code: did the machine go away?
                     self._check_alive(inst)
                 return self._job_outcome(code, stopping)
-            if not stopping and p.on_over_budget == "stop" and self.guard.over_budget(self.last_progress):
-                stopping = True
-                self._over_budget_message = (
-                    f"projected total {projected:.4f} USD exceeds the budget {p.budget_usd:.4f} USD at the measured "
-                    f"{self.last_progress.tokens_per_s or 0:.0f} tokens/s; stopped at a checkpoint")
-                self.store.add_event(self.run_id, "over_budget", self._over_budget_message, phase="training",
-                                     data={"projected_usd": projected, "budget_usd": p.budget_usd})
-                self.display.warn("over budget: asking the job to checkpoint and stop")
-                self._call_runner(lambda: runner.request_stop(self.run_id), inst)
+            if not (stopping or overshoot_noted) and self.guard.over_budget(self.last_progress):
+                projection = (f"projected total {projected:.4f} USD exceeds the budget {p.budget_usd:.4f} USD at the "
+                              f"measured {self.last_progress.tokens_per_s or 0:.0f} tokens/s")
+                data = {"projected_usd": projected, "budget_usd": p.budget_usd, "action": p.on_over_budget}
+                if p.on_over_budget == "stop":
+                    stopping = True
+                    self._over_budget_message = f"{projection}; stopped at a checkpoint"
+                    self.store.add_event(self.run_id, "over_budget", self._over_budget_message, phase="training",
+                                         data=data)
+                    self.display.warn("over budget: asking the job to checkpoint and stop")
+                    self._call_runner(lambda: runner.request_stop(self.run_id), inst)
+                else:  # "continue": say it once; the on-instance deadline stays the hard cap
+                    overshoot_noted = True
+                    self.store.add_event(self.run_id, "over_budget", f"{projection}; continuing (--on-over-budget "
+                                         "continue), the instance's deadline still ends the job", phase="training",
+                                         data=data)
+                    self.display.warn(f"over budget: {projection}; continuing as asked")
             now = time.time()
             if now - last_sync >= p.sync_every_s:
                 last_sync = now
@@ -404,165 +343,6 @@ class Launcher:
         raise LaunchFailed(f"training job exited with code {code} ({status or 'no summary'})" +
                            (f": {tail}" if tail else ""))
 
-    # ---- pulling ------------------------------------------------------------------------------
-    def _pull(self, rel: str) -> list[Path]:
-        """Remote `<run dir>/<rel>` -> local `runs/<id>/<rel>` (same relative layout)."""
-        local_dir = self.plan.run_dir / Path(rel).parent
-        local_dir.mkdir(parents=True, exist_ok=True)
-        got = self.runner.pull(self.run_id, rel, local_dir)
-        for path in got or []:
-            self.pulled.append(str(path))
-        return list(got or [])
-
-    def _sync_checkpoints(self, inst: Any) -> None:
-        """Pull the newest checkpoint the job should have written (once), so a lost instance loses little.
-
-        Only that one folder: pulling all of out/ while the job writes and rotates checkpoints would
-        race with it and move the same bytes again and again."""
-        every = int(self.plan.job_config.get("checkpoint_every_steps") or 0)
-        step = self.last_progress.step
-        if every <= 0 or step < every:
-            return
-        name = f"checkpoint-{step // every * every}"
-        local = self.plan.run_dir / "out" / "checkpoints" / name
-        if (local / "COMPLETE").is_file():
-            return
-        try:
-            got = self._call_runner(lambda: self._pull(f"out/checkpoints/{name}"), inst)
-            self.store.add_event(self.run_id, "sync", f"{name}: {len(got)} files", phase="training")
-        except InstanceLost:
-            raise
-        except Exception as exc:  # noqa: BLE001 - not written yet, or rotated away: the next sync tries again
-            self.store.add_event(self.run_id, "sync_failed", _scrub(exc), phase="training")
-            return
-        if not (self.plan.run_dir / "out" / "tokenizer").exists():  # a resume needs the same tokenizer
-            try:
-                self._call_runner(lambda: self._pull("out/tokenizer"), inst)
-            except InstanceLost:
-                raise
-            except Exception:  # noqa: BLE001 - jobs with a hub tokenizer write none
-                pass
-
-    def _pull_all(self) -> None:
-        for rel in ("out", "train.log"):
-            self._pull(rel)
-        self.store.add_event(self.run_id, "pulled", f"{len(self.pulled)} files", phase="pulling")
-
-    def _salvage(self) -> None:
-        """Best effort on failure/cancel: what the job wrote so far. A job that is still running keeps
-        rewriting its files (a checksummed pull would race with it), so then the JSON status files are
-        read as they are, the log is tailed, and only the newest checkpoint is pulled."""
-        if self.runner is None:
-            return
-        if self.job_finished:
-            for rel in ("out", "train.log"):
-                try:
-                    self._pull(rel)
-                except Exception:  # noqa: BLE001 - salvage never blocks teardown
-                    pass
-            return
-        out = self.plan.run_dir / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("heartbeat.json", "summary.json"):
-            try:
-                data = self.runner.read_json(self.run_id, f"out/{name}")
-                if data is not None:
-                    (out / name).write_text(json.dumps(data, indent=1))
-                    self.pulled.append(str(out / name))
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            text, _ = self.runner.tail_log(self.run_id, 0)
-            (self.plan.run_dir / "train.log").write_text(text)
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self._sync_checkpoints(None)
-        except Exception:  # noqa: BLE001
-            pass
-
-    def _have_checkpoint(self) -> bool:
-        return _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints") is not None
-
-    def _bundle(self, *, resume: bool) -> Path:
-        """The job bundle; on recovery it also carries the newest pulled checkpoint to resume from."""
-        cfg = dict(self.plan.job_config)
-        extra = dict(self.plan.extra_files)
-        cfg["resume"] = True  # the job resumes only if out/checkpoints has something
-        if resume:
-            ckpt = _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints")
-            if ckpt is not None:
-                extra[f"out/checkpoints/{ckpt.name}"] = ckpt
-                tok = self.plan.run_dir / "out" / "tokenizer"
-                if tok.is_dir():
-                    extra["out/tokenizer"] = tok
-                self.store.add_event(self.run_id, "resume_from", ckpt.name, phase="recovering")
-        return self.bundle_builder(cfg, self.plan.dataset, self.plan.run_dir / "bundle.tar.gz", extra_files=extra)
-
-    # ---- teardown -----------------------------------------------------------------------------
-    def _teardown(self, status: str) -> bool:
-        """Pull what exists (non-success), stop the job on unmanaged hosts, terminate everything. Shielded."""
-        self._phase_before_teardown = self._phase
-        try:
-            self._enter("teardown", "terminating instances")
-        except Exception:  # noqa: BLE001
-            pass
-        if status != "succeeded" and self.runner is not None:
-            if not self.job_finished and self.live and self.live[-1][2].provider in UNMANAGED_PROVIDERS:
-                try:
-                    self.runner.kill(self.run_id)
-                except Exception:  # noqa: BLE001
-                    pass
-            self._salvage()
-        self._close_runner()
-        ok = True
-        for row, inst, offer in list(self.live):
-            ok = self._terminate(row, inst, offer) and ok
-        ok = self._sweep_tagged() and ok
-        return ok
-
-    def _terminate(self, row: int, inst: Any, offer: Candidate, *, lost: bool = False) -> bool:
-        provider = self._provider(offer.provider)
-        last_exc: Exception | None = None
-        for attempt in range(3):
-            try:
-                provider.terminate(inst)
-                break
-            except Exception as exc:  # noqa: BLE001
-                last_exc = exc
-                time.sleep(0.5 * (attempt + 1))
-        else:
-            self.store.set_instance_state(row, "terminating", error=f"terminate not confirmed: {_scrub(last_exc)}")
-            self.store.add_event(self.run_id, "teardown_failed", _scrub(last_exc), phase="teardown")
-            self.display.warn(f"could not confirm termination of {inst.id}: run 'ftplan gc --yes'")
-            return False
-        now = time.time()
-        created = self.store.get_instance(row).created_at or now
-        self.store.add_cost(self.run_id, row, created, now, offer.price_hour)
-        self.guard.stop_billing(row, now)
-        self.store.set_instance_terminated(row)
-        self.store.add_event(self.run_id, "instance_terminated", inst.id, phase="teardown",
-                             data={"lost": lost})
-        self.live = [item for item in self.live if item[0] != row]
-        return True
-
-    def _sweep_tagged(self) -> bool:
-        """Anything at the providers tagged with this run that we do not know about: an interrupted create."""
-        ok = True
-        for row in self.store.instances(self.run_id, open_only=True):
-            if row.state != "intent":
-                continue
-            try:
-                provider = self._provider(row.provider)
-                found = provider.list_instances(self.run_id)
-                for inst in found:
-                    provider.terminate(inst)
-                    self.store.add_event(self.run_id, "swept", inst.id, phase="teardown")
-                self.store.set_instance_state(row.id, "create_failed", error=row.error or "create did not complete")
-            except Exception as exc:  # noqa: BLE001
-                ok = False
-                self.store.add_event(self.run_id, "teardown_failed", _scrub(exc), phase="teardown")
-        return ok
 
     def _finish(self, status: str, error: str | None, teardown_ok: bool) -> LaunchResult:
         hours, usd = self.store.run_cost(self.run_id)
@@ -672,14 +452,6 @@ def _default_bundle_builder(job_config: dict[str, Any], dataset: Path, out_path:
     return build_bundle(job_config, dataset, out_path, extra_files=extra_files)
 
 
-class _NullDisplay:
-    def phase(self, name: str, message: str = "") -> None: ...
-    def progress(self, progress: Progress, **kw: Any) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def log(self, line: str) -> None: ...
-    def done(self, status: str, error: str | None) -> None: ...
-
-
 def generate_run_key(run_dir: Path) -> tuple[Path, str]:
     """A fresh ed25519 key for this run only, private half 0600 under runs/<id>/."""
     import paramiko
@@ -711,91 +483,3 @@ def public_key_of(identity: Path) -> str:
         except (paramiko.SSHException, ValueError):
             continue
     raise LaunchFailed(f"cannot read the SSH key {identity}")
-
-
-def _newest_checkpoint(ckpt_dir: Path) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    # Only finished checkpoints (the job's COMPLETE marker); a half-pulled one is useless.
-    found = [d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("checkpoint-")
-             and (d / "COMPLETE").is_file()]
-    found.sort(key=lambda d: int(d.name.rsplit("-", 1)[-1]) if d.name.rsplit("-", 1)[-1].isdigit() else -1)
-    return found[-1] if found else None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _scrub(exc: object) -> str:
-    from providers.errors import scrub
-
-    return " ".join(scrub(exc).split())
-
-
-# ---- ftplan attach ------------------------------------------------------------------------------
-def attach_run(store: Store, run_id: str, *, display: Any = None, provider_factory: Callable[..., Any] | None = None,
-               runner_factory: Callable[..., Any] | None = None, follow_poll_s: float = 1.0) -> LaunchResult:
-    """Follow a run whose launcher is alive, or take it over (watch, pull, tear down) if it died."""
-    from planner.errors import UserError
-    from planner.store import FINAL_STATUSES, pid_alive
-    from providers.base import Instance
-
-    run = store.get_run(run_id)
-    if run is None:
-        raise UserError(f"no run '{run_id}' in {store.path}; 'ftplan runs' lists the recorded runs")
-    if run.status in FINAL_STATUSES:
-        raise UserError(f"run {run.id} is already {run.status}; see 'ftplan report {run.id}'")
-    display = display or _NullDisplay()
-    if pid_alive(run.launcher_pid, run.launcher_host) and run.launcher_pid != os.getpid():
-        return _follow(store, run.id, display, follow_poll_s)
-    ctx = next((e.json("data_json") for e in reversed(store.events(run.id, "launch_context"))), None) or {}
-    rows = [r for r in store.instances(run.id, open_only=True) if r.provider_instance_id]
-    if not rows:
-        raise UserError(f"run {run.id} has no live instance to attach to; 'ftplan gc --yes' closes it")
-    row = rows[-1]
-    inst = Instance.from_dict(row.json("instance_json"))
-    offer = Candidate(provider=row.provider, instance_type=row.instance_type or "", gpu=row.gpu or "",
-                      region=row.region or "", zone=row.zone, spot=bool(row.spot), price_hour=row.price_hour or 0.0)
-    artifacts = Path(run.artifacts_dir)
-    plan = LaunchPlan(
-        run_id=run.id, job_config=run.json("config_json") or {}, dataset=Path(ctx.get("dataset") or "."),
-        candidates=[offer], model=run.model, method=run.method, runs_dir=artifacts.parent,
-        budget_usd=run.budget_usd, on_over_budget=ctx.get("on_over_budget", "stop"),
-        spot_recovery=False, sync_every_s=ctx.get("sync_every_s", 600.0), poll_interval_s=ctx.get("poll_interval_s", 2.0),
-        ssh_connect_timeout_s=ctx.get("ssh_connect_timeout_s", 300.0), pull_margin_s=ctx.get("pull_margin_s", 600.0),
-        identity=Path(ctx["identity"]) if ctx.get("identity") else None, remote_python=ctx.get("remote_python"),
-        remote_root=ctx.get("remote_root", "~/ftplan-runs"),
-        estimate={"hours": run.est_hours, "usd": run.est_usd},
-        provider_options=run.json("provider_options_json") or {},
-    )
-    launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
-    return launcher.take_over(row.id, inst, offer)
-
-
-def _follow(store: Store, run_id: str, display: Any, poll_s: float) -> LaunchResult:
-    """Read-only: mirror the store's progress events until the owning launcher closes the run."""
-    from planner.store import FINAL_STATUSES
-
-    seen = 0
-    while True:
-        run = store.get_run(run_id)
-        events = store.events(run_id)
-        for ev in events[seen:]:
-            if ev.kind == "phase":
-                display.phase(ev.phase, ev.message or "")
-            elif ev.kind == "progress":
-                d = ev.json("data_json") or {}
-                display.progress(Progress(step=d.get("step") or 0, total_steps=d.get("total_steps") or 0,
-                                          loss=d.get("loss"), tokens_per_s=d.get("tokens_per_s")),
-                                 spent=d.get("spent_usd") or 0.0, projected=None, budget=run.budget_usd, eta_s=None)
-        seen = len(events)
-        if run.status in FINAL_STATUSES:
-            display.done(run.status, run.error)
-            return LaunchResult(run_id=run.id, status=run.status, artifacts_dir=run.artifacts_dir or "",
-                                estimated={"hours": run.est_hours, "usd": run.est_usd},
-                                actual={"hours": run.actual_hours, "usd": run.actual_usd}, error=run.error)
-        time.sleep(poll_s)

@@ -16,10 +16,22 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# Providers that reach a machine we do not rent: terminate() never touches it, so the launcher itself
+# must stop the job there on every non-success path.
+UNMANAGED_PROVIDERS = ("local", "ssh")
+
+
+def scrubbed(exc: object) -> str:
+    """An exception (or text) as one line with every registered secret removed: fit for the run record."""
+    from providers.errors import scrub
+
+    return " ".join(scrub(exc).split())
 
 
 class Interrupted(BaseException):
@@ -80,6 +92,75 @@ def shielded(echo: Callable[[str], None] | None = None) -> Iterator[list[int]]:
             signal.signal(s, old)
 
 
+# ---- the launcher's own teardown (a mixin of planner.launcher.Launcher) -----------------------------
+class TeardownSteps:
+    """Terminate what this run started, confirm it, record the cost; sweep an interrupted create by run tag."""
+
+    def _teardown(self, status: str) -> bool:
+        """Pull what exists (non-success), stop the job on unmanaged hosts, terminate everything. Shielded."""
+        self._phase_before_teardown = self._phase
+        try:
+            self._enter("teardown", "terminating instances")
+        except Exception:  # noqa: BLE001
+            pass
+        if status != "succeeded" and self.runner is not None:
+            if not self.job_finished and self.live and self.live[-1][2].provider in UNMANAGED_PROVIDERS:
+                try:
+                    self.runner.kill(self.run_id)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._salvage()
+        self._close_runner()
+        ok = True
+        for row, inst, offer in list(self.live):
+            ok = self._terminate(row, inst, offer) and ok
+        ok = self._sweep_tagged() and ok
+        return ok
+
+    def _terminate(self, row: int, inst: Any, offer: Any, *, lost: bool = False) -> bool:
+        provider = self._provider(offer.provider)
+        last_exc: Exception | None = None
+        for attempt in range(3):
+            try:
+                provider.terminate(inst)
+                break
+            except Exception as exc:  # noqa: BLE001
+                last_exc = exc
+                time.sleep(0.5 * (attempt + 1))
+        else:
+            self.store.set_instance_state(row, "terminating", error=f"terminate not confirmed: {scrubbed(last_exc)}")
+            self.store.add_event(self.run_id, "teardown_failed", scrubbed(last_exc), phase="teardown")
+            self.display.warn(f"could not confirm termination of {inst.id}: run 'ftplan gc --yes'")
+            return False
+        now = time.time()
+        created = self.store.get_instance(row).created_at or now
+        self.store.add_cost(self.run_id, row, created, now, offer.price_hour)
+        self.guard.stop_billing(row, now)
+        self.store.set_instance_terminated(row)
+        self.store.add_event(self.run_id, "instance_terminated", inst.id, phase="teardown",
+                             data={"lost": lost})
+        self.live = [item for item in self.live if item[0] != row]
+        return True
+
+    def _sweep_tagged(self) -> bool:
+        """Anything at the providers tagged with this run that we do not know about: an interrupted create."""
+        ok = True
+        for row in self.store.instances(self.run_id, open_only=True):
+            if row.state != "intent":
+                continue
+            try:
+                provider = self._provider(row.provider)
+                found = provider.list_instances(self.run_id)
+                for inst in found:
+                    provider.terminate(inst)
+                    self.store.add_event(self.run_id, "swept", inst.id, phase="teardown")
+                self.store.set_instance_state(row.id, "create_failed", error=row.error or "create did not complete")
+            except Exception as exc:  # noqa: BLE001
+                ok = False
+                self.store.add_event(self.run_id, "teardown_failed", scrubbed(exc), phase="teardown")
+        return ok
+
+
 # ---- ftplan gc: the reconciler for launchers that died (kill -9, power loss, lost laptop) ------------
 def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = None) -> dict:
     """Match what the providers say is running (tagged by ftplan) against the run store.
@@ -96,7 +177,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
     from providers.base import Instance, get_provider
     from providers.errors import ProviderError, scrub
 
-    report: dict = {"instances": [], "errors": [], "orphans": 0, "terminated": 0}
+    report: dict = {"instances": [], "side_resources": [], "errors": [], "orphans": 0, "terminated": 0,
+                    "side_orphans": 0, "side_deleted": 0}
     open_rows = store.instances(open_only=True)
     names = set(cfg.providers) | {r.provider for r in open_rows}
     names = sorted(n for n in names if not only or n in only)
@@ -140,6 +222,7 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             store.finish_run(run.id, "failed")
 
     seen: set[tuple[str, str]] = set()
+    with_instance: set[tuple[str, str]] = set()   # (provider, run id) that still has an instance there
     # 1. Everything the providers report as tagged by ftplan.
     for name in names:
         if name in ("local", "ssh"):
@@ -166,6 +249,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                         item["action"] = "failed"
                         report["errors"].append(f"{name} {inst.id}: terminate failed: {scrub(exc)}")
             report["instances"].append(item)
+            if item["action"] != "terminated":
+                with_instance.add((name, inst.run_id))
     # 2. Store rows nobody confirmed terminated, whose provider did not list them (already gone?).
     for row in open_rows:
         if row.provider not in names or (row.provider, row.provider_instance_id) in seen or run_is_live(row.run_id):
@@ -191,6 +276,42 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
         if terminate:
             close_rows(row.provider, row.provider_instance_id, row.run_id)
         report["instances"].append(item)
+    # 3. Side resources (key pairs, security groups, firewall rules) of a create that never returned: no
+    #    instance owns them, so no terminate deletes them. Kept while their run's launcher lives (it may be
+    #    inside `create` right now) or while an instance of their run is still up (its terminate deletes them).
+    for name in names:
+        if name in ("local", "ssh"):
+            continue
+        try:
+            found = provider(name, None).list_side_resources()
+        except (ProviderError, TypeError) as exc:
+            report["errors"].append(f"{name}: cannot list side resources: {scrub(exc)}")
+            continue
+        for res in found:
+            run_id = res.get("run_id") or None
+            if run_is_live(run_id):
+                action, reason = "keep", "its launcher is running"
+            elif (name, res.get("run_id")) in with_instance:
+                action, reason = "keep", "an instance of its run is still up; terminating that deletes it"
+            else:
+                action = "deleted" if terminate else "orphan"
+                reason = _orphan_reason(store, run_id) + "; no instance of its run is left"
+            item = {"provider": name, "kind": res.get("kind"), "id": res.get("id"), "name": res.get("name"),
+                    "run_id": run_id, "action": action, "reason": reason}
+            if action in ("deleted", "orphan"):
+                report["side_orphans"] += 1
+            if action == "deleted":
+                try:
+                    provider(name, run_id).delete_side_resource(res)
+                    report["side_deleted"] += 1
+                    if run_id and store.get_run(run_id):
+                        store.add_event(run_id, "gc", f"deleted {res.get('kind')} {res.get('name')}",
+                                        phase="teardown", data={"provider": name, "kind": res.get("kind"),
+                                                                "id": res.get("id")})
+                except ProviderError as exc:
+                    item["action"] = "failed"
+                    report["errors"].append(f"{name} {res.get('kind')} {res.get('name')}: {scrub(exc)}")
+            report["side_resources"].append(item)
     return report
 
 

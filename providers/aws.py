@@ -26,7 +26,7 @@ from providers.errors import (
     InstanceGone,
     ProviderError,
     QuotaError,
-    missing_extra,
+    import_sdk,
     scrub,
 )
 from providers.net import public_ip, ssh_cidr_for, validate_cidr
@@ -245,14 +245,11 @@ class AWSProvider(Provider):
 
     def _ec2(self, region: str):
         if region not in self._clients:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError:
-                raise missing_extra("AWS", "aws", "boto3") from None
+            boto3 = import_sdk("boto3", "AWS", "aws")
+            config_cls = import_sdk("botocore.config", "AWS", "aws", "boto3").Config
             if self._session is None:
                 self._session = boto3.session.Session()
-            config = Config(
+            config = config_cls(
                 retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=10, read_timeout=60,
                 user_agent_extra="ftplan",
             )
@@ -353,6 +350,54 @@ class AWSProvider(Provider):
                 ec2.delete_key_pair(KeyName=key_name)
             except (ClientError, BotoCoreError) as exc:
                 log.warning("key pair %s left behind: %s", key_name, scrub(exc))
+
+    # ---- side resources of an interrupted create (`ftplan gc`) ----------------------------------------
+
+    def list_side_resources(self) -> list[dict[str, Any]]:
+        """Key pairs and security groups tagged `ftplan:run-id` in every swept region. A launcher killed
+        between `import_key_pair` and `run_instances` leaves them with no instance that would delete them."""
+        tag = [{"Name": "tag-key", "Values": [RUN_TAG]}]
+        found: list[dict[str, Any]] = []
+        for region in self.regions:
+            ec2 = self._ec2(region)
+            try:
+                pairs = ec2.describe_key_pairs(Filters=tag)["KeyPairs"]
+                groups = [g for page in ec2.get_paginator("describe_security_groups").paginate(Filters=tag)
+                          for g in page["SecurityGroups"]]
+            except Exception as exc:
+                raise _mapped(exc, f"listing key pairs and security groups in {region}") from None
+            for kind, items, id_key, name_key in (("key_pair", pairs, "KeyPairId", "KeyName"),
+                                                  ("security_group", groups, "GroupId", "GroupName")):
+                for item in items:
+                    tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
+                    found.append({"provider": self.name, "kind": kind, "id": item.get(id_key) or item[name_key],
+                                  "name": item[name_key], "run_id": tags.get(RUN_TAG, ""), "region": region})
+        return found
+
+    def delete_side_resource(self, res: dict[str, Any]) -> None:
+        from botocore.exceptions import ClientError
+
+        ec2 = self._ec2(res.get("region") or self.region)
+        what = f"{res.get('kind')} {res.get('name')}"
+        try:
+            if res.get("kind") == "key_pair":
+                ec2.delete_key_pair(KeyName=res["name"])
+            elif res.get("kind") == "security_group":
+                ec2.delete_security_group(GroupId=res["id"])
+            else:
+                raise ProviderError(f"unknown AWS side resource {what}", provider=self.name)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidGroup.NotFound", "InvalidKeyPair.NotFound"):
+                return  # already gone: what we wanted
+            if code == "DependencyViolation":
+                raise ProviderError(f"{what} is still used by an instance; run 'ftplan gc --yes' again once that "
+                                    "instance is terminated", provider=self.name) from None
+            raise _mapped(exc, f"deleting {what}") from None
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _mapped(exc, f"deleting {what}") from None
 
 
 def _apply(instance: Instance, raw: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import json
 import logging
 from typing import Any
 
-from providers.errors import AuthError, ProviderError, missing_extra, scrub
+from providers.errors import AuthError, ProviderError, import_sdk, scrub
 
 log = logging.getLogger("ftplan.providers.aws_prices")
 
@@ -49,13 +49,10 @@ def fetch_offers(
     today: dt.date | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (GPU instance type, region) with on-demand and (if `spot`) cheapest-zone spot $/hour."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise missing_extra("AWS", "aws", "boto3") from None
+    boto3 = import_sdk("boto3", "AWS", "aws")
+    config_cls = import_sdk("botocore.config", "AWS", "aws", "boto3").Config
     session = session or boto3.session.Session()
-    config = Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=10, read_timeout=60)
+    config = config_cls(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=10, read_timeout=60)
     retrieved = (today or dt.date.today()).isoformat()
     try:
         pricing = session.client("pricing", region_name=PRICING_REGION, endpoint_url=endpoint_url, config=config)

@@ -124,6 +124,20 @@ class Provider(ABC):
         """Instances tagged by ftplan (any run, or only `run_id`) that are not terminated:
         what `ftplan gc` sweeps."""
 
+    # Optional: per-run side resources (key pairs, security groups, firewall rules) that a launcher killed
+    # in the middle of `create` leaves behind. `list_instances` never sees them, so `ftplan gc` asks here.
+    def list_side_resources(self) -> list[dict[str, Any]]:
+        """Side resources made by ftplan, each a JSON-able dict with at least `provider`, `kind`, `id`,
+        `name` and `run_id` (plus what `delete_side_resource` needs, e.g. `region`). Default: none."""
+        return []
+
+    def delete_side_resource(self, res: dict[str, Any]) -> None:
+        """Delete one resource from `list_side_resources`. Idempotent: already gone is success.
+        Raises ProviderError when the provider refuses (e.g. still in use by an instance)."""
+        from providers.errors import ProviderError
+
+        raise ProviderError(f"{self.name or type(self).__name__} makes no side resources", provider=self.name)
+
 
 # provider name -> "module:Class". Imported lazily so that unused SDKs never load.
 ADAPTERS: dict[str, str] = {

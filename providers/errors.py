@@ -12,8 +12,10 @@ Messages never contain secrets: adapters pass any text from the SDK through `scr
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+from types import ModuleType
 
 
 class ProviderError(Exception):
@@ -72,3 +74,12 @@ def missing_extra(provider: str, extra: str, module: str) -> MissingExtraError:
     return MissingExtraError(
         f"the {provider} adapter needs the '{module}' package: pip install 'ftplan[{extra}]'", provider=provider
     )
+
+
+def import_sdk(module: str, provider: str, extra: str, package: str | None = None) -> ModuleType:
+    """Import an optional provider SDK inside the function that needs it (the planner path stays light);
+    if it is not installed, raise the one-line `pip install 'ftplan[extra]'` hint instead of ImportError."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(provider, extra, package or module) from None

@@ -29,7 +29,7 @@ from providers.errors import (
     InstanceGone,
     ProviderError,
     QuotaError,
-    missing_extra,
+    import_sdk,
     register_secret,
     scrub,
 )
@@ -239,11 +239,8 @@ class GCPProvider(Provider):
     def _clients(self) -> dict[str, Any]:
         if self._c is not None:
             return self._c
-        try:
-            from google.api_core.client_options import ClientOptions
-            from google.cloud import compute_v1
-        except ImportError:
-            raise missing_extra("GCP", "gcp", "google-cloud-compute") from None
+        client_options = import_sdk("google.api_core.client_options", "GCP", "gcp", "google-cloud-compute")
+        compute_v1 = import_sdk("google.cloud.compute_v1", "GCP", "gcp", "google-cloud-compute")
         if self._credentials is None:
             import google.auth
             from google.auth.exceptions import DefaultCredentialsError
@@ -256,7 +253,7 @@ class GCPProvider(Provider):
             self.project = self.project or adc_project
         if not self.project:
             raise ProviderError("GCP project not set: pass project=... or set GOOGLE_CLOUD_PROJECT", provider=self.name)
-        opts = ClientOptions(api_endpoint=self.api_endpoint) if self.api_endpoint else None
+        opts = client_options.ClientOptions(api_endpoint=self.api_endpoint) if self.api_endpoint else None
         kw = {"credentials": self._credentials, "client_options": opts}
         self._c = {
             "compute_v1": compute_v1,
@@ -422,6 +419,38 @@ class GCPProvider(Provider):
         if requests is not None and isinstance(exc, requests.RequestException):
             return ProviderError(f"GCP request failed while {doing}: {type(exc).__name__}", provider=self.name)
         return exc
+
+    # ---- side resources of an interrupted create (`ftplan gc`) ----------------------------------------
+
+    def list_side_resources(self) -> list[dict[str, Any]]:
+        """Firewall rules `ftplan-...-ssh` made by `create`. The rule is inserted before the VM, so a launcher
+        killed in between leaves it with no instance whose `terminate` would delete it. Firewall rules take no
+        labels: the run id is read from the description `create` writes ("ftplan run <id>: ssh from ...")."""
+        c = self._clients()
+        req = c["compute_v1"].ListFirewallsRequest(project=self.project, filter='name eq "ftplan-.*-ssh"')
+        try:
+            rules = list(c["firewalls"].list(request=req, retry=None, timeout=_READ_TIMEOUT_S))
+        except Exception as exc:
+            raise self._mapped(exc, "listing firewall rules") from None
+        found: list[dict[str, Any]] = []
+        for rule in rules:
+            m = re.match(r"ftplan run (\S+): ssh from ", rule.description or "")
+            if rule.name.startswith("ftplan-") and m:  # a rule someone else named ftplan-* is not ours
+                found.append({"provider": self.name, "kind": "firewall", "id": rule.name, "name": rule.name,
+                              "run_id": m.group(1), "project": self.project})
+        return found
+
+    def delete_side_resource(self, res: dict[str, Any]) -> None:
+        if res.get("kind") != "firewall":
+            raise ProviderError(f"unknown GCP side resource {res.get('kind')} {res.get('name')}", provider=self.name)
+        project = res.get("project") or self.project
+        try:
+            op = self._clients()["firewalls"].delete(project=project, firewall=res["name"], timeout=_READ_TIMEOUT_S)
+            self._wait_op(op.name, zone=None, project=project)
+        except Exception as exc:
+            mapped = self._mapped(exc, f"deleting firewall rule {res['name']}")
+            if not isinstance(mapped, InstanceGone):  # 404: already gone
+                raise mapped from None
 
 
 def label_value(run_id: str) -> str:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from providers.errors import AuthError, ProviderError, register_secret, scrub
+from providers.base import Provider
+from providers.errors import AuthError, InstanceGone, ProviderError, register_secret, scrub
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +210,53 @@ class JSONClient:
         err_obj.status = status  # type: ignore[attr-defined]
         err_obj.code = code  # type: ignore[attr-defined]
         return err_obj
+
+
+class RESTProvider(Provider):
+    """What the REST adapters (Lambda, Paperspace) share: the API key (argument, else `credential_env`),
+    the base URL, `ssh_port`/`ssh_user` for tests that point the machine's address at a local sshd,
+    the `poll_s` interval, and one `JSONClient` mapping errors with `error_mapper`.
+
+    The client is built on first use so that constructing the adapter (e.g. for `ftplan gc` over all
+    providers) does not fail when only some credentials are set."""
+
+    credential_env: ClassVar[str]
+    credential_url: ClassVar[str]
+    error_mapper: ClassVar[ErrorMapper | None] = None
+
+    def __init__(
+        self,
+        api_key: str | None,
+        base_url: str,
+        *,
+        ssh_port: int,
+        ssh_user: str,
+        poll_s: float,
+        client_options: dict[str, Any] | None,
+    ):
+        self._api_key = api_key
+        self.base_url = base_url
+        self.ssh_port = ssh_port
+        self.ssh_user = ssh_user
+        self.poll_s = poll_s
+        self._client_options = client_options or {}
+        self._client: JSONClient | None = None
+
+    @property
+    def client(self) -> JSONClient:
+        if self._client is None:
+            self._client = JSONClient(
+                self.base_url, self._api_key or os.environ.get(self.credential_env, ""), provider=self.name,
+                credential_env=self.credential_env, credential_url=self.credential_url,
+                error_mapper=type(self).error_mapper, **self._client_options,
+            )
+        return self._client
+
+    def _delete_if_present(self, path: str, resource_id: str | None) -> None:
+        """DELETE a per-run side resource (SSH key, startup script); one already gone is fine."""
+        if not resource_id:
+            return
+        try:
+            self.client.delete(f"{path}/{resource_id}")
+        except InstanceGone:
+            pass

@@ -9,12 +9,11 @@ sweeper filters client-side on both. No spot market and no stop: terminate is th
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Any
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
 from providers.errors import (
     AuthError,
     CapacityError,
@@ -22,7 +21,7 @@ from providers.errors import (
     ProviderError,
     QuotaError,
 )
-from providers.http import APIError, JSONClient
+from providers.http import APIError, RESTProvider
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +61,14 @@ def check_run_id(run_id: str) -> None:
                             "'-', '_', '.' (at most 56 characters)", provider="lambda")
 
 
-class LambdaProvider(Provider):
+class LambdaProvider(RESTProvider):
     """Options: `ssh_port`/`ssh_user` exist for tests that point the instance's address at a local sshd
     (Lambda itself always serves `ubuntu@ip:22`); `poll_s` is the wait_ready poll interval."""
 
     name = "lambda"
+    credential_env = CREDENTIAL_ENV
+    credential_url = CREDENTIAL_URL
+    error_mapper = staticmethod(map_error)
 
     def __init__(
         self,
@@ -79,26 +81,9 @@ class LambdaProvider(Provider):
         poll_s: float = 5.0,
         client_options: dict[str, Any] | None = None,
     ):
-        self._api_key = api_key
-        self.base_url = base_url
+        super().__init__(api_key, base_url, ssh_port=ssh_port, ssh_user=ssh_user, poll_s=poll_s,
+                         client_options=client_options)
         self.image_family = image_family
-        self.ssh_port = ssh_port
-        self.ssh_user = ssh_user
-        self.poll_s = poll_s
-        self._client_options = client_options or {}
-        self._client: JSONClient | None = None
-
-    @property
-    def client(self) -> JSONClient:
-        # Built on first use so that constructing the adapter (e.g. for `ftplan gc` over all providers)
-        # does not fail when only some credentials are set.
-        if self._client is None:
-            self._client = JSONClient(
-                self.base_url, self._api_key or os.environ.get(CREDENTIAL_ENV, ""), provider=self.name,
-                credential_env=CREDENTIAL_ENV, credential_url=CREDENTIAL_URL, error_mapper=map_error,
-                **self._client_options,
-            )
-        return self._client
 
     # -- create -------------------------------------------------------------------------------
     def create(self, request: InstanceRequest) -> Instance:
@@ -156,12 +141,7 @@ class LambdaProvider(Provider):
         return (data or {}).get("data", {}).get("id", "")
 
     def _delete_key(self, key_id: str | None) -> None:
-        if not key_id:
-            return
-        try:
-            self.client.delete(f"/ssh-keys/{key_id}")
-        except InstanceGone:
-            pass
+        self._delete_if_present("/ssh-keys", key_id)
 
     # -- wait / describe ----------------------------------------------------------------------
     def _get(self, instance_id: str) -> dict[str, Any]:

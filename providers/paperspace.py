@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from typing import Any
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
 from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.http import APIError, JSONClient
+from providers.http import APIError, RESTProvider
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +74,15 @@ def key_script(public_key: str) -> str:
     )
 
 
-class PaperspaceProvider(Provider):
+class PaperspaceProvider(RESTProvider):
     """Options: `template_id` (OS template; default: the first template whose name contains
     `template_name`), `off_timeout_s` (how long a machine may sit `off` before it counts as no
     capacity), `ssh_port`/`ssh_user` for tests against a local sshd, `poll_s`."""
 
     name = "paperspace"
+    credential_env = CREDENTIAL_ENV
+    credential_url = CREDENTIAL_URL
+    error_mapper = staticmethod(map_error)
 
     def __init__(
         self,
@@ -95,26 +97,11 @@ class PaperspaceProvider(Provider):
         poll_s: float = 5.0,
         client_options: dict[str, Any] | None = None,
     ):
-        self._api_key = api_key
-        self.base_url = base_url
+        super().__init__(api_key, base_url, ssh_port=ssh_port, ssh_user=ssh_user, poll_s=poll_s,
+                         client_options=client_options)
         self.template_id = template_id
         self.template_name = template_name
         self.off_timeout_s = off_timeout_s
-        self.ssh_port = ssh_port
-        self.ssh_user = ssh_user
-        self.poll_s = poll_s
-        self._client_options = client_options or {}
-        self._client: JSONClient | None = None
-
-    @property
-    def client(self) -> JSONClient:
-        if self._client is None:
-            self._client = JSONClient(
-                self.base_url, self._api_key or os.environ.get(CREDENTIAL_ENV, ""), provider=self.name,
-                credential_env=CREDENTIAL_ENV, credential_url=CREDENTIAL_URL, error_mapper=map_error,
-                **self._client_options,
-            )
-        return self._client
 
     def _items(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """All items of a cursor-paged list (`{items, hasMore, nextPage}`)."""
@@ -183,12 +170,7 @@ class PaperspaceProvider(Provider):
                             provider=self.name)
 
     def _delete_script(self, script_id: str | None) -> None:
-        if not script_id:
-            return
-        try:
-            self.client.delete(f"/startup-scripts/{script_id}")
-        except InstanceGone:
-            pass
+        self._delete_if_present("/startup-scripts", script_id)
 
     # -- wait / describe ----------------------------------------------------------------------
     def _get(self, machine_id: str) -> dict[str, Any]:

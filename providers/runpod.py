@@ -34,7 +34,7 @@ from providers.errors import (
     InstanceGone,
     ProviderError,
     QuotaError,
-    missing_extra,
+    import_sdk,
     register_secret,
     scrub,
 )
@@ -94,12 +94,9 @@ def safe_literal(value: str, what: str) -> str:
 
 
 def import_runpod():
-    try:
-        import runpod  # noqa: PLC0415 - lazy: slow import, optional extra
-        import runpod.error  # noqa: F401,PLC0415
-    except ImportError:
-        raise missing_extra("runpod", "runpod", "runpod") from None
-    return runpod
+    """Lazy: a slow import (~1.7 s) of an optional extra. The adapter maps `runpod.error` classes."""
+    import_sdk("runpod.error", "runpod", "runpod")
+    return import_sdk("runpod", "runpod", "runpod")
 
 
 class RunPodProvider(Provider):

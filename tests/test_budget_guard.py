@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_launch_local_e2e import ftplan, local_project
+from cli_helpers import ftplan
+from test_launch_local_e2e import local_project
 
 from planner.budget import BudgetGuard, Progress
 

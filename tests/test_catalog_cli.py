@@ -11,8 +11,9 @@ import datetime
 import json
 
 import pytest
+from cli_helpers import error_line, ftplan
 from fakes import lambda_api
-from test_plan_cli import BASE, error_line, run, write_cache
+from test_plan_cli import BASE, write_cache
 
 from planner import offers as O
 from planner.catalog_refresh import REFRESHERS, fetcher
@@ -27,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_show_gives_source_age_and_origin(capsys):
-    rc, out, err = run(capsys, "catalog", "show", "--json")
+    rc, out, err = ftplan(capsys, "catalog", "show", "--json")
     assert rc == 0, err
     entries = {e["provider"]: e for e in json.loads(out)}
     assert set(entries) == set(O.PROVIDERS)
@@ -35,7 +36,7 @@ def test_show_gives_source_age_and_origin(capsys):
         assert e["origin"] == "shipped" and e["offers"] > 0
         assert e["age_days"] >= 0 and "upstream date is unknown" in e["note"]
         assert "skypilot-catalog" in e["source"]
-    rc, out, _ = run(capsys, "catalog", "show", "--regions")
+    rc, out, _ = ftplan(capsys, "catalog", "show", "--regions")
     assert rc == 0 and "East Coast (NY2)" in out and "d old" in out
 
 
@@ -43,16 +44,16 @@ def test_old_cache_is_flagged_stale_in_show(capsys, cache_dir):
     path = write_cache(cache_dir, "aws", [[
         "aws", "g5.xlarge", "A10G", "1", "22.35", "4", "16", "1.006", "0.4", "us-east-1", "use1-az1", "1",
         "aws pricing API", "2025-01-01T00:00:00Z"]])
-    rc, out, _ = run(capsys, "catalog", "show", "--json")
+    rc, out, _ = ftplan(capsys, "catalog", "show", "--json")
     aws = next(e for e in json.loads(out) if e["provider"] == "aws")
     assert (aws["origin"], aws["path"], aws["offers"], aws["stale"]) == ("cache", str(path), 1, True)
-    rc, out, _ = run(capsys, "catalog", "show")
+    rc, out, _ = ftplan(capsys, "catalog", "show")
     assert "STALE" in out.split("gcp")[0]
 
 
 def test_refresh_lambda_from_its_api_and_plan_uses_it(capsys, cache_dir, fake_lambda, monkeypatch):
     monkeypatch.setenv("LAMBDA_API_KEY", fake_lambda.api_key)
-    rc, out, err = run(capsys, "catalog", "refresh", "--provider", "lambda", "--endpoint", fake_lambda.url)
+    rc, out, err = ftplan(capsys, "catalog", "refresh", "--provider", "lambda", "--endpoint", fake_lambda.url)
     assert rc == 0, err
     path = cache_dir / "catalogs" / "lambda.csv"
     assert f"lambda: 4 offers written to {path}" in out
@@ -64,7 +65,7 @@ def test_refresh_lambda_from_its_api_and_plan_uses_it(capsys, cache_dir, fake_la
         ("gpu_1x_a100", "us-east-1", "1.29"), ("gpu_1x_h100_pcie", "us-west-3", "2.49")}
     assert all(r["retrieved_at"][:10] == datetime.date.today().isoformat() for r in rows)
     # the refreshed prices now take precedence over the shipped snapshot
-    rc, out, err = run(capsys, *BASE, "--providers", "lambda", "--json", "--all-regions")
+    rc, out, err = ftplan(capsys, *BASE, "--providers", "lambda", "--json", "--all-regions")
     assert rc == 0, err
     data = json.loads(out)
     assert data["catalogs"][0]["origin"] == "cache"
@@ -79,7 +80,7 @@ def test_refresh_failure_keeps_the_previous_catalog_and_never_prints_the_key(cap
     line = error_line(capsys, "catalog", "refresh", "--provider", "lambda", "--endpoint", fake_lambda.url)
     assert line.startswith("error: refreshing lambda failed") and "wrong-key-abcdef123456" not in line
     assert not (cache_dir / "catalogs" / "lambda.csv").exists()
-    rc, out, _ = run(capsys, "catalog", "show", "--json")
+    rc, out, _ = ftplan(capsys, "catalog", "show", "--json")
     assert next(e for e in json.loads(out) if e["provider"] == "lambda")["origin"] == "shipped"
 
 

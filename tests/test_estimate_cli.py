@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import FTPLAN_PROCESS
 from click.testing import CliRunner
 
 from planner.cli import cli
@@ -20,8 +21,7 @@ def run(args):
 
 def run_process(args, tmp_path=None):
     """The real console entry point in a fresh process (exit code and stderr as a shell sees them)."""
-    return subprocess.run([sys.executable, "-c", "import sys; from planner.cli import main; sys.exit(main())", *args],
-                          capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run([*FTPLAN_PROCESS, *args], capture_output=True, text=True, cwd=tmp_path)
 
 
 def test_json_with_gpu_has_the_contract_keys_and_total_is_the_sum():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import FTPLAN_PROCESS, ftplan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "remote_job" / "examples" / "alpaca_small.json"
@@ -309,12 +310,8 @@ def stop_leftover_jobs(remote_root: Path) -> None:
 
 
 # ---- subprocess cases (shared with the benchmark) ------------------------------------------------
-# The console-script entry point (sys.exit(main())), without depending on where the venv put `ftplan`.
-FTPLAN = [sys.executable, "-c", "import sys; from planner.cli import main; sys.exit(main())"]
-
-
 def _cli(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([*FTPLAN, *args], cwd=tmp, env=env,
+    return subprocess.Popen([*FTPLAN_PROCESS, *args], cwd=tmp, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -341,28 +338,34 @@ def _wait_for(store_path: Path, kind: str, timeout_s: float = 60) -> None:
     raise AssertionError(f"no '{kind}' event within {timeout_s}s")
 
 
-def kill9_then_gc(tmp: Path, fake, sshd) -> dict[str, Any]:
+def start_launch(tmp: Path, fake, sshd, steps: int) -> tuple[subprocess.Popen, Path, Path]:
+    """`ftplan launch` of the stand-in job (`steps` of 0.1 s) in its own process: (process, config, store)."""
     fake.reset()
     fake.ssh_host = "127.0.0.1"
-    job, fault = stub_files(tmp, {"steps": 400, "step_s": 0.1})
+    job, fault = stub_files(tmp, {"steps": steps, "step_s": 0.1})
     cfg = write_project(tmp, fake, sshd, job, fault)
     store = tmp / "runs.sqlite3"
-    env = _env(fake)
     proc = _cli(tmp, "launch", "--config", str(cfg), "--identity", str(sshd.client_key), "--yes", "--json",
-                "--store", str(store), "--runs-dir", str(tmp / "runs"), env=env)
+                "--store", str(store), "--runs-dir", str(tmp / "runs"), env=_env(fake))
+    return proc, cfg, store
+
+
+def kill9_then_gc(tmp: Path, fake, sshd) -> dict[str, Any]:
+    proc, cfg, store = start_launch(tmp, fake, sshd, steps=400)
+    env = _env(fake)
     try:
         _wait_for(store, "progress")
     finally:
         proc.kill()  # SIGKILL: no handler, no finally, no teardown
         proc.wait()
     out: dict[str, Any] = {"live_before_gc": len(fake.live_instances())}
-    dry = subprocess.run([*FTPLAN, "gc", "--config", str(cfg), "--store", str(store),
+    dry = subprocess.run([*FTPLAN_PROCESS, "gc", "--config", str(cfg), "--store", str(store),
                           "--json"], cwd=tmp, env=env, capture_output=True, text=True)
     listed = json.loads(dry.stdout)["instances"] if dry.returncode == 0 else []
     out["gc_dry_run_lists_it"] = any(i["action"] == "orphan" for i in listed)
     out["live_after_dry_run"] = len(fake.live_instances())
     # gc without --config: provider options come from the run store.
-    gc = subprocess.run([*FTPLAN, "gc", "--yes", "--store", str(store), "--json"],
+    gc = subprocess.run([*FTPLAN_PROCESS, "gc", "--yes", "--store", str(store), "--json"],
                         cwd=tmp, env=env, capture_output=True, text=True)
     out["gc_rc"] = gc.returncode
     out["live_after_gc"] = len(fake.live_instances())
@@ -377,13 +380,7 @@ def kill9_then_gc(tmp: Path, fake, sshd) -> dict[str, Any]:
 
 
 def signal_cli_process(tmp: Path, fake, sshd, sig: int) -> dict[str, Any]:
-    fake.reset()
-    fake.ssh_host = "127.0.0.1"
-    job, fault = stub_files(tmp, {"steps": 400, "step_s": 0.1})
-    cfg = write_project(tmp, fake, sshd, job, fault)
-    store = tmp / "runs.sqlite3"
-    proc = _cli(tmp, "launch", "--config", str(cfg), "--identity", str(sshd.client_key), "--yes", "--json",
-                "--store", str(store), "--runs-dir", str(tmp / "runs"), env=_env(fake))
+    proc, _, store = start_launch(tmp, fake, sshd, steps=400)
     _wait_for(store, "progress")
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
@@ -406,18 +403,12 @@ def test_secrets_never_reach_the_store_or_the_artifacts(tmp_path, fake_lambda, s
             assert token.encode() not in data and fake_lambda.api_key.encode() not in data, path
 
 
-def test_attach_takes_over_a_run_whose_launcher_was_killed(tmp_path, fake_lambda, sshd, monkeypatch):  # noqa: F811
+def test_attach_takes_over_a_run_whose_launcher_was_killed(tmp_path, fake_lambda, sshd, monkeypatch,  # noqa: F811
+                                                          capsys):
     """kill -9 mid-training, then `ftplan attach RUN`: it follows the job to the end, pulls, tears down."""
-    from planner.cli import main
     from planner.store import Store
 
-    fake_lambda.reset()
-    fake_lambda.ssh_host = "127.0.0.1"
-    job, fault = stub_files(tmp_path, {"steps": 40, "step_s": 0.1})
-    cfg = write_project(tmp_path, fake_lambda, sshd, job, fault)
-    store = tmp_path / "runs.sqlite3"
-    proc = _cli(tmp_path, "launch", "--config", str(cfg), "--identity", str(sshd.client_key), "--yes", "--json",
-                "--store", str(store), "--runs-dir", str(tmp_path / "runs"), env=_env(fake_lambda))
+    proc, _, store = start_launch(tmp_path, fake_lambda, sshd, steps=40)
     try:
         _wait_for(store, "progress")
     finally:
@@ -427,9 +418,7 @@ def test_attach_takes_over_a_run_whose_launcher_was_killed(tmp_path, fake_lambda
     run_id = Store(store).list_runs()[0].id
     monkeypatch.setenv(LAMBDA_KEY_ENV, fake_lambda.api_key)
     try:
-        rc = main(["attach", run_id, "--store", str(store), "--json"])
-    except SystemExit as exc:
-        rc = exc.code
+        rc, _, _ = ftplan(capsys, "attach", run_id, "--store", str(store), "--json")
     finally:
         stop_leftover_jobs(tmp_path / "remote")
     assert rc == 0

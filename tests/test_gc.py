@@ -9,24 +9,14 @@ import json
 import os
 
 import pytest
+from cli_helpers import ftplan
 from fakes.lambda_api import fake_lambda  # noqa: F401  (fixture)
 
-from planner.cli import main
 from planner.store import Store
 from providers.base import InstanceRequest
 from providers.lambda_cloud import LambdaProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dHbM3nZtq9f5hG0wJtq1yV3N5YwS6gY0P3i1hMEZo ftplan"
-
-
-def ftplan(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture

@@ -9,22 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from planner.cli import main
+from cli_helpers import ftplan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "remote_job" / "examples" / "alpaca_small.json"
 pytestmark = pytest.mark.slow
-
-
-def ftplan(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def local_project(tmp_path: Path, sshd, *, price_hour: float = 0.5, max_steps: int = 4, checkpoint_every: int = 2,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import error_line, ftplan
 
 from planner import offers as O
 
@@ -22,28 +23,8 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(capsys, *args):
-    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
-    from planner.cli import main
-
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def error_line(capsys, *args) -> str:
-    rc, out, err = run(capsys, *args)
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def plan_json(capsys, *args) -> dict:
-    rc, out, err = run(capsys, *BASE, "--json", *args)
+    rc, out, err = ftplan(capsys, *BASE, "--json", *args)
     assert rc == 0, err
     return json.loads(out)
 
@@ -77,7 +58,7 @@ def test_cheapest_offer_is_the_cheapest_catalog_row_that_fits(capsys):
 
 
 def test_table_output_marks_frontier_and_lists_rejections(capsys):
-    rc, out, err = run(capsys, *BASE, "--top", "5")
+    rc, out, err = ftplan(capsys, *BASE, "--top", "5")
     assert rc == 0, err
     lines = out.splitlines()
     header = next(line for line in lines if line.lstrip().startswith("#"))
@@ -160,19 +141,19 @@ def test_corrupt_catalog_row_names_file_and_line(capsys, cache_dir):
 
 def test_refreshed_cache_wins_and_old_data_warns_on_every_plan(capsys, cache_dir):
     write_cache(cache_dir, "paperspace", [good_row(price_hour="0.01", retrieved_at="2020-01-01")])
-    rc, out, err = run(capsys, *BASE, "--providers", "paperspace", "--json")
+    rc, out, err = ftplan(capsys, *BASE, "--providers", "paperspace", "--json")
     assert rc == 0
     assert err.count("\n") == 1 and err.startswith("warning: prices are older than 30 days (paperspace")
     data = json.loads(out)
     assert [(o["instance_type"], o["price_hour"]) for o in data["offers"]] == [("A100-80G", 0.01)]
     assert data["catalogs"] == [{"provider": "paperspace", "origin": "cache", "retrieved_at": "2020-01-01",
                                  "age_days": data["catalogs"][0]["age_days"]}]
-    rc, _, err = run(capsys, *BASE, "--providers", "paperspace")
+    rc, _, err = ftplan(capsys, *BASE, "--providers", "paperspace")
     assert rc == 0 and "warning: prices are older than 30 days" in err
 
 
 def test_gpus_lists_cheapest_price_per_provider(capsys):
-    rc, out, err = run(capsys, "gpus", "--json")
+    rc, out, err = ftplan(capsys, "gpus", "--json")
     assert rc == 0, err
     entries = {e["gpu"]: e for e in json.loads(out)}
     h100 = entries["H100"]["providers"]
@@ -183,7 +164,7 @@ def test_gpus_lists_cheapest_price_per_provider(capsys):
         l40s = [r for r in csv.DictReader(fh) if r["gpu"] == "L40S"]
     assert entries["L40S"]["providers"]["runpod"]["spot_per_gpu_hour"] == pytest.approx(
         min(float(r["spot_price_hour"]) / int(r["gpu_count"]) for r in l40s))
-    rc, out, _ = run(capsys, "gpus", "a6000")     # Lambda's A6000 is the same card as RunPod's RTXA6000
+    rc, out, _ = ftplan(capsys, "gpus", "a6000")     # Lambda's A6000 is the same card as RunPod's RTXA6000
     assert rc == 0 and "RTXA6000" in out and "lambda" in out.splitlines()[0]
     assert "unknown GPU 'Z9000'" in error_line(capsys, "gpus", "Z9000")
 

@@ -6,21 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import ftplan
 
-from planner.cli import main
 from planner.project_config import load_project, with_overrides
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "remote_job" / "examples" / "alpaca_small.json"
-
-
-def ftplan(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, err: str, *needles: str) -> None:

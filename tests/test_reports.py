@@ -7,20 +7,10 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
+from cli_helpers import ftplan
 
-from planner.cli import main
 from planner.corrections import apply_corrections, correction_for
 from planner.store import Store
-
-
-def ftplan(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _run(store: Store, run_id: str, *, provider: str, created: float, est_usd: float, hours: float, price: float,

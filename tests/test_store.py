@@ -7,7 +7,8 @@ import sqlite3
 import subprocess
 import sys
 
-from planner.cli import main
+from cli_helpers import ftplan
+
 from planner.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 
@@ -38,17 +39,6 @@ def test_old_store_is_migrated_and_keeps_its_runs(tmp_path):
     run = new.get_run("r-old")
     assert run.model == "m" and run.status == "succeeded"
     assert run.measured_tokens_per_s is None  # column added by migration 2
-
-
-def ftplan(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real entry point in-process: exit code, stdout, stderr."""
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_store_from_a_newer_ftplan_is_refused_in_one_line(tmp_path, capsys):

@@ -59,7 +59,9 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
     MotoRequestHandler,
     create_backend_app,
 )
-from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+from fakes.server import FakeServer  # noqa: E402
 
 for _record in TEST_AMIS:
     if not any(a["ami_id"] == _record["ami_id"] for a in _moto_amis.AMIS):
@@ -134,22 +136,13 @@ class _QuietHandler(MotoRequestHandler):
         pass
 
 
-class MotoEC2:
+class MotoEC2(FakeServer):
     """A moto server (all services, EC2 is what ftplan uses) on 127.0.0.1:<free port> in a daemon thread."""
 
     def __init__(self) -> None:
         self.middleware = FaultMiddleware(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server("127.0.0.1", 0, self.middleware, True, request_handler=_QuietHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="moto-ec2")
-
-    def start(self) -> MotoEC2:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
+        self._listen("moto-ec2", app=self.middleware, handler=_QuietHandler)
+        self.url = self.root_url
 
     def reset(self) -> None:
         """Empty every moto backend, drop faults and the request log (cheap: no resource reload)."""
@@ -212,7 +205,7 @@ def price_list_document(instance_type: str, region: str, location: str, usd: str
 
 
 @dataclass
-class PricingFake:
+class PricingFake(FakeServer):
     """The AWS Price List API's JSON 1.1 protocol (`X-Amz-Target: AWSPriceListService.GetProducts`).
 
     Applies TERM_MATCH filters to product attributes like the real service and pages with NextToken.
@@ -224,29 +217,16 @@ class PricingFake:
     requests: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._server = make_server("127.0.0.1", 0, self._wsgi, True, request_handler=_QuietHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-aws-pricing")
+        self._listen("fake-aws-pricing")
+        self.url = self.root_url
 
-    def start(self) -> PricingFake:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
-
-    def _wsgi(self, environ, start_response):
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = json.loads(environ["wsgi.input"].read(length) or b"{}")
-        target = environ.get("HTTP_X_AMZ_TARGET", "")
+    def dispatch(self, request: Request) -> Response:
+        body = json.loads(request.get_data() or b"{}")
+        target = request.headers.get("X-Amz-Target", "")
         self.requests.append({"target": target, "body": body})
 
-        def reply(status: int, doc: dict):
-            data = json.dumps(doc).encode()
-            start_response(f"{status} X", [("Content-Type", "application/x-amz-json-1.1"),
-                                           ("Content-Length", str(len(data)))])
-            return [data]
+        def reply(status: int, doc: dict) -> Response:
+            return Response(json.dumps(doc), status, content_type="application/x-amz-json-1.1")
 
         if self.fail_with:
             status, type_, message = self.fail_with

@@ -9,11 +9,11 @@ network egress, GPUs the fetcher does not map. Pages hold `page_size` SKUs and c
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, field
 
-from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
+
+from fakes.server import FakeServer
 
 COMPUTE = "6F81-5844-456A"
 AMERICAS = ["us-central1", "us-east1"]
@@ -88,37 +88,22 @@ def default_skus() -> list[dict]:
     ]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, *args, **kwargs) -> None:
-        pass
-
-
 @dataclass
-class FakeBilling:
+class FakeBilling(FakeServer):
     api_key: str = "test-billing-key"
     skus: list[dict] = field(default_factory=default_skus)
     page_size: int = 6
     requests: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-gcp-billing")
+        self._listen("fake-gcp-billing")
+        self.endpoint = self.root_url
 
-    def start(self) -> FakeBilling:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
-
-    def _wsgi(self, environ, start_response):
-        request = Request(environ)
+    def dispatch(self, request: Request) -> Response:
         key = request.headers.get("X-Goog-Api-Key") or request.args.get("key")
         self.requests.append({"path": request.path, "args": dict(request.args),
                               "key_in_url": "key" in request.args, "key": key})
-        return self._route(request, key)(environ, start_response)
+        return self._route(request, key)
 
     def _route(self, request: Request, key: str | None) -> Response:
         if request.method != "GET" or request.path != f"/v1/services/{COMPUTE}/skus":

@@ -21,8 +21,9 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
-from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
+
+from fakes.server import FakeServer
 
 DLVM_PROJECT = "deeplearning-platform-release"
 
@@ -37,7 +38,7 @@ class Recorded:
 
 
 @dataclass
-class FakeCompute:
+class FakeCompute(FakeServer):
     nat_ip: str = "127.0.0.1"
     boot_polls: int = 2
     valid_tokens: set[str] | None = None
@@ -59,19 +60,10 @@ class FakeCompute:
                        "2025-08-12"),
                 _image("tf-2-17-cu123-v20250301-debian-11", "tf-2-17-cu123-debian-11", "2025-03-01"),
             ]
-        self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-gcp-compute")
+        self._listen("fake-gcp-compute")
+        self.endpoint = self.root_url
 
-    # ---- lifecycle and test helpers ------------------------------------------------------------------
-
-    def start(self) -> FakeCompute:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
+    # ---- test helpers --------------------------------------------------------------------------------
 
     def calls(self, method: str, path_suffix: str) -> list[Recorded]:
         with self._lock:
@@ -82,16 +74,14 @@ class FakeCompute:
         with self._lock:
             self.instances.pop((project, zone, name), None)
 
-    # ---- WSGI ----------------------------------------------------------------------------------------
+    # ---- HTTP ----------------------------------------------------------------------------------------
 
-    def _wsgi(self, environ, start_response):
-        request = Request(environ)
+    def dispatch(self, request: Request) -> Response:
         body = request.get_json(silent=True) if request.data else None
         with self._lock:
             self.requests.append(Recorded(request.method, request.path, dict(request.args), body,
                                           request.headers.get("Authorization")))
-            response = self._route(request, body)
-        return response(environ, start_response)
+            return self._route(request, body)
 
     def _route(self, request: Request, body: dict | None) -> Response:
         if self.valid_tokens is not None:
@@ -265,11 +255,6 @@ class FakeCompute:
         m = re.fullmatch(r'\s*family\s+eq\s+"?([^"]*)"?\s*', flt)
         images = [i for i in self.images if project == DLVM_PROJECT and (not m or re.fullmatch(m.group(1), i["family"]))]
         return _json({"kind": "compute#imageList", "items": images})
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, *args, **kwargs) -> None:
-        pass
 
 
 _STATUS_NAMES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND",

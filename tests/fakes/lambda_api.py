@@ -10,7 +10,7 @@ Reusable by other tests (launcher end-to-end, fault matrix):
         provider = LambdaProvider(api_key=fake_lambda.api_key, base_url=fake_lambda.url, ssh_port=sshd_port)
 
 State: `.instances` (id -> dict as the API returns it), `.ssh_keys`, `.requests` (method, path, json body),
-`.live_instances()`. Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|
+`.live_instances()`. Server and fault plumbing: tests/fakes/server.py. Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|
 instance_types|ssh_keys and kind in capacity|quota|auth|500|429; `.preempt(id)`; `.set_capacity(type, regions)`.
 """
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 from typing import Any
 
 import pytest
-from pytest_httpserver.httpserver import HTTPServerBase
 from werkzeug import Request, Response
+
+from fakes.server import FakeCloudAPI
 
 API_PREFIX = "/api/v1"
 
@@ -55,34 +55,23 @@ _ERRORS = {
 }
 
 
-class FakeLambda(HTTPServerBase):
-    def __init__(self, api_key: str = "lambda-test-key-0123456789", *, ssh_host: str = "127.0.0.1"):
-        super().__init__("127.0.0.1", 0, threaded=True)
-        self.api_key = api_key
-        self.ssh_host = ssh_host
-        self._lock = threading.RLock()
-        self.reset()
+class FakeLambda(FakeCloudAPI):
+    default_api_key = "lambda-test-key-0123456789"
+    api_prefix = API_PREFIX
+    fault_kinds = tuple(_ERRORS)
 
     # -- test-facing API ----------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
-
     def reset(self) -> None:
         with self._lock:
+            super().reset()
             self.types = json.loads(json.dumps(DEFAULT_TYPES))
             self.instances: dict[str, dict[str, Any]] = {}
             self.ssh_keys: dict[str, dict[str, Any]] = {}
             self.requests: list[tuple[str, str, Any]] = []
-            self.faults: list[list[Any]] = []  # [op, kind, remaining]
             self.boot_polls = 1            # GETs of an instance that still answer "booting"
             self.retry_after = "0"         # Retry-After header on 429 answers
             self.echo_auth_in_errors = False  # like some APIs: echo the presented credential in a 401
             self._ids = itertools.count(1)
-
-    def fail_next(self, op: str, kind: str = "500", times: int = 1) -> None:
-        assert kind in _ERRORS, kind
-        self.faults.append([op, kind, times])
 
     def preempt(self, instance_id: str) -> None:
         self.instances[instance_id]["status"] = "preempted"
@@ -99,13 +88,11 @@ class FakeLambda(HTTPServerBase):
 
     # -- server side --------------------------------------------------------------------------
     def _fault(self, op: str) -> Response | None:
-        for f in self.faults:
-            if f[0] == op and f[2] > 0:
-                f[2] -= 1
-                status, code, msg = _ERRORS[f[1]]
-                headers = {"Retry-After": self.retry_after} if status == 429 else {}
-                return _error(status, code, msg, headers)
-        return None
+        kind = self._take_fault(op)
+        if kind is None:
+            return None
+        status, code, msg = _ERRORS[kind]
+        return _error(status, code, msg, {"Retry-After": self.retry_after} if status == 429 else {})
 
     def dispatch(self, request: Request) -> Response:
         with self._lock:
@@ -171,9 +158,6 @@ class FakeLambda(HTTPServerBase):
         }
         return _ok({"instance_ids": [iid]})
 
-    def _public(self, inst):
-        return {k: v for k, v in inst.items() if not k.startswith("_")}
-
     def _list(self, body):
         return _ok([self._public(i) for i in self.instances.values() if i["status"] != "terminated"])
 
@@ -232,22 +216,11 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
                     headers=headers or {}, content_type="application/json")
 
 
-_shared: FakeLambda | None = None
-
-
 def shared_fake_lambda() -> FakeLambda:
-    """One server per test process (daemon thread; starting one per test costs ~0.5 s at stop)."""
-    global _shared
-    if _shared is None:
-        _shared = FakeLambda()
-        _shared.start()
-    return _shared
+    return FakeLambda.shared()
 
 
 @pytest.fixture
 def fake_lambda() -> FakeLambda:
     """A running FakeLambda with fresh state."""
-    fake = shared_fake_lambda()
-    fake.reset()
-    fake.ssh_host = "127.0.0.1"
-    return fake
+    return FakeLambda.fresh()

@@ -11,7 +11,7 @@ State: `.machines`, `.scripts`, `.requests`, `.live_instances()`. Knobs: `.boot_
 `.refuse_delete_running` (DELETE of a machine that is not off answers 400, as the docs imply),
 `.unavailable` (machine types the OS templates list as not available).
 Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|stop|scripts|templates and
-kind in capacity|quota|auth|500|429; `.preempt(id)` (the machine disappears).
+kind in capacity|quota|auth|500|429; `.preempt(id)` (the machine disappears). Plumbing: tests/fakes/server.py.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 from typing import Any
 
 import pytest
-from pytest_httpserver.httpserver import HTTPServerBase
 from werkzeug import Request, Response
+
+from fakes.server import FakeCloudAPI
 
 API_PREFIX = "/v1"
 
@@ -43,34 +43,23 @@ TEMPLATES = [
 MACHINE_TYPES = ["A4000", "A5000", "A6000", "A100-80G", "H100", "H100x8", "A100-80Gx8"]
 
 
-class FakePaperspace(HTTPServerBase):
-    def __init__(self, api_key: str = "paperspace-test-key-0123456789", *, ssh_host: str = "127.0.0.1"):
-        super().__init__("127.0.0.1", 0, threaded=True)
-        self.api_key = api_key
-        self.ssh_host = ssh_host
-        self._lock = threading.RLock()
-        self.reset()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+class FakePaperspace(FakeCloudAPI):
+    default_api_key = "paperspace-test-key-0123456789"
+    api_prefix = API_PREFIX
+    fault_kinds = tuple(_ERRORS)
 
     def reset(self) -> None:
         with self._lock:
+            super().reset()
             self.machines: dict[str, dict[str, Any]] = {}
             self.scripts: dict[str, dict[str, Any]] = {}
             self.requests: list[tuple[str, str, Any, dict[str, str]]] = []
-            self.faults: list[list[Any]] = []
             self.boot_polls = 1
             self.page_size = 20
             self.stuck_off: set[str] = set()
             self.unavailable: set[str] = set()
             self.refuse_delete_running = False
             self._ids = itertools.count(1)
-
-    def fail_next(self, op: str, kind: str = "500", times: int = 1) -> None:
-        assert kind in _ERRORS, kind
-        self.faults.append([op, kind, times])
 
     def preempt(self, machine_id: str) -> None:
         self.machines.pop(machine_id, None)
@@ -92,11 +81,10 @@ class FakePaperspace(HTTPServerBase):
             for m, regex, op, handler in _ROUTES:
                 match = re.fullmatch(regex, path)
                 if m == request.method and match:
-                    for f in self.faults:
-                        if f[0] == op and f[2] > 0:
-                            f[2] -= 1
-                            status, code, msg = _ERRORS[f[1]]
-                            return _error(status, code, msg, {"Retry-After": "0"} if status == 429 else None)
+                    kind = self._take_fault(op)
+                    if kind is not None:
+                        status, code, msg = _ERRORS[kind]
+                        return _error(status, code, msg, {"Retry-After": "0"} if status == 429 else None)
                     return handler(self, body or {}, dict(request.args), *match.groups())
             return _error(404, "NOT_FOUND", f"{request.method} {path} not found")
 
@@ -141,9 +129,6 @@ class FakePaperspace(HTTPServerBase):
             "autoShutdownTimeout": body.get("autoShutdownTimeout"), "_polls": 0,
         }
         return _json({"data": self._public(self.machines[mid]), "event": {"id": f"ev{mid}", "state": "new"}})
-
-    def _public(self, m):
-        return {k: v for k, v in m.items() if not k.startswith("_")}
 
     def _list(self, body, args):
         items = [self._public(m) for m in self.machines.values()
@@ -199,21 +184,7 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
                     headers=headers or {}, content_type="application/json")
 
 
-_shared: FakePaperspace | None = None
-
-
-def shared_fake_paperspace() -> FakePaperspace:
-    global _shared
-    if _shared is None:
-        _shared = FakePaperspace()
-        _shared.start()
-    return _shared
-
-
 @pytest.fixture
 def fake_paperspace() -> FakePaperspace:
     """A running FakePaperspace with fresh state."""
-    fake = shared_fake_paperspace()
-    fake.reset()
-    fake.ssh_host = "127.0.0.1"
-    return fake
+    return FakePaperspace.fresh()

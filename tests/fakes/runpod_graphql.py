@@ -13,19 +13,20 @@ State: `.pods` (id -> dict), `.mutations` (name, input) log, `.live_instances()`
 (pod queries with `runtime: null` before the ports appear), `.ssh_host`/`.ssh_port`, `.gpu_types`.
 Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|gpus and kind in
 capacity|quota|auth|500; `.preempt(id)` (an interruptible pod is stopped: desiredStatus EXITED, no runtime).
+Server and fault plumbing: tests/fakes/server.py.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import threading
 from typing import Any
 
 import graphql
 import pytest
-from pytest_httpserver.httpserver import HTTPServerBase
 from werkzeug import Request, Response
+
+from fakes.server import FakeCloudAPI
 
 SCHEMA_SDL = """
 enum CloudTypeEnum { ALL SECURE COMMUNITY }
@@ -104,34 +105,25 @@ class _GraphQLFault(Exception):
     pass
 
 
-class FakeRunPod(HTTPServerBase):
-    def __init__(self, api_key: str = "runpod-test-key-0123456789", *, ssh_host: str = "127.0.0.1",
-                 ssh_port: int = 22):
-        super().__init__("127.0.0.1", 0, threaded=True)
-        self.api_key = api_key
-        self.ssh_host = ssh_host
-        self.ssh_port = ssh_port
-        self._lock = threading.RLock()
-        self.reset()
+class FakeRunPod(FakeCloudAPI):
+    """`.url` is the value for RUNPOD_API_BASE_URL (the SDK appends /graphql)."""
 
-    @property
-    def url(self) -> str:
-        """The value for RUNPOD_API_BASE_URL (the SDK appends /graphql)."""
-        return f"http://127.0.0.1:{self.port}"
+    default_api_key = "runpod-test-key-0123456789"
+    fault_kinds = ("capacity", "quota", "auth", "500")
+
+    def __init__(self, api_key: str | None = None, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22):
+        self.ssh_port = ssh_port
+        super().__init__(api_key, ssh_host=ssh_host)
 
     def reset(self) -> None:
         with self._lock:
+            super().reset()
             self.gpu_types = dict(DEFAULT_GPU_TYPES)
             self.pods: dict[str, dict[str, Any]] = {}
             self.mutations: list[tuple[str, dict[str, Any]]] = []
             self.queries: list[str] = []
-            self.faults: list[list[Any]] = []
             self.boot_polls = 1
             self._ids = itertools.count(1)
-
-    def fail_next(self, op: str, kind: str = "500", times: int = 1) -> None:
-        assert kind in ("capacity", "quota", "auth", "500"), kind
-        self.faults.append([op, kind, times])
 
     def preempt(self, pod_id: str) -> None:
         pod = self.pods[pod_id]
@@ -154,15 +146,14 @@ class FakeRunPod(HTTPServerBase):
             query = (request.get_json(silent=True) or {}).get("query", "")
             self.queries.append(query)
             op = _op_of(query)
-            for f in self.faults:
-                if f[0] == op and f[2] > 0:
-                    f[2] -= 1
-                    if f[1] == "auth":
-                        return Response(json.dumps({"error": "Unauthorized"}), 401, content_type="application/json")
-                    if f[1] == "500":
-                        return Response("<html><body>502 Bad Gateway</body></html>", 502, content_type="text/html")
-                    msg = CAPACITY_MSG if f[1] == "capacity" else QUOTA_MSG
-                    return _gql({"data": None, "errors": [{"message": msg, "path": [op]}]})
+            kind = self._take_fault(op)
+            if kind == "auth":
+                return Response(json.dumps({"error": "Unauthorized"}), 401, content_type="application/json")
+            if kind == "500":
+                return Response("<html><body>502 Bad Gateway</body></html>", 502, content_type="text/html")
+            if kind is not None:
+                msg = CAPACITY_MSG if kind == "capacity" else QUOTA_MSG
+                return _gql({"data": None, "errors": [{"message": msg, "path": [op]}]})
             result = graphql.graphql_sync(SCHEMA, query, root_value=_Root(self))
             out: dict[str, Any] = {"data": result.data}
             if result.errors:
@@ -204,9 +195,6 @@ class FakeRunPod(HTTPServerBase):
             "_polls": 0,
         }
         return self._public(self.pods[pid])
-
-    def _public(self, pod: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in pod.items() if not k.startswith("_")}
 
     def _pod(self, pid: str) -> dict[str, Any] | None:
         pod = self.pods.get(pid)
@@ -273,21 +261,9 @@ def _gql(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), 200, content_type="application/json")
 
 
-_shared: FakeRunPod | None = None
-
-
-def shared_fake_runpod() -> FakeRunPod:
-    global _shared
-    if _shared is None:
-        _shared = FakeRunPod()
-        _shared.start()
-    return _shared
-
-
 @pytest.fixture
 def fake_runpod() -> FakeRunPod:
     """A running FakeRunPod with fresh state; new pods map 22/tcp to 127.0.0.1:22 unless told otherwise."""
-    fake = shared_fake_runpod()
-    fake.reset()
-    fake.ssh_host, fake.ssh_port = "127.0.0.1", 22
+    fake = FakeRunPod.fresh()
+    fake.ssh_port = 22
     return fake

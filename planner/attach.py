@@ -1,0 +1,87 @@
+"""`ftplan attach RUN`: follow a run from another terminal, or take it over when its launcher died.
+
+* Launcher alive (its pid on its host): follow read-only. The store is the only channel: phases and
+  progress events are mirrored until the owning launcher closes the run. Nothing is taken over and
+  nothing is torn down here; the launcher that owns the run does that.
+* Launcher dead (kill -9, lost laptop): rebuild the plan from the run record and the `launch_context`
+  event, then `Launcher.take_over` watches the job to its end, pulls and tears down.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from planner.budget import Progress
+from planner.launch_plan import Candidate, LaunchPlan, LaunchResult
+from planner.live_display import NullDisplay
+from planner.store import Store
+
+
+def attach_run(store: Store, run_id: str, *, display: Any = None, provider_factory: Callable[..., Any] | None = None,
+               runner_factory: Callable[..., Any] | None = None, follow_poll_s: float = 1.0) -> LaunchResult:
+    """Follow a run whose launcher is alive, or take it over (watch, pull, tear down) if it died."""
+    from planner.errors import UserError
+    from planner.store import FINAL_STATUSES, pid_alive
+    from providers.base import Instance
+
+    run = store.get_run(run_id)
+    if run is None:
+        raise UserError(f"no run '{run_id}' in {store.path}; 'ftplan runs' lists the recorded runs")
+    if run.status in FINAL_STATUSES:
+        raise UserError(f"run {run.id} is already {run.status}; see 'ftplan report {run.id}'")
+    display = display or NullDisplay()
+    if pid_alive(run.launcher_pid, run.launcher_host) and run.launcher_pid != os.getpid():
+        return _follow(store, run.id, display, follow_poll_s)
+    ctx = next((e.json("data_json") for e in reversed(store.events(run.id, "launch_context"))), None) or {}
+    rows = [r for r in store.instances(run.id, open_only=True) if r.provider_instance_id]
+    if not rows:
+        raise UserError(f"run {run.id} has no live instance to attach to; 'ftplan gc --yes' closes it")
+    row = rows[-1]
+    inst = Instance.from_dict(row.json("instance_json"))
+    offer = Candidate(provider=row.provider, instance_type=row.instance_type or "", gpu=row.gpu or "",
+                      region=row.region or "", zone=row.zone, spot=bool(row.spot), price_hour=row.price_hour or 0.0)
+    artifacts = Path(run.artifacts_dir)
+    plan = LaunchPlan(
+        run_id=run.id, job_config=run.json("config_json") or {}, dataset=Path(ctx.get("dataset") or "."),
+        candidates=[offer], model=run.model, method=run.method, runs_dir=artifacts.parent,
+        budget_usd=run.budget_usd, on_over_budget=ctx.get("on_over_budget", "stop"),
+        spot_recovery=False, sync_every_s=ctx.get("sync_every_s", 600.0), poll_interval_s=ctx.get("poll_interval_s", 2.0),
+        ssh_connect_timeout_s=ctx.get("ssh_connect_timeout_s", 300.0), pull_margin_s=ctx.get("pull_margin_s", 600.0),
+        identity=Path(ctx["identity"]) if ctx.get("identity") else None, remote_python=ctx.get("remote_python"),
+        remote_root=ctx.get("remote_root", "~/ftplan-runs"),
+        estimate={"hours": run.est_hours, "usd": run.est_usd},
+        provider_options=run.json("provider_options_json") or {},
+    )
+    from planner.launcher import Launcher
+
+    launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
+    return launcher.take_over(row.id, inst, offer)
+
+
+def _follow(store: Store, run_id: str, display: Any, poll_s: float) -> LaunchResult:
+    """Read-only: mirror the store's progress events until the owning launcher closes the run."""
+    from planner.store import FINAL_STATUSES
+
+    seen = 0
+    while True:
+        run = store.get_run(run_id)
+        events = store.events(run_id)
+        for ev in events[seen:]:
+            if ev.kind == "phase":
+                display.phase(ev.phase, ev.message or "")
+            elif ev.kind == "progress":
+                d = ev.json("data_json") or {}
+                display.progress(Progress(step=d.get("step") or 0, total_steps=d.get("total_steps") or 0,
+                                          loss=d.get("loss"), tokens_per_s=d.get("tokens_per_s")),
+                                 spent=d.get("spent_usd") or 0.0, projected=None, budget=run.budget_usd, eta_s=None)
+        seen = len(events)
+        if run.status in FINAL_STATUSES:
+            display.done(run.status, run.error)
+            return LaunchResult(run_id=run.id, status=run.status, artifacts_dir=run.artifacts_dir or "",
+                                estimated={"hours": run.est_hours, "usd": run.est_usd},
+                                actual={"hours": run.actual_hours, "usd": run.actual_usd}, error=run.error)
+        time.sleep(poll_s)

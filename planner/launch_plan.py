@@ -1,0 +1,285 @@
+"""What a launch is about to do: the priced offers, the job config and the estimate (`LaunchPlan`),
+built from ftplan.toml + flags, and what it ended with (`LaunchResult`).
+
+Kept apart from the launcher so that `ftplan launch --dry-run` and the plan summary never import the
+SSH runner or a provider SDK: everything heavy is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.errors import UserError
+from planner.project_config import ProjectConfig
+
+SECRET_ENV_FOR_JOB = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@dataclass
+class Candidate:
+    """One priced offer the launcher may provision, cheapest first."""
+
+    provider: str
+    instance_type: str
+    gpu: str
+    gpu_count: int = 1
+    region: str = ""
+    zone: str | None = None
+    spot: bool = False
+    price_hour: float = 0.0
+    est_hours: float | None = None
+    est_usd: float | None = None
+    headroom_gib: float | None = None
+
+
+@dataclass
+class LaunchPlan:
+    run_id: str
+    job_config: dict[str, Any]              # what remote_job/train.py reads (no secrets)
+    dataset: Path
+    candidates: list[Candidate]
+    model: str
+    method: str
+    runs_dir: Path
+    budget_usd: float | None = None
+    on_over_budget: str = "stop"
+    spot_recovery: bool = True
+    max_offer_tries: int = 3
+    sync_every_s: float = 600.0
+    poll_interval_s: float = 2.0
+    wait_ready_timeout_s: float = 1200.0
+    ssh_connect_timeout_s: float = 300.0
+    pull_margin_s: float = 600.0
+    identity: Path | None = None            # an already-authorized key (local/ssh); else a per-run key
+    remote_python: str | None = None
+    remote_root: str = "~/ftplan-runs"
+    estimate: dict[str, Any] = field(default_factory=dict)  # hours, usd, peak_mem_gib, tokens_per_s
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    job_secrets: dict[str, str] = field(default_factory=dict)  # e.g. HF_TOKEN; never stored
+    extra_files: dict[str, Path] = field(default_factory=dict)  # bundle extras (local model folder, job/ overrides)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_id
+
+
+@dataclass
+class LaunchResult:
+    run_id: str
+    status: str                      # succeeded | failed | stopped_over_budget | cancelled
+    artifacts_dir: str
+    estimated: dict[str, float | None]
+    actual: dict[str, float | None]
+    error: str | None = None
+    teardown_confirmed: bool = True
+    instances: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LaunchFailed(Exception):
+    """A phase failed for a reason the run record should state (already scrubbed)."""
+
+
+class NoCapacity(LaunchFailed):
+    pass
+
+
+class InstanceLost(Exception):
+    """The instance vanished under a running job (spot preemption, deleted in the console)."""
+
+
+class OverBudget(Exception):
+    pass
+
+
+def new_run_id() -> str:
+    """Lowercase, <= 63 chars, no quotes: valid as a GCP label, AWS tag, RunPod/Lambda name."""
+    return f"ft-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(2)}"
+
+
+def job_secrets_from_env() -> dict[str, str]:
+    """Secrets the job needs (gated models): passed to the runner, never written to the store."""
+    return {k: os.environ[k] for k in SECRET_ENV_FOR_JOB if os.environ.get(k)}
+
+
+# ---- plan building -----------------------------------------------------------------------------
+def build_job_config(cfg: ProjectConfig, run_id: str) -> dict[str, Any]:
+    """The remote job's config (remote_job/job_config.py keys) from the project file."""
+    from planner.models import resolve_model
+
+    spec = resolve_model(cfg.job.model)
+    j = cfg.job
+    random_init = bool(getattr(spec, "random_init", False))
+    return {
+        "run_id": run_id, "method": j.method,
+        "model": {"hf_id": spec.hf_id, "config": spec.to_hf_config() if random_init else None,
+                  "random_init": random_init, "tokenizer": None},
+        "dataset": j.dataset, "seq_len": j.seq_len, "batch_size": j.batch_size, "grad_accum": j.grad_accum,
+        "epochs": j.epochs, "max_steps": j.max_steps or None, "learning_rate": j.learning_rate,
+        "lora": {"r": j.lora_r, "alpha": j.lora_alpha, "dropout": j.lora_dropout, "targets": j.lora_targets},
+        "optimizer": j.optimizer, "gradient_checkpointing": j.gradient_checkpointing, "seed": j.seed,
+        "checkpoint_every_steps": j.checkpoint_every_steps, "heartbeat_every_s": j.heartbeat_every_s,
+        "throttle_s_per_step": j.throttle_s_per_step, "resume": True,
+    }
+
+
+def _parse_host(host: str):
+    from providers.ssh import HostSpecError, parse_host_spec
+
+    try:
+        return parse_host_spec(host)
+    except HostSpecError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _pinned_candidates(cfg: ProjectConfig, host: str | None, identity: Path | None):
+    """Offers that skip the catalog: local, ssh --host, or [[launch.offers]] pinned in the project file."""
+    providers = cfg.launch.providers
+    if providers == ["local"]:
+        opts = cfg.providers.get("local", {})
+        return [Candidate(provider="local", instance_type="local", gpu=str(opts.get("gpu", "cpu")),
+                          region="localhost", price_hour=cfg.price_override("local") or 0.0)]
+    if providers == ["ssh"]:
+        if not host:
+            raise UserError("--provider ssh needs --host user@host[:port]")
+        spec = _parse_host(host)
+        opts = cfg.providers.get("ssh", {})
+        return [Candidate(provider="ssh", instance_type=str(spec), gpu=str(opts.get("gpu", "unknown")),
+                          region=spec.host, price_hour=cfg.price_override("ssh") or 0.0)]
+    pinned = [o for o in cfg.launch.offers if not providers or o.provider in providers]
+    if cfg.launch.offers and not pinned:
+        raise UserError(f"none of the offers pinned in {cfg.source} is on {', '.join(providers)}")
+    return [Candidate(provider=o.provider, instance_type=o.instance_type, gpu=o.gpu, gpu_count=o.gpu_count,
+                      region=o.region, zone=o.zone, spot=o.spot, price_hour=o.price_hour) for o in pinned]
+
+
+def _provider_options(cfg: ProjectConfig, name: str, host: str | None, identity: Path | None) -> dict[str, Any]:
+    opts = cfg.provider_options(name)
+    if name == "ssh" and host:
+        opts.setdefault("host", host)
+    if name in ("local", "ssh") and identity is not None:
+        opts.setdefault("identity", str(identity))
+    return opts
+
+
+def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, store_path: str | None) -> dict[str, Any]:
+    """Estimated hours / peak memory / tokens/s on the first offer's GPU, corrected by measured runs of the
+    same GPU, model and method. Empty when the estimator cannot say (e.g. `local` on a CPU)."""
+    from planner.gpus import resolve_gpu
+
+    try:
+        g = resolve_gpu(gpu)
+    except UserError:
+        return {}
+    try:
+        from planner.corrections import apply_corrections
+        from planner.estimate import estimate
+        from planner.estimate_bridge import request_from_config
+
+        j = cfg.job
+        req = request_from_config(cfg, dataset, gpu_count=gpu_count)
+        est = estimate(req, g, gpu_count)
+        from planner.store import Store, default_store_path
+
+        path = Path(store_path) if store_path else default_store_path()
+        if path.exists():
+            est, _ = apply_corrections(est, g.name, j.model, j.method, Store(path))
+    except Exception as exc:  # noqa: BLE001 - an estimate is advice; the launch itself does not need it
+        return {"notes": [f"no estimate: {' '.join(str(exc).split())[:200]}"]}
+    return {"hours": est.hours, "peak_mem_gib": est.memory.total, "tokens_per_s": est.tokens_per_s,
+            "fits": est.fits, "notes": list(est.notes)}
+
+
+def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, identity: Path | None = None,
+               store_path: str | None = None):
+    run_id = new_run_id()
+    candidates = _pinned_candidates(cfg, host, identity)
+    if not candidates:
+        candidates = _cloud_candidates(cfg, dataset)
+    if not candidates:
+        raise UserError("no offer fits the job within the budget; see 'ftplan plan' for why offers were rejected")
+    first = candidates[0]
+    estimate = _estimate_for(cfg, first.gpu, first.gpu_count, dataset, store_path)
+    if first.est_hours is not None:
+        estimate.setdefault("hours", first.est_hours)
+        estimate.setdefault("usd", first.est_usd)
+    elif estimate.get("hours") is not None:
+        estimate.setdefault("usd", estimate["hours"] * first.price_hour)
+    for c in candidates:
+        if c.est_hours is None and estimate.get("hours") is not None and c.gpu == first.gpu:
+            c.est_hours = estimate["hours"]
+            c.est_usd = c.est_hours * c.price_hour
+    names = {c.provider for c in candidates}
+    remote_root = cfg.providers.get(first.provider, {}).get("remote_root", "~/ftplan-runs")
+    launch_cfg = cfg.launch
+    return LaunchPlan(
+        run_id=run_id, job_config=build_job_config(cfg, run_id), dataset=dataset, candidates=candidates,
+        model=cfg.job.model, method=cfg.job.method, runs_dir=Path(launch_cfg.runs_dir),
+        budget_usd=launch_cfg.budget_usd, on_over_budget=launch_cfg.on_over_budget,
+        spot_recovery=launch_cfg.spot_recovery, max_offer_tries=launch_cfg.max_offer_tries,
+        sync_every_s=launch_cfg.sync_every_min * 60, poll_interval_s=launch_cfg.poll_interval_s,
+        wait_ready_timeout_s=launch_cfg.wait_ready_timeout_s, ssh_connect_timeout_s=launch_cfg.ssh_connect_timeout_s,
+        pull_margin_s=launch_cfg.pull_margin_min * 60, identity=identity, remote_python=launch_cfg.remote_python,
+        remote_root=remote_root, estimate=estimate,
+        provider_options={n: _provider_options(cfg, n, host, identity) for n in names},
+        job_secrets=job_secrets_from_env(),
+        extra_files={k: Path(v) for k, v in launch_cfg.bundle_extra_files.items()},
+    )
+
+
+def _cloud_candidates(cfg: ProjectConfig, dataset: Path):
+    """Cheapest feasible catalog offers (planner.optimizer), as launcher candidates."""
+    try:
+        from planner.estimate_bridge import launch_offers
+    except ImportError:
+        raise UserError("the catalog planner is not available in this build; pin an offer with "
+                        "[[launch.offers]] in ftplan.toml or use --provider local/ssh") from None
+    offers = launch_offers(cfg, dataset)
+    return [Candidate(provider=o.provider, instance_type=o.instance_type, gpu=o.gpu, gpu_count=o.gpu_count,
+                      region=o.region, zone=o.zone or None, spot=o.spot, price_hour=o.price_hour,
+                      est_hours=o.hours, est_usd=o.total_usd, headroom_gib=o.headroom_gib) for o in offers]
+
+
+# ---- the plan as shown before launching -------------------------------------------------------
+def plan_summary(plan: LaunchPlan) -> dict[str, Any]:
+    first = plan.candidates[0] if plan.candidates else None
+    return {
+        "run_id": plan.run_id, "model": plan.model, "method": plan.method, "dataset": str(plan.dataset),
+        "budget_usd": plan.budget_usd,
+        "estimated": {"hours": plan.estimate.get("hours"), "usd": plan.estimate.get("usd"),
+                      "peak_mem_gib": plan.estimate.get("peak_mem_gib"),
+                      "tokens_per_s": plan.estimate.get("tokens_per_s")},
+        "notes": plan.estimate.get("notes", []),
+        "offer": None if first is None else {
+            "provider": first.provider, "instance_type": first.instance_type, "gpu": first.gpu,
+            "gpu_count": first.gpu_count, "region": first.region, "spot": first.spot,
+            "price_hour": first.price_hour},
+        "fallbacks": [f"{c.provider}/{c.instance_type}/{c.region} ${c.price_hour:.2f}/h"
+                      for c in plan.candidates[1:plan.max_offer_tries]],
+    }
+
+
+def plan_text(s: dict[str, Any]) -> str:
+    est = s["estimated"]
+    offer = s["offer"]
+    lines = [f"plan for run {s['run_id']}: {s['model']} {s['method']} on {s['dataset']}"]
+    if offer:
+        lines.append(f"  instance: {offer['provider']} {offer['instance_type']} ({offer['gpu_count']}x {offer['gpu']}) "
+                     f"in {offer['region'] or '-'}{' spot' if offer['spot'] else ''} at ${offer['price_hour']:.2f}/h")
+    hours = "-" if est["hours"] is None else f"{est['hours']:.2f} h"
+    usd = "-" if est["usd"] is None else f"${est['usd']:.2f}"
+    lines.append(f"  estimated: {hours}, {usd} total; budget ${s['budget_usd']:.2f}")
+    if est.get("peak_mem_gib"):
+        lines.append(f"  peak memory: {est['peak_mem_gib']:.1f} GiB")
+    for fb in s["fallbacks"]:
+        lines.append(f"  if no capacity: {fb}")
+    for note in s["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

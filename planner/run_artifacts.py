@@ -1,0 +1,130 @@
+"""Artifacts of a run on the launcher's side: pull `out/` and the log back into `runs/<id>/`, sync the newest
+checkpoint during training, salvage what exists on failure, and ship a checkpoint back for a spot resume.
+
+A mixin of `planner.launcher.Launcher` (it uses the launcher's runner, plan and store), kept apart so the
+state machine reads as phases and this file as "what is on disk and how it got there".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from planner.launch_plan import InstanceLost
+from planner.teardown import scrubbed as _scrub
+
+
+class ArtifactSteps:
+    """Pull, sync, salvage and resume-bundle steps of the launcher."""
+
+    def _pull(self, rel: str) -> list[Path]:
+        """Remote `<run dir>/<rel>` -> local `runs/<id>/<rel>` (same relative layout)."""
+        local_dir = self.plan.run_dir / Path(rel).parent
+        local_dir.mkdir(parents=True, exist_ok=True)
+        got = self.runner.pull(self.run_id, rel, local_dir)
+        for path in got or []:
+            self.pulled.append(str(path))
+        return list(got or [])
+
+    def _sync_checkpoints(self, inst: Any) -> None:
+        """Pull the newest checkpoint the job should have written (once), so a lost instance loses little.
+
+        Only that one folder: pulling all of out/ while the job writes and rotates checkpoints would
+        race with it and move the same bytes again and again."""
+        every = int(self.plan.job_config.get("checkpoint_every_steps") or 0)
+        step = self.last_progress.step
+        if every <= 0 or step < every:
+            return
+        name = f"checkpoint-{step // every * every}"
+        local = self.plan.run_dir / "out" / "checkpoints" / name
+        if (local / "COMPLETE").is_file():
+            return
+        try:
+            got = self._call_runner(lambda: self._pull(f"out/checkpoints/{name}"), inst)
+            self.store.add_event(self.run_id, "sync", f"{name}: {len(got)} files", phase="training")
+        except InstanceLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not written yet, or rotated away: the next sync tries again
+            self.store.add_event(self.run_id, "sync_failed", _scrub(exc), phase="training")
+            return
+        if not (self.plan.run_dir / "out" / "tokenizer").exists():  # a resume needs the same tokenizer
+            try:
+                self._call_runner(lambda: self._pull("out/tokenizer"), inst)
+            except InstanceLost:
+                raise
+            except Exception:  # noqa: BLE001 - jobs with a hub tokenizer write none
+                pass
+
+    def _pull_all(self) -> None:
+        for rel in ("out", "train.log"):
+            self._pull(rel)
+        self.store.add_event(self.run_id, "pulled", f"{len(self.pulled)} files", phase="pulling")
+
+    def _salvage(self) -> None:
+        """Best effort on failure/cancel: what the job wrote so far. A job that is still running keeps
+        rewriting its files (a checksummed pull would race with it), so then the JSON status files are
+        read as they are, the log is tailed, and only the newest checkpoint is pulled."""
+        if self.runner is None:
+            return
+        if self.job_finished:
+            for rel in ("out", "train.log"):
+                try:
+                    self._pull(rel)
+                except Exception:  # noqa: BLE001 - salvage never blocks teardown
+                    pass
+            return
+        out = self.plan.run_dir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("heartbeat.json", "summary.json"):
+            try:
+                data = self.runner.read_json(self.run_id, f"out/{name}")
+                if data is not None:
+                    (out / name).write_text(json.dumps(data, indent=1))
+                    self.pulled.append(str(out / name))
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            text, _ = self.runner.tail_log(self.run_id, 0)
+            (self.plan.run_dir / "train.log").write_text(text)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self._sync_checkpoints(None)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _have_checkpoint(self) -> bool:
+        return _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints") is not None
+
+    def _bundle(self, *, resume: bool) -> Path:
+        """The job bundle; on recovery it also carries the newest pulled checkpoint to resume from."""
+        cfg = dict(self.plan.job_config)
+        extra = dict(self.plan.extra_files)
+        cfg["resume"] = True  # the job resumes only if out/checkpoints has something
+        if resume:
+            ckpt = _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints")
+            if ckpt is not None:
+                extra[f"out/checkpoints/{ckpt.name}"] = ckpt
+                tok = self.plan.run_dir / "out" / "tokenizer"
+                if tok.is_dir():
+                    extra["out/tokenizer"] = tok
+                self.store.add_event(self.run_id, "resume_from", ckpt.name, phase="recovering")
+        return self.bundle_builder(cfg, self.plan.dataset, self.plan.run_dir / "bundle.tar.gz", extra_files=extra)
+
+
+def _newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    if not ckpt_dir.is_dir():
+        return None
+    # Only finished checkpoints (the job's COMPLETE marker); a half-pulled one is useless.
+    found = [d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("checkpoint-")
+             and (d / "COMPLETE").is_file()]
+    found.sort(key=lambda d: int(d.name.rsplit("-", 1)[-1]) if d.name.rsplit("-", 1)[-1].isdigit() else -1)
+    return found[-1] if found else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
