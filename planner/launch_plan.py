@@ -208,8 +208,12 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
     first = candidates[0]
     estimate = _estimate_for(cfg, first.gpu, first.gpu_count, dataset, store_path)
     if first.est_hours is not None:
-        estimate.setdefault("hours", first.est_hours)
-        estimate.setdefault("usd", first.est_usd)
+        # A catalog offer's hours cover provisioning, setup, training and the pull: what is billed, and what
+        # the run's actual hours are compared with. The estimator's training-only figure stays beside it.
+        if estimate.get("hours") is not None:
+            estimate["train_hours"] = estimate["hours"]
+        estimate["hours"] = first.est_hours
+        estimate["usd"] = first.est_usd
     elif estimate.get("hours") is not None:
         estimate.setdefault("usd", estimate["hours"] * first.price_hour)
     for c in candidates:
@@ -261,7 +265,7 @@ def plan_summary(plan: LaunchPlan) -> dict[str, Any]:
             "provider": first.provider, "instance_type": first.instance_type, "gpu": first.gpu,
             "gpu_count": first.gpu_count, "region": first.region, "spot": first.spot,
             "price_hour": first.price_hour},
-        "fallbacks": [f"{c.provider}/{c.instance_type}/{c.region} ${c.price_hour:.2f}/h"
+        "fallbacks": [f"{c.provider}/{c.instance_type}/{c.zone or c.region} ${c.price_hour:.2f}/h"
                       for c in plan.candidates[1:plan.max_offer_tries]],
     }
 
