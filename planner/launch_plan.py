@@ -190,11 +190,21 @@ def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, s
 
         path = Path(store_path) if store_path else default_store_path()
         if path.exists():
-            est, _ = apply_corrections(est, g.name, j.model, j.method, Store(path))
+            est, _ = apply_corrections(est, g.name, req.model.name, j.method, Store(path))
     except Exception as exc:  # noqa: BLE001 - an estimate is advice; the launch itself does not need it
         return {"notes": [f"no estimate: {' '.join(str(exc).split())[:200]}"]}
     return {"hours": est.hours, "peak_mem_gib": est.memory.total, "tokens_per_s": est.tokens_per_s,
             "fits": est.fits, "notes": list(est.notes)}
+
+
+def _canonical_model(name: str) -> str:
+    """The catalog name runs are recorded under, so measured-run corrections find them whatever alias was typed."""
+    from planner.models import resolve_model
+
+    try:
+        return resolve_model(name).name
+    except UserError:
+        return name
 
 
 def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, identity: Path | None = None,
@@ -225,7 +235,7 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
     launch_cfg = cfg.launch
     return LaunchPlan(
         run_id=run_id, job_config=build_job_config(cfg, run_id), dataset=dataset, candidates=candidates,
-        model=cfg.job.model, method=cfg.job.method, runs_dir=Path(launch_cfg.runs_dir),
+        model=_canonical_model(cfg.job.model), method=cfg.job.method, runs_dir=Path(launch_cfg.runs_dir),
         budget_usd=launch_cfg.budget_usd, on_over_budget=launch_cfg.on_over_budget,
         spot_recovery=launch_cfg.spot_recovery, max_offer_tries=launch_cfg.max_offer_tries,
         sync_every_s=launch_cfg.sync_every_min * 60, poll_interval_s=launch_cfg.poll_interval_s,
