@@ -335,3 +335,131 @@ def test_a_dropped_connection_is_reestablished_on_the_next_call(make_runner, rem
     assert runner.pull("run-redial", "out/a.txt", tmp_path) == [tmp_path / "a.txt"]
     assert (tmp_path / "a.txt").read_text() == "still here\n"
     assert runner.read_json("run-redial", "out/none.json") is None
+
+
+
+@pytest.fixture
+def machine_runner(sshd, remote_root, known_hosts):
+    """Connected runners of an SSHRunner subclass describing another machine (e.g. no python3)."""
+    runners: list[SSHRunner] = []
+
+    def make(cls: type[SSHRunner], **kwargs) -> SSHRunner:
+        runner = cls(sshd.host, sshd.port, sshd.user, sshd.client_key, known_hosts,
+                     remote_root=str(remote_root), connect_timeout_s=20, **kwargs)
+        runners.append(runner)
+        runner.connect()
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+def _adapter_with_everything(out: Path) -> dict[str, bytes]:
+    """A folder with a large file, a long non-ASCII name, an empty dir, a hard link and a symlink."""
+    adapter = out / "adapter"
+    (adapter / "empty_dir").mkdir(parents=True)
+    files = {
+        "adapter_model.safetensors": os.urandom(2 * 2**20 + 3),
+        "sub/" + "ü" * 60 + ".json": b'{"r": 8}',
+        "zero": b"",
+    }
+    for name, data in files.items():
+        (adapter / name).parent.mkdir(parents=True, exist_ok=True)
+        (adapter / name).write_bytes(data)
+    os.link(adapter / "adapter_model.safetensors", adapter / "same_weights.safetensors")
+    files["same_weights.safetensors"] = files["adapter_model.safetensors"]
+    (adapter / "latest").symlink_to("zero")
+    return files
+
+
+def _check_pulled(got: list[Path], local: Path, files: dict[str, bytes]) -> None:
+    assert sorted(p.relative_to(local / "adapter").as_posix() for p in got) == sorted(files)
+    for name, data in files.items():
+        assert (local / "adapter" / name).read_bytes() == data, name
+    assert (local / "adapter" / "empty_dir").is_dir()
+    assert os.readlink(local / "adapter" / "latest") == "zero"
+    assert [p.name for p in local.iterdir()] == ["adapter"]
+
+
+def test_pull_keeps_links_names_and_empty_dirs(make_runner, remote_root, tmp_path):
+    files = _adapter_with_everything(_remote_run(remote_root, "run-all"))
+    local = tmp_path / "artifacts"
+    _check_pulled(make_runner().pull("run-all", "out/adapter", local), local, files)
+    pulled = local / "adapter"
+    assert os.stat(pulled / "adapter_model.safetensors").st_ino == os.stat(pulled / "same_weights.safetensors").st_ino
+
+
+class NoPythonMachine(SSHRunner):
+    """A machine without python3: the pull falls back to GNU tar and a sha256sum manifest."""
+
+    _PULL_PYTHONS = ("ftplan-no-such-python3",)
+
+
+def test_pull_without_python_on_the_machine_uses_tar_and_sha256sum(machine_runner, remote_root, tmp_path):
+    out = _remote_run(remote_root, "run-nopy")
+    files = _adapter_with_everything(out)
+    runner = machine_runner(NoPythonMachine)
+    local = tmp_path / "artifacts"
+    _check_pulled(runner.pull("run-nopy", "out/adapter", local), local, files)
+    assert runner.pull("run-nopy", "out/adapter/zero", tmp_path / "one") == [tmp_path / "one" / "zero"]
+    (out / "adapter" / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(IntegrityError, match="points outside|absolute"):
+        runner.pull("run-nopy", "out/adapter", tmp_path / "evil")
+
+
+def test_pull_with_a_manifest_larger_than_the_channel_window(make_runner, remote_root, tmp_path):
+    """The manifest arrives on stderr after the stream; ~2.3 MB of it must not stall the pull."""
+    many = _remote_run(remote_root, "run-many") / "many"
+    many.mkdir()
+    names = [f"{i:05d}" + "x" * 230 for i in range(7000)]
+    for name in names:
+        (many / name).write_bytes(name[:5].encode())
+    got = make_runner().pull("run-many", "out/many", tmp_path / "artifacts")
+    assert len(got) == len(names)
+    assert (tmp_path / "artifacts" / "many" / names[-1]).read_bytes() == b"06999"
+
+
+# A stand-in for the machine's python3 that runs the real sender but flips one byte of its stream
+# (inside the first file's data) during the first FLIPS calls: a transfer corrupted on the way.
+TAMPERING_PYTHON = r"""#!/bin/sh
+count="$(cat "$0.calls" 2>/dev/null || echo 0)"; echo $((count + 1)) > "$0.calls"
+if [ "$count" -ge FLIPS ]; then exec PYTHON "$@"; fi
+PYTHON "$@" | PYTHON -c '
+import sys
+data = bytearray(sys.stdin.buffer.read())
+data[600000] ^= 0xFF
+sys.stdout.buffer.write(data)
+'
+"""
+
+
+def _tampered_machine(tmp_path: Path, flips: int) -> type[SSHRunner]:
+    script = tmp_path / "tampering-python3"
+    script.write_text(TAMPERING_PYTHON.replace("FLIPS", str(flips)).replace("PYTHON", sys.executable))
+    script.chmod(0o755)
+
+    class TamperedMachine(SSHRunner):
+        _PULL_PYTHONS = (str(script),)
+
+    return TamperedMachine
+
+
+def test_a_corrupted_stream_fails_the_manifest_and_is_pulled_again(machine_runner, remote_root, tmp_path):
+    out = _remote_run(remote_root, "run-flip")
+    data = os.urandom(2**20)
+    (out / "weights.bin").write_bytes(data)
+    messages: list[str] = []
+    runner = machine_runner(_tampered_machine(tmp_path, flips=1), log=messages.append)
+    assert runner.pull("run-flip", "out/weights.bin", tmp_path / "a") == [tmp_path / "a" / "weights.bin"]
+    assert (tmp_path / "a" / "weights.bin").read_bytes() == data
+    assert [m for m in messages if "does not match its remote sha256 manifest" in m and "pulling again (1/3)" in m]
+
+
+def test_a_stream_corrupted_every_time_is_refused(machine_runner, remote_root, tmp_path):
+    out = _remote_run(remote_root, "run-flip-always")
+    (out / "weights.bin").write_bytes(os.urandom(2**20))
+    runner = machine_runner(_tampered_machine(tmp_path, flips=99))
+    with pytest.raises(IntegrityError, match=r"different \['weights.bin'\]\); gave up after 2 attempts"):
+        runner.pull("run-flip-always", "out/weights.bin", tmp_path / "a", attempts=2)
+    assert list((tmp_path / "a").iterdir()) == []
