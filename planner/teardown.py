@@ -195,8 +195,13 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
 
     providers: dict[tuple, object] = {}
 
+    # AWS lists per region: a sweep covers every region a run was ever recorded in, not just the default.
+    aws_regions = sorted({r.region for r in store.instances() if r.provider == "aws" and r.region})
+
     def provider(name: str, run_id: str | None):
         opts = options_for(name, run_id)
+        if name == "aws" and run_id is None and "regions" not in opts and aws_regions:
+            opts["regions"] = sorted(set(aws_regions) | {opts.get("region", "us-east-1")})
         key = (name, json.dumps(opts, sort_keys=True))
         if key not in providers:
             providers[key] = get_provider(name, **opts)
