@@ -12,7 +12,7 @@ import os
 
 import pytest
 from cli_helpers import ftplan
-from fakes.aws_moto import MotoEC2  # sets MOTO_AMIS_PATH before moto loads
+from fakes.aws_moto import MotoEC2, isolate_aws_env  # sets MOTO_AMIS_PATH before moto loads
 
 from planner.store import Store
 from providers.base import InstanceRequest
@@ -20,12 +20,7 @@ from providers.base import InstanceRequest
 
 @pytest.fixture
 def moto(tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_aws_env(monkeypatch, tmp_path)
     server = MotoEC2().start()
     yield server
     server.stop()

@@ -22,7 +22,7 @@ import boto3
 import pytest
 from cli_helpers import FTPLAN_PROCESS
 from click.testing import CliRunner
-from fakes.aws_moto import MotoEC2  # sets MOTO_AMIS_PATH before moto loads
+from fakes.aws_moto import MotoEC2, isolate_aws_env  # sets MOTO_AMIS_PATH before moto loads
 from fakes.gcp_compute import FakeCompute, _error, _json
 
 from planner.cli import cli
@@ -55,13 +55,7 @@ class Killer:
 def aws(tmp_path_factory):
     home = tmp_path_factory.mktemp("aws-home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "AKIAGCTEST0000000001")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "planted/gc+secret+0000000000000000")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        isolate_aws_env(mp, home, "AKIAGCTEST0000000001", "planted/gc+secret+0000000000000000")
         server = MotoEC2()
         killer = Killer()
         moto_app = server.middleware.app

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import boto3
 import pytest
-from fakes.aws_moto import MotoEC2, PricingFake, price_list_document
+from fakes.aws_moto import MotoEC2, PricingFake, isolate_aws_env, price_list_document
 from fakes.gcp_billing import FakeBilling
 
 from providers import aws_prices, gcp_prices
@@ -50,12 +50,7 @@ def pricing():
 
 @pytest.fixture(autouse=True)
 def aws_credentials(monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPRICETEST0000001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "price-test-secret-key-000000000000000000")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_aws_env(monkeypatch, tmp_path, "AKIAPRICETEST0000001", "price-test-secret-key-000000000000000000")
 
 
 def by_key(rows):

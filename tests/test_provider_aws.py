@@ -17,7 +17,12 @@ import boto3
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fakes.aws_moto import DLAMI_ARM, DLAMI_NEW, MotoEC2  # sets MOTO_AMIS_PATH before moto loads
+from fakes.aws_moto import (  # sets MOTO_AMIS_PATH before moto loads
+    DLAMI_ARM,
+    DLAMI_NEW,
+    MotoEC2,
+    isolate_aws_env,
+)
 
 from providers.aws import AWSProvider
 from providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, SSHEndpoint
@@ -43,13 +48,7 @@ def moto_server(tmp_path_factory):
     # Session-wide, like the server: planted credentials and no config files or instance metadata to stumble on.
     home = tmp_path_factory.mktemp("aws-home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
-        mp.delenv("AWS_PROFILE", raising=False)
+        isolate_aws_env(mp, home, ACCESS_KEY, SECRET_KEY)
         server = MotoEC2().start()
         yield server
         server.stop()

@@ -131,6 +131,18 @@ class FaultMiddleware:
         return [b""]
 
 
+def isolate_aws_env(mp, home, access_key: str = "testing", secret_key: str = "testing") -> None:
+    """Planted credentials and no config files or instance metadata for boto3 to stumble on (`mp`: a
+    pytest MonkeyPatch; `home`: an empty folder for the config/credentials paths)."""
+    mp.setenv("AWS_ACCESS_KEY_ID", access_key)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+    mp.delenv("AWS_PROFILE", raising=False)
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
 class _QuietHandler(MotoRequestHandler):
     def log_request(self, *args, **kwargs) -> None:  # one stderr line per request drowns test output
         pass
