@@ -18,7 +18,7 @@ Scored sets (decided here, printed at the end):
 Everything else is listed as skipped with its reason. LitGPT rows (S05) train on Alpaca at its natural
 length: the peak happens at the longest sample, which LitGPT puts first (1,304 tokens), so seq_len = 1304.
 Being the first micro-batch, it has no equally long predecessor whose bitsandbytes inputs LitGPT would
-still hold (`planner.memory.litgpt_previous_step_input_bytes`), so that term is left out of those rows.
+still hold (`ftplan.planner.estimate.memory.litgpt_previous_step_input_bytes`), so that term is left out of those rows.
 
 The two naive anchors are scored on the same memory rows: LLaMA-Factory's size-class table (GB per
 billion parameters by method) and accelerate's estimate-memory rule (weights x 4 for Adam, i.e. 16 bytes
@@ -37,10 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.estimate import EstimateRequest, estimate  # noqa: E402
-from planner.gpus import resolve_gpu  # noqa: E402
-from planner.memory import litgpt_previous_step_input_bytes  # noqa: E402
-from planner.models import ModelSpec, from_hf_config  # noqa: E402
+from ftplan.planner.estimate.estimator import EstimateRequest, estimate  # noqa: E402
+from ftplan.planner.estimate.gpus import resolve_gpu  # noqa: E402
+from ftplan.planner.estimate.memory import litgpt_previous_step_input_bytes  # noqa: E402
+from ftplan.planner.estimate.models import ModelSpec, from_hf_config  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "calibration" / "published-measurements.csv"
 GIB = 1024**3
@@ -48,8 +48,8 @@ GIB = 1024**3
 
 def _table_name(name: str) -> str | None:
     """A GPU named in ftplan's own spelling (e.g. rows from benchmarks/gpu_calibration.py: 'H200')."""
-    from planner.errors import UserError
-    from planner.gpus import resolve_gpu
+    from ftplan.planner.errors import UserError
+    from ftplan.planner.estimate.gpus import resolve_gpu
 
     try:
         return resolve_gpu(name).name if name else None

@@ -85,7 +85,7 @@ DEADLINE_MARGIN_S = 10.0
 
 
 class UsageError(Exception):
-    """Bad arguments: one `error: ...` line, exit 2 (planner.errors.UserError is caught the same way)."""
+    """Bad arguments: one `error: ...` line, exit 2 (ftplan.planner.errors.UserError is caught the same way)."""
 
 
 # ----------------------------------------------------------------------------------------- the plan
@@ -95,7 +95,7 @@ class ModelUnderTest:
     name: str           # the CSV's model column: the hub id's last part (what estimate_accuracy matches)
     hf_id: str
     config: dict        # config.json for AutoConfig.for_model
-    spec: object        # planner.models.ModelSpec
+    spec: object        # ftplan.planner.estimate.models.ModelSpec
     params: int
 
 
@@ -123,7 +123,7 @@ def csv_model_name(hf_id: str | None, key: str) -> str:
 
 
 def resolve_models(names: list[str]) -> list[ModelUnderTest]:
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.models import resolve_model
 
     out = []
     for name in names:
@@ -136,7 +136,7 @@ def resolve_models(names: list[str]) -> list[ModelUnderTest]:
 
 
 def tiny_model() -> ModelUnderTest:
-    from planner.models import from_hf_config
+    from ftplan.planner.estimate.models import from_hf_config
 
     spec = from_hf_config(dict(TINY_LLAMA), name="ftplan-tiny-llama")
     # Not "tiny-llama": estimate_accuracy.py would take that for TinyLlama-1.1B and score the smoke row.
@@ -166,8 +166,8 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def predict(run: Run, gpu_name: str, precision: str) -> dict:
     """The estimator's figures for exactly the configuration the job runs."""
-    from planner.estimate import EstimateRequest, estimate
-    from planner.gpus import resolve_gpu
+    from ftplan.planner.estimate.estimator import EstimateRequest, estimate
+    from ftplan.planner.estimate.gpus import resolve_gpu
 
     req = EstimateRequest(model=run.model.spec, method=run.method, seq_len=run.seq_len, batch_size=run.batch,
                           grad_accum=1, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_targets=LORA["targets"],
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # planner.errors.UserError: the same one-line contract as the CLI
+    except Exception as exc:  # ftplan.planner.errors.UserError: the same one-line contract as the CLI
         if type(exc).__name__ in ("UserError", "CatalogError"):
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -538,7 +538,7 @@ def calibrate(args) -> int:
         raise UsageError("--steps must be >= 2 and --warmup-steps between 1 and steps-1 (tokens/s needs a "
                          "window after the warm-up)")
     try:
-        import planner.estimate  # noqa: F401 - pydantic is the planner's one dependency
+        import ftplan.planner.estimate.estimator  # noqa: F401 - pydantic is the planner's one dependency
     except ImportError as exc:
         raise UsageError(f"the planner cannot be imported ({exc}); run benchmarks/gpu_calibration.sh, which "
                          "installs what is missing") from None
@@ -554,7 +554,7 @@ def calibrate(args) -> int:
         methods = parse_list(args.methods, ("qlora", "lora"), "methods")
         settings = parse_settings(args.settings)
     if args.gpu:
-        from planner.gpus import resolve_gpu
+        from ftplan.planner.estimate.gpus import resolve_gpu
 
         resolve_gpu(args.gpu)  # UserError naming close matches
     out = Path(args.out).resolve()
@@ -649,7 +649,7 @@ def _calibrate(session: Session, models: list[ModelUnderTest], methods: list[str
 
 
 def _gpu_row(device_name: str, current: dict) -> dict:
-    from planner.gpus import resolve_gpu
+    from ftplan.planner.estimate.gpus import resolve_gpu
 
     try:
         gpu = resolve_gpu(device_name)

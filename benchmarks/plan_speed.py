@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner import optimizer as opt  # noqa: E402
-from planner.offers import OfferTable  # noqa: E402
+from ftplan.planner.pricing import optimizer as opt  # noqa: E402
+from ftplan.planner.pricing.offers import OfferTable  # noqa: E402
 
 PLAN = ["plan", "--model", "mistral-7b", "--method", "qlora", "--dataset-tokens", "5000000"]
 
@@ -97,7 +97,7 @@ def main() -> None:
               f"({len(result)} feasible prices within a $50 budget)")
 
         env = dict(os.environ, FTPLAN_CACHE_DIR=cache)
-        ftplan = [sys.executable, "-m", "planner.cli", *PLAN]
+        ftplan = [sys.executable, "-m", "ftplan.planner.cli", *PLAN]
         subprocess.run(ftplan, env=env, cwd=ROOT, capture_output=True)  # warm the OS file cache and parse memo
         cold = cold_median(ftplan, args.runs, env)
         bare = cold_median([sys.executable, "-c", "pass"], args.runs, env)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from sshd_fixture import SSHD  # noqa: E402
 
-from planner.ssh_runner import SSHRunner  # noqa: E402
+from ftplan.planner.remote.ssh_runner import SSHRunner  # noqa: E402
 
 MIB = 2**20
 

@@ -1,7 +1,7 @@
 """Data shipped with ftplan: model architectures, GPU table, provider offers, calibration.
 
-Files here are data, validated with pydantic when loaded (see `planner.models`, `planner.gpus`,
-`planner.offers`). The offer CSVs are the output of `scripts/import_catalogs.py`.
+Files here are data, validated with pydantic when loaded (see `ftplan.planner.estimate.models`, `ftplan.planner.estimate.gpus`,
+`ftplan.planner.pricing.offers`). The offer CSVs are the output of `scripts/import_catalogs.py`.
 """
 
 from pathlib import Path

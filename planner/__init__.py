@@ -4,4 +4,4 @@ Nothing in this package imports torch or transformers at module level: `ftplan e
 has to start in a fraction of a second. Heavy libraries live in `remote_job/` and tests.
 """
 
-__version__ = "0.1.0"
+from ftplan import __version__  # noqa: F401  (one version, kept by the ftplan package)

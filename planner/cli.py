@@ -11,20 +11,20 @@ import sys
 
 import click
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 # name -> ("module:attribute", one-line help). Help lives here so `ftplan --help` imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "estimate": ("planner.commands.estimate:estimate", "Peak GPU memory and training time of a fine-tuning job."),
-    "plan": ("planner.commands.plan:plan", "Cheapest instance that fits, across providers, with total cost."),
-    "gpus": ("planner.commands.gpus:gpus", "GPU types with memory and cheapest prices per provider."),
-    "catalog": ("planner.commands.catalog:catalog", "Show or refresh the pricing catalogs."),
-    "init": ("planner.commands.launch:init", "Write a commented ftplan.toml project file."),
-    "launch": ("planner.commands.launch:launch", "Provision, train, pull artifacts, tear down."),
-    "attach": ("planner.commands.launch:attach", "Re-attach to a live run."),
-    "runs": ("planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
-    "report": ("planner.commands.report:report", "Report of one run, or totals by provider or month."),
-    "gc": ("planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
+    "estimate": ("ftplan.planner.commands.estimate:estimate", "Peak GPU memory and training time of a fine-tuning job."),
+    "plan": ("ftplan.planner.commands.plan:plan", "Cheapest instance that fits, across providers, with total cost."),
+    "gpus": ("ftplan.planner.commands.gpus:gpus", "GPU types with memory and cheapest prices per provider."),
+    "catalog": ("ftplan.planner.commands.catalog:catalog", "Show or refresh the pricing catalogs."),
+    "init": ("ftplan.planner.commands.launch:init", "Write a commented ftplan.toml project file."),
+    "launch": ("ftplan.planner.commands.launch:launch", "Provision, train, pull artifacts, tear down."),
+    "attach": ("ftplan.planner.commands.launch:attach", "Re-attach to a live run."),
+    "runs": ("ftplan.planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
+    "report": ("ftplan.planner.commands.report:report", "Report of one run, or totals by provider or month."),
+    "gc": ("ftplan.planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
 }
 
 

@@ -4,8 +4,15 @@ SDKs (boto3, google-cloud-compute, runpod) are imported lazily inside each adapt
 importing `providers` costs nothing and a missing extra becomes a one-line hint.
 """
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint, get_provider
-from providers.errors import AuthError, CapacityError, ProviderError, QuotaError
+from ftplan.providers.base import (
+    Instance,
+    InstanceRequest,
+    InstanceState,
+    Provider,
+    SSHEndpoint,
+    get_provider,
+)
+from ftplan.providers.errors import AuthError, CapacityError, ProviderError, QuotaError
 
 __all__ = [
     "AuthError", "CapacityError", "Instance", "InstanceRequest", "InstanceState", "Provider",

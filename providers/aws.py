@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
-from providers.errors import (
+from ftplan.providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from ftplan.providers.errors import (
     AuthError,
     CapacityError,
     InstanceGone,
@@ -29,7 +29,7 @@ from providers.errors import (
     import_sdk,
     scrub,
 )
-from providers.net import public_ip, ssh_cidr_for, validate_cidr
+from ftplan.providers.net import public_ip, ssh_cidr_for, validate_cidr
 
 log = logging.getLogger("ftplan.providers.aws")
 
@@ -418,7 +418,7 @@ def instance_state(raw: dict[str, Any]) -> InstanceState:
 
 
 def _mapped(exc: BaseException, doing: str) -> BaseException:
-    """SDK exception -> providers.errors class (message scrubbed); anything else passes through."""
+    """SDK exception -> ftplan.providers.errors class (message scrubbed); anything else passes through."""
     if isinstance(exc, ProviderError) or not isinstance(exc, Exception):
         return exc
     try:

@@ -18,7 +18,7 @@ import json
 import logging
 from typing import Any
 
-from providers.errors import AuthError, ProviderError, import_sdk, scrub
+from ftplan.providers.errors import AuthError, ProviderError, import_sdk, scrub
 
 log = logging.getLogger("ftplan.providers.aws_prices")
 

@@ -134,7 +134,7 @@ class Provider(ABC):
     def delete_side_resource(self, res: dict[str, Any]) -> None:
         """Delete one resource from `list_side_resources`. Idempotent: already gone is success.
         Raises ProviderError when the provider refuses (e.g. still in use by an instance)."""
-        from providers.errors import ProviderError
+        from ftplan.providers.errors import ProviderError
 
         raise ProviderError(f"{self.name or type(self).__name__} makes no side resources", provider=self.name)
 
@@ -153,7 +153,7 @@ ADAPTERS: dict[str, str] = {
 
 def get_provider(name: str, **options: Any) -> Provider:
     """Build the adapter for `name` with adapter-specific options (endpoint overrides for tests, ...)."""
-    from providers.errors import ProviderError
+    from ftplan.providers.errors import ProviderError
 
     if name not in ADAPTERS:
         raise ProviderError(f"unknown provider '{name}'; choose one of: {', '.join(ADAPTERS)}")

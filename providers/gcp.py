@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
-from providers.errors import (
+from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from ftplan.providers.errors import (
     AuthError,
     CapacityError,
     InstanceGone,
@@ -33,7 +33,7 @@ from providers.errors import (
     register_secret,
     scrub,
 )
-from providers.net import public_ip, ssh_cidr_for, validate_cidr
+from ftplan.providers.net import public_ip, ssh_cidr_for, validate_cidr
 
 log = logging.getLogger("ftplan.providers.gcp")
 
@@ -376,7 +376,7 @@ class GCPProvider(Provider):
                 log.warning("firewall rule %s left behind: %s", firewall, scrub(exc))
 
     def _mapped(self, exc: BaseException, doing: str) -> BaseException:
-        """SDK exception -> providers.errors class (message scrubbed); anything else passes through."""
+        """SDK exception -> ftplan.providers.errors class (message scrubbed); anything else passes through."""
         if isinstance(exc, ProviderError) or not isinstance(exc, Exception):
             return exc
         token = getattr(self._credentials, "token", None)

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any
 
-from providers.errors import AuthError, ProviderError, register_secret
+from ftplan.providers.errors import AuthError, ProviderError, register_secret
 
 log = logging.getLogger("ftplan.providers.gcp_prices")
 

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import httpx
 
-from providers.base import Provider
-from providers.errors import AuthError, InstanceGone, ProviderError, register_secret, scrub
+from ftplan.providers.base import Provider
+from ftplan.providers.errors import AuthError, InstanceGone, ProviderError, register_secret, scrub
 
 log = logging.getLogger(__name__)
 

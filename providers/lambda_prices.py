@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any
 
-from providers.lambda_cloud import LambdaProvider
+from ftplan.providers.lambda_cloud import LambdaProvider
 
 log = logging.getLogger(__name__)
 

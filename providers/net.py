@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from providers.errors import ProviderError
+from ftplan.providers.errors import ProviderError
 
 ECHO_URL = "https://checkip.amazonaws.com"
 ENV_OVERRIDE = "FTPLAN_PUBLIC_IP"

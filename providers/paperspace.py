@@ -18,9 +18,9 @@ import re
 import time
 from typing import Any
 
-from providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
-from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.http import APIError, RESTProvider
+from ftplan.providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
+from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.http import APIError, RESTProvider
 
 log = logging.getLogger(__name__)
 

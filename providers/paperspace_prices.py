@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from providers.errors import ProviderError
-from providers.paperspace import PaperspaceProvider
+from ftplan.providers.errors import ProviderError
+from ftplan.providers.paperspace import PaperspaceProvider
 
 SOURCE = "paperspace:GET /os-templates availability + shipped prices"
 BILLING_GRANULARITY_S = 3600  # hourly rates (Paperspace pricing page; not verifiable offline)
@@ -26,7 +26,7 @@ GPU_MEMORY_GIB = {"A100-80GB": 80, "A100": 40, "H100": 80, "V100-32GB": 32, "V10
 
 
 def default_price_table() -> Path:
-    from catalogs import data_path  # noqa: PLC0415
+    from ftplan.catalogs import data_path  # noqa: PLC0415
 
     return data_path("offers/paperspace.csv")
 

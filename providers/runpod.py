@@ -27,8 +27,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
-from providers.errors import (
+from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from ftplan.providers.errors import (
     AuthError,
     CapacityError,
     InstanceGone,

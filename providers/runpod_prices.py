@@ -12,7 +12,7 @@ import datetime as _dt
 import logging
 from typing import Any
 
-from providers.runpod import GPU_NAMES, RunPodProvider
+from ftplan.providers.runpod import GPU_NAMES, RunPodProvider
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
-from providers.errors import ProviderError
+from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from ftplan.providers.errors import ProviderError
 
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

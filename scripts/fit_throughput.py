@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import estimate_accuracy as bench  # noqa: E402
 
-from catalogs import data_path  # noqa: E402
-from planner import memory  # noqa: E402
-from planner.throughput import _method_key  # noqa: E402
+from ftplan.catalogs import data_path  # noqa: E402
+from ftplan.planner.estimate import memory  # noqa: E402
+from ftplan.planner.estimate.throughput import _method_key  # noqa: E402
 
 
 def _set(consts: dict) -> None:

@@ -4,7 +4,7 @@
     python scripts/import_catalogs.py [--src ../shared/catalog-snapshots] [--out catalogs/offers] [--date YYYY-MM-DD]
 
 Run offline, by a maintainer; `ftplan` never reads the snapshots at run time. Every provider's rows are
-mapped onto one explicit column list (planner.offers.COLUMNS), validated with pydantic, deduplicated,
+mapped onto one explicit column list (ftplan.planner.pricing.offers.COLUMNS), validated with pydantic, deduplicated,
 and written sorted so that re-running gives a byte-identical file. Whatever is dropped or looks
 anomalous is printed in the summary with its reason (see catalogs/offers/SOURCES.md for the rules).
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.errors import UserError  # noqa: E402
-from planner.gpus import load_gpus, resolve_gpu  # noqa: E402
-from planner.offers import COLUMNS, PROVIDERS, offer_key, write_offers  # noqa: E402
+from ftplan.planner.errors import UserError  # noqa: E402
+from ftplan.planner.estimate.gpus import load_gpus, resolve_gpu  # noqa: E402
+from ftplan.planner.pricing.offers import COLUMNS, PROVIDERS, offer_key, write_offers  # noqa: E402
 
 # Upstream file versions (see the snapshot README); recorded in each row's `source`.
 UPSTREAM = {

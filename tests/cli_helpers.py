@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from planner.cli import main
+from ftplan.planner.cli import main
 
 # The console script in a fresh process (`sys.exit(main())`), wherever the venv put `ftplan`.
-FTPLAN_PROCESS = [sys.executable, "-c", "import sys; from planner.cli import main; sys.exit(main())"]
+FTPLAN_PROCESS = [sys.executable, "-c", "import sys; from ftplan.planner.cli import main; sys.exit(main())"]
 
 
 def ftplan(capsys, *args: str) -> tuple[int, str, str]:

@@ -154,7 +154,7 @@ def known_hosts(tmp_path) -> Path:
 @pytest.fixture
 def make_runner(sshd, remote_root, known_hosts):
     """Build connected SSHRunner objects against the session sshd; closed at the end of the test."""
-    from planner.ssh_runner import SSHRunner
+    from ftplan.planner.remote.ssh_runner import SSHRunner
 
     runners: list[SSHRunner] = []
 

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from fakes.lambda_api import fake_lambda  # noqa: F401  (fixture)
 from test_fault_matrix import stop_leftover_jobs, stub_files, write_project
 
-from planner.cli import cli
-from planner.store import Store
+from ftplan.planner.cli import cli
+from ftplan.planner.runs.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 25

@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import ftplan
 from test_launch_local_e2e import local_project
 
-from planner.budget import BudgetGuard, Progress
+from ftplan.planner.launch.budget import BudgetGuard, Progress
 
 
 def test_projection_uses_measured_throughput_not_load_time():

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.bundle import build_bundle, job_dir
-from planner.errors import UserError
-from planner.safe_extract import ArchiveFormatError, UnsafeArchiveError, safe_extract
+from ftplan.planner.errors import UserError
+from ftplan.planner.remote.bundle import build_bundle, job_dir
+from ftplan.planner.remote.safe_extract import ArchiveFormatError, UnsafeArchiveError, safe_extract
 
 
 @pytest.fixture

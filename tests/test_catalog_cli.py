@@ -1,6 +1,6 @@
 """`ftplan catalog show|refresh` through the CLI entry point.
 
-Refresh goes through the real registry (planner.catalog_refresh) into the real Lambda price fetcher,
+Refresh goes through the real registry (ftplan.planner.pricing.catalog_refresh) into the real Lambda price fetcher,
 which talks HTTP to the fake Lambda API (tests/fakes/lambda_api.py) in Lambda's own response shape.
 """
 
@@ -15,8 +15,8 @@ from cli_helpers import error_line, ftplan
 from fakes import lambda_api
 from test_plan_cli import BASE, write_cache
 
-from planner import offers as O
-from planner.catalog_refresh import REFRESHERS, fetcher
+from ftplan.planner.pricing import offers as O
+from ftplan.planner.pricing.catalog_refresh import REFRESHERS, fetcher
 
 fake_lambda = lambda_api.fake_lambda  # pytest fixture: a running fake with fresh state
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from planner import offers as O
-from planner.gpus import load_gpus
+from ftplan.planner.estimate.gpus import load_gpus
+from ftplan.planner.pricing import offers as O
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = ROOT.parent / "shared" / "catalog-snapshots"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from planner.dataset_tokens import count_dataset_tokens
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.dataset_tokens import count_dataset_tokens
 
 RECORDS = [{"instruction": f"Summarise item {i}.", "input": "x " * i, "output": "A short answer."} for i in range(12)]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from job_helpers import job_config, write_dataset
 
-from planner.bundle import build_bundle
-from planner.ssh_runner import SSHRunner
+from ftplan.planner.remote.bundle import build_bundle
+from ftplan.planner.remote.ssh_runner import SSHRunner
 
 pytestmark = pytest.mark.slow
 

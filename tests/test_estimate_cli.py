@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import FTPLAN_PROCESS
 from click.testing import CliRunner
 
-from planner.cli import cli
+from ftplan.planner.cli import cli
 
 MISTRAL = ["estimate", "--model", "mistral-7b"]
 
@@ -123,7 +123,7 @@ def test_unreadable_dataset_names_the_line(tmp_path):
 
 
 def test_estimate_path_imports_no_heavy_libraries():
-    probe = ("import sys, io, contextlib\nfrom planner.cli import main\n"
+    probe = ("import sys, io, contextlib\nfrom ftplan.planner.cli import main\n"
              "with contextlib.redirect_stdout(io.StringIO()):\n"
              "    try:\n        main(['estimate', '--model', 'mistral-7b', '--method', 'qlora'])\n"
              "    except SystemExit:\n        pass\n"

@@ -222,10 +222,10 @@ def stub_files(tmp: Path, fault: dict[str, Any]) -> tuple[Path, Path]:
 
 def run_case(case: Case, tmp: Path, fake, sshd) -> dict[str, Any]:
     """Run one case in-process through the real plan builder and launcher; return what a user would check."""
-    from planner.commands.launch import build_plan
-    from planner.launcher import Launcher
-    from planner.project_config import load_project
-    from planner.store import Store
+    from ftplan.planner.commands.launch import build_plan
+    from ftplan.planner.launch.launcher import Launcher
+    from ftplan.planner.launch.project_config import load_project
+    from ftplan.planner.runs.store import Store
 
     fake.reset()
     fake.ssh_host = "127.0.0.1"
@@ -369,7 +369,7 @@ def kill9_then_gc(tmp: Path, fake, sshd) -> dict[str, Any]:
                         cwd=tmp, env=env, capture_output=True, text=True)
     out["gc_rc"] = gc.returncode
     out["live_after_gc"] = len(fake.live_instances())
-    from planner.store import Store
+    from ftplan.planner.runs.store import Store
 
     s = Store(store)
     run = s.list_runs()[0]
@@ -406,7 +406,7 @@ def test_secrets_never_reach_the_store_or_the_artifacts(tmp_path, fake_lambda, s
 def test_attach_takes_over_a_run_whose_launcher_was_killed(tmp_path, fake_lambda, sshd, monkeypatch,  # noqa: F811
                                                           capsys):
     """kill -9 mid-training, then `ftplan attach RUN`: it follows the job to the end, pulls, tears down."""
-    from planner.store import Store
+    from ftplan.planner.runs.store import Store
 
     proc, _, store = start_launch(tmp_path, fake_lambda, sshd, steps=40)
     try:

@@ -12,9 +12,9 @@ import pytest
 from cli_helpers import ftplan
 from fakes.lambda_api import fake_lambda  # noqa: F401  (fixture)
 
-from planner.store import Store
-from providers.base import InstanceRequest
-from providers.lambda_cloud import LambdaProvider
+from ftplan.planner.runs.store import Store
+from ftplan.providers.base import InstanceRequest
+from ftplan.providers.lambda_cloud import LambdaProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2dHbM3nZtq9f5hG0wJtq1yV3N5YwS6gY0P3i1hMEZo ftplan"
 

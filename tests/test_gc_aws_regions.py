@@ -14,8 +14,8 @@ import pytest
 from cli_helpers import ftplan
 from fakes.aws_moto import MotoEC2, isolate_aws_env  # sets MOTO_AMIS_PATH before moto loads
 
-from planner.store import Store
-from providers.base import InstanceRequest
+from ftplan.planner.runs.store import Store
+from ftplan.providers.base import InstanceRequest
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def _dead_pid() -> int:
 
 
 def test_gc_finds_an_orphan_in_the_region_its_run_was_recorded_in(moto, tmp_path, capsys):
-    from providers.aws import AWSProvider
+    from ftplan.providers.aws import AWSProvider
 
     run_id = "ft-region-0001"
     store = Store(tmp_path / "runs.sqlite3")

@@ -25,9 +25,9 @@ from click.testing import CliRunner
 from fakes.aws_moto import MotoEC2, isolate_aws_env  # sets MOTO_AMIS_PATH before moto loads
 from fakes.gcp_compute import FakeCompute, _error, _json
 
-from planner.cli import cli
-from planner.store import FINAL_STATUSES, Store
-from providers.base import RUN_TAG
+from ftplan.planner.cli import cli
+from ftplan.planner.runs.store import FINAL_STATUSES, Store
+from ftplan.providers.base import RUN_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "remote_job" / "examples" / "alpaca_small.json"
@@ -170,7 +170,7 @@ def test_aws_side_resources_of_a_run_whose_launcher_lives_are_kept(aws, tmp_path
     """A live launcher may be inside `create` right now: its key pair and group are not orphans."""
     monkeypatch.chdir(tmp_path)
     aws.reset()
-    from providers.aws import AWSProvider
+    from ftplan.providers.aws import AWSProvider
 
     store = Store(tmp_path / "runs.sqlite3")
     store.create_run("ft-live-side-0001", status="provisioning")   # launcher pid = this process: alive

@@ -78,7 +78,7 @@ def test_rows_read_by_the_accuracy_benchmark_with_the_configuration_that_ran(qui
     assert acc.map_row({**rows[0], "model": "Llama-3.1-8B"}) == "GPU 'cpu' not in the GPU table"
 
     cal = _load("gpu_calibration_for_test", SCRIPT)
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.models import resolve_model
 
     job = json.loads((out / "runs" / "tiny-llama-qlora-b1-s128" / "job.json").read_text())
     summary = json.loads((out / "runs" / "tiny-llama-qlora-b1-s128" / "summary.json").read_text())

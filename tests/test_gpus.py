@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from catalogs import data_path
-from planner.errors import UserError
-from planner.gpus import load_gpus, resolve_gpu, table_gpus, validate_gpu_entry
+from ftplan.catalogs import data_path
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.gpus import load_gpus, resolve_gpu, table_gpus, validate_gpu_entry
 
 # Every AcceleratorName in SkyPilot's catalogs for the five providers (AWS v8, GCP v8, Lambda v8, RunPod v7,
 # Paperspace v6 snapshots), plus the cards the issue names. Input data for the check, not expected output.
@@ -100,7 +100,7 @@ def test_validated_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from planner import gpus
+    from ftplan.planner.estimate import gpus
 
     monkeypatch.setenv("FTPLAN_CACHE_DIR", str(tmp_path))
     raw = data_path("gpus.json").read_bytes()
@@ -116,7 +116,7 @@ def test_validated_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
     assert edited != raw
     assert gpus.read_validated("gpus", edited, validate) != first and len(calls) == 2
     # A fresh process with a warm cache resolves GPUs without importing pydantic.
-    probe = ("import sys; from planner.gpus import resolve_gpu; print(resolve_gpu('a100').usable_gib, "
+    probe = ("import sys; from ftplan.planner.estimate.gpus import resolve_gpu; print(resolve_gpu('a100').usable_gib, "
              "'pydantic' in sys.modules)")
     env = {**__import__("os").environ, "FTPLAN_CACHE_DIR": str(tmp_path / "fresh")}
     cold = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)

@@ -11,8 +11,8 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from providers.errors import AuthError, CapacityError, ProviderError
-from providers.http import APIError, JSONClient, parse_retry_after
+from ftplan.providers.errors import AuthError, CapacityError, ProviderError
+from ftplan.providers.http import APIError, JSONClient, parse_retry_after
 
 KEY = "http-client-secret-key-31415926"
 

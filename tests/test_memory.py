@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from planner.estimate import EstimateRequest, estimate
-from planner.gpus import resolve_gpu
-from planner.memory import GIB, estimate_memory, optimizer_state_bytes
-from planner.models import from_hf_config
+from ftplan.planner.estimate.estimator import EstimateRequest, estimate
+from ftplan.planner.estimate.gpus import resolve_gpu
+from ftplan.planner.estimate.memory import GIB, estimate_memory, optimizer_state_bytes
+from ftplan.planner.estimate.models import from_hf_config
 
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=512, max_position_embeddings=256, tie_word_embeddings=False)
@@ -298,7 +298,7 @@ def test_litgpt_keeps_the_previous_micro_batch_bitsandbytes_inputs(tiny_spec):
 
     req = EstimateRequest(model=tiny_spec, method="qlora", precision="bf16-true", seq_len=16, batch_size=2,
                           grad_checkpointing=False, framework="litgpt")
-    from planner.memory import litgpt_previous_step_input_bytes
+    from ftplan.planner.estimate.memory import litgpt_previous_step_input_bytes
 
     assert litgpt_previous_step_input_bytes(req) == sum(kept.values())
     # HF's Trainer drops the graph after backward; checkpointing and plain LoRA have no such inputs.
@@ -353,7 +353,7 @@ def test_litgpt_logits_stay_in_compute_dtype():
     bf16 log-softmax, so the logits and what the loss saves are 2 + 2 bytes per token and vocabulary entry."""
     import torch
 
-    from planner.models import from_hf_config
+    from ftplan.planner.estimate.models import from_hf_config
 
     spec = from_hf_config(dict(TINY, vocab_size=1024), name="tiny-1k")
     tokens, vocab = 2 * 16, 1024
@@ -371,7 +371,7 @@ def test_litgpt_logits_stay_in_compute_dtype():
 
 def test_litgpt_never_ties_the_head():
     """LitGPT's converter copies a tied checkpoint's embedding into its own lm_head: a second matrix."""
-    from planner.models import from_hf_config
+    from ftplan.planner.estimate.models import from_hf_config
 
     tied = from_hf_config(dict(TINY, tie_word_embeddings=True), name="tiny-tied")
     req = EstimateRequest(model=tied, method="lora", precision="bf16-true", seq_len=16, framework="litgpt")

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from planner import cli as cli_module
-from planner.errors import UserError
-from planner.models import hf_config_cache_dir, load_catalog, resolve_model
+from ftplan.planner import cli as cli_module
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.models import hf_config_cache_dir, load_catalog, resolve_model
 
 # Verbatim config.json files from the Hugging Face Hub.
 GPT2_CONFIG = {

@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 
-from planner.errors import UserError
-from planner.models import CatalogError, ModelSpec, from_hf_config, load_catalog
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.models import CatalogError, ModelSpec, from_hf_config, load_catalog
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import offers as O
-from planner import optimizer as opt
-from planner.offers import OfferTable
+from ftplan.planner.pricing import offers as O
+from ftplan.planner.pricing import optimizer as opt
+from ftplan.planner.pricing.offers import OfferTable
 
 OVERHEADS = {
     "aws": opt.Overheads(4, 6, 2, 60), "gcp": opt.Overheads(4, 6, 2, 60), "runpod": opt.Overheads(2, 6, 2, 0),
@@ -225,9 +225,9 @@ def test_chosen_offer_is_the_cheapest_feasible_one(rows, needs, budget, market, 
 # --------------------------------------------------------------------------- with the real estimator
 
 def test_plan_offers_uses_the_estimate_and_shards_when_one_gpu_is_too_small(tmp_path, monkeypatch):
-    from planner.estimate import EstimateRequest, estimate
-    from planner.gpus import resolve_gpu
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.estimator import EstimateRequest, estimate
+    from ftplan.planner.estimate.gpus import resolve_gpu
+    from ftplan.planner.estimate.models import resolve_model
 
     monkeypatch.setenv("FTPLAN_CACHE_DIR", str(tmp_path))
     req = EstimateRequest(model=resolve_model("mistral-7b"), method="qlora", dataset_tokens=5_000_000)

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from test_fault_matrix import stub_files
 from test_launch_local_e2e import local_project
 
-from planner.cli import cli
-from planner.store import Store
+from ftplan.planner.cli import cli
+from ftplan.planner.runs.store import Store
 
 pytestmark = pytest.mark.slow
 STEPS = 20

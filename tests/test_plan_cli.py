@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import error_line, ftplan
 
-from planner import offers as O
+from ftplan.planner.pricing import offers as O
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["plan", "--model", "mistral-7b", "--method", "qlora", "--dataset-tokens", "5000000"]
@@ -171,7 +171,7 @@ def test_gpus_lists_cheapest_price_per_provider(capsys):
 
 def test_cold_cli_stays_light_and_exits_2_on_bad_input(tmp_path):
     """A real process: the planner path imports no SDK or torch, and bad input is one stderr line, rc 2."""
-    code = ("import sys\nfrom planner.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import sys\nfrom ftplan.planner.cli import main\nrc = main(sys.argv[1:])\n"
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'boto3', 'google.cloud', "
             "'runpod', 'paramiko') if m in sys.modules]\nprint('HEAVY', heavy)\n")
     env = {"FTPLAN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -179,6 +179,6 @@ def test_cold_cli_stays_light_and_exits_2_on_bad_input(tmp_path):
                         env=env, cwd=ROOT, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "HEAVY []" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "planner.cli", *BASE, "--providers", "nope"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "ftplan.planner.cli", *BASE, "--providers", "nope"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown provider 'nope'" in bad.stderr

@@ -13,8 +13,8 @@ import pytest
 from fakes.aws_moto import MotoEC2, PricingFake, isolate_aws_env, price_list_document
 from fakes.gcp_billing import FakeBilling
 
-from providers import aws_prices, gcp_prices
-from providers.errors import AuthError, ProviderError
+from ftplan.providers import aws_prices, gcp_prices
+from ftplan.providers.errors import AuthError, ProviderError
 
 ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "vcpus", "ram_gib", "price_hour",
             "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at"}

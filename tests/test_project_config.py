@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import ftplan
 
-from planner.project_config import load_project, with_overrides
+from ftplan.planner.launch.project_config import load_project, with_overrides
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "remote_job" / "examples" / "alpaca_small.json"
 
@@ -124,8 +124,8 @@ def test_launch_without_yes_and_without_a_terminal_refuses(tmp_path, capsys, mon
 
 
 def test_overrides_validate_values():
-    from planner.errors import UserError
-    from planner.project_config import ProjectConfig
+    from ftplan.planner.errors import UserError
+    from ftplan.planner.launch.project_config import ProjectConfig
 
     cfg = with_overrides(ProjectConfig(), **{"job.max_steps": 7, "launch.budget_usd": None})
     assert cfg.job.max_steps == 7 and cfg.launch.budget_usd is None

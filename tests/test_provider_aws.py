@@ -24,9 +24,9 @@ from fakes.aws_moto import (  # sets MOTO_AMIS_PATH before moto loads
     isolate_aws_env,
 )
 
-from providers.aws import AWSProvider
-from providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, SSHEndpoint
-from providers.errors import (
+from ftplan.providers.aws import AWSProvider
+from ftplan.providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, SSHEndpoint
+from ftplan.providers.errors import (
     AuthError,
     CapacityError,
     InstanceGone,
@@ -34,7 +34,7 @@ from providers.errors import (
     ProviderError,
     QuotaError,
 )
-from providers.net import public_ip
+from ftplan.providers.net import public_ip
 
 SECRET_KEY = "planted/AWS+secret+9f8e7d6c5b4a39281706"
 ACCESS_KEY = "AKIAPLANTED0KEY12345"
@@ -276,7 +276,7 @@ def test_missing_boto3_gives_the_pip_hint(monkeypatch):
 
 
 def test_provider_modules_import_no_sdk_at_module_level():
-    code = ("import sys, providers.aws, providers.gcp, providers.aws_prices, providers.gcp_prices, providers.net;"
+    code = ("import sys, ftplan.providers.aws, ftplan.providers.gcp, ftplan.providers.aws_prices, ftplan.providers.gcp_prices, providers.net;"
             "print([m for m in ('boto3', 'botocore', 'google.cloud.compute_v1', 'google.auth') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

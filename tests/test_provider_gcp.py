@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fakes.gcp_compute import FakeCompute
 from google.oauth2.credentials import Credentials
 
-from providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
-from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.gcp import GCPProvider
+from ftplan.providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
+from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.gcp import GCPProvider
 
 PROJECT = "ftplan-test-project"
 TOKEN = "ya29.planted-gcp-token-5e4d3c2b1a"

@@ -8,10 +8,10 @@ import logging
 import pytest
 from fakes import lambda_api
 
-from providers.base import InstanceRequest, InstanceState, get_provider
-from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.http import APIError
-from providers.lambda_cloud import LambdaProvider
+from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
+from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.http import APIError
+from ftplan.providers.lambda_cloud import LambdaProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake ftplan"
 
@@ -195,7 +195,7 @@ ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "
 
 
 def test_price_fetcher(fake_lambda):
-    from providers.lambda_prices import fetch_offers
+    from ftplan.providers.lambda_prices import fetch_offers
 
     rows = fetch_offers(base_url=fake_lambda.url, api_key=fake_lambda.api_key)
     assert all(set(r) == ROW_KEYS for r in rows)

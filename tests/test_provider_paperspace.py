@@ -8,9 +8,9 @@ import logging
 import pytest
 from fakes import paperspace_api
 
-from providers.base import InstanceRequest, InstanceState, get_provider
-from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.paperspace import PaperspaceProvider
+from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
+from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.paperspace import PaperspaceProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPaperPaperPaperPaperPaperPaperPaperPaper ftplan"
 
@@ -151,7 +151,7 @@ ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "
 
 
 def test_price_fetcher_joins_live_availability_with_shipped_prices(fake_paperspace, tmp_path):
-    from providers.paperspace_prices import fetch_offers
+    from ftplan.providers.paperspace_prices import fetch_offers
 
     table = tmp_path / "paperspace.csv"  # SkyPilot's vms.csv layout, as shipped
     table.write_text(

@@ -10,9 +10,9 @@ import os
 import pytest
 from fakes import runpod_graphql
 
-from providers.base import InstanceRequest, InstanceState, get_provider
-from providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
-from providers.runpod import RunPodProvider
+from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
+from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.runpod import RunPodProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIRunPodRunPodRunPodRunPodRunPodRunPodRunPo ftplan"
 
@@ -157,7 +157,7 @@ ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "
 
 
 def test_price_fetcher(fake_runpod):
-    from providers.runpod_prices import fetch_offers
+    from ftplan.providers.runpod_prices import fetch_offers
 
     fake_runpod.gpu_types["NVIDIA GeForce RTX 4090"] = ("RTX 4090", 24, 0.69, 0.34, 2, True)
     rows = fetch_offers(api_key=fake_runpod.api_key, api_base_url=fake_runpod.url)

@@ -10,8 +10,8 @@ import threading
 import paramiko
 import pytest
 
-from providers.base import InstanceRequest, InstanceState, get_provider
-from providers.ssh import HostSpecError, LocalProvider, SSHHostProvider, parse_host_spec
+from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
+from ftplan.providers.ssh import HostSpecError, LocalProvider, SSHHostProvider, parse_host_spec
 
 
 def _request(run_id="r1"):

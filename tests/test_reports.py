@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 from cli_helpers import ftplan
 
-from planner.corrections import apply_corrections, correction_for
-from planner.store import Store
+from ftplan.planner.runs.corrections import apply_corrections, correction_for
+from ftplan.planner.runs.store import Store
 
 
 def _run(store: Store, run_id: str, *, provider: str, created: float, est_usd: float, hours: float, price: float,

@@ -72,10 +72,10 @@ class Preempter(_SignalDisplay):
 
 
 def _launch(tmp_path, fake, sshd, monkeypatch, *, recovery: bool):
-    from planner.commands.launch import build_plan
-    from planner.launcher import Launcher
-    from planner.project_config import load_project
-    from planner.store import Store
+    from ftplan.planner.commands.launch import build_plan
+    from ftplan.planner.launch.launcher import Launcher
+    from ftplan.planner.launch.project_config import load_project
+    from ftplan.planner.runs.store import Store
 
     monkeypatch.setenv("RUNPOD_API_KEY", fake.api_key)
     fake.ssh_host, fake.ssh_port = "127.0.0.1", sshd.port

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.bundle import build_bundle
-from planner.ssh_runner import HostKeyChangedError, IntegrityError, SSHRunner, SSHRunnerError
+from ftplan.planner.remote.bundle import build_bundle
+from ftplan.planner.remote.ssh_runner import HostKeyChangedError, IntegrityError, SSHRunner, SSHRunnerError
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import sys
 
 from cli_helpers import ftplan
 
-from planner.store import MIGRATIONS, SCHEMA_VERSION, Store
+from ftplan.planner.runs.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 
 def _tables(path) -> set[str]:
@@ -52,7 +52,7 @@ def test_store_from_a_newer_ftplan_is_refused_in_one_line(tmp_path, capsys):
 def test_not_a_store_is_a_user_error_through_the_cli(tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("this is not a database " * 100)
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "runs", "--store", str(bogus)],
+    proc = subprocess.run([sys.executable, "-m", "ftplan.planner.cli", "runs", "--store", str(bogus)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -84,7 +84,7 @@ def test_writes_survive_a_killed_writer(tmp_path):
     """The intent row is committed the moment it is written: a writer killed right after leaves it for gc."""
     path = tmp_path / "s.sqlite3"
     code = (
-        f"import os; from planner.store import Store; s = Store(r'{path}'); s.create_run('r-k');"
+        f"import os; from ftplan.planner.runs.store import Store; s = Store(r'{path}'); s.create_run('r-k');"
         "s.add_instance_intent('r-k', 'lambda'); os.kill(os.getpid(), 9)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())

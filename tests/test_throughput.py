@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from planner.estimate import EstimateRequest, estimate
-from planner.gpus import resolve_gpu
-from planner.models import from_hf_config
-from planner.throughput import flops_per_token, scaling_efficiency, tokens_per_second
+from ftplan.planner.estimate.estimator import EstimateRequest, estimate
+from ftplan.planner.estimate.gpus import resolve_gpu
+from ftplan.planner.estimate.models import from_hf_config
+from ftplan.planner.estimate.throughput import flops_per_token, scaling_efficiency, tokens_per_second
 
 BIG = dict(model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
            num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192, tie_word_embeddings=False)
@@ -81,7 +81,7 @@ def test_throughput_is_plausible_against_published_order_of_magnitude(model):
 def test_optimizer_step_is_amortised_over_gradient_accumulation(model):
     """The optimizer step is one memory-bound pass over the trained parameters per optimizer step, so it
     costs short sequences without accumulation the most."""
-    from planner.throughput import optimizer_step_bytes
+    from ftplan.planner.estimate.throughput import optimizer_step_bytes
 
     gpu = resolve_gpu("A100-80GB")
     req = EstimateRequest(model=model, method="full", seq_len=256, grad_accum=1)

@@ -1,1 +1,1 @@
-"""One module per CLI command group; `planner.cli` imports them lazily."""
+"""One module per CLI command group; `ftplan.planner.cli` imports them lazily."""

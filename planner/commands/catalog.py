@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 
 @click.group("catalog")
@@ -20,7 +20,7 @@ def catalog():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(show_regions, as_json):
     """Each provider's price source, its age and how many offers it holds."""
-    from planner.offers import PROVIDERS, STALE_AFTER_DAYS, active_path, read_catalog_cached
+    from ftplan.planner.pricing.offers import PROVIDERS, STALE_AFTER_DAYS, active_path, read_catalog_cached
 
     entries = []
     for p in PROVIDERS:
@@ -64,8 +64,8 @@ def show(show_regions, as_json):
 @click.option("--endpoint", default=None, help="Override the provider's API endpoint (proxies, test servers).")
 def refresh(providers, endpoint):
     """Fetch current prices from the providers' APIs into the user cache."""
-    from planner.catalog_refresh import refresh as run_refresh
-    from planner.offers import PROVIDERS, check_provider
+    from ftplan.planner.pricing.catalog_refresh import refresh as run_refresh
+    from ftplan.planner.pricing.offers import PROVIDERS, check_provider
 
     names = [check_provider(v) for item in providers for v in item.split(",") if v.strip()] or list(PROVIDERS)
     if endpoint and len(names) != 1:

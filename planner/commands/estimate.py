@@ -1,7 +1,7 @@
 """`ftplan estimate`: peak memory per GPU by component, fits or not, tokens/s and hours.
 
 Imports only click and the planner's pure modules; the data files are validated with pydantic once per
-content and read from the user cache afterwards (`planner.gpus.read_validated`), and nothing here imports
+content and read from the user cache afterwards (`ftplan.planner.estimate.gpus.read_validated`), and nothing here imports
 rich, so a warm-cache run never pays for pydantic or rich (`benchmarks/cli_speed`).
 """
 
@@ -12,8 +12,15 @@ from pathlib import Path
 
 import click
 
-from planner.errors import UserError
-from planner.estimate import ATTENTIONS, FRAMEWORKS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.estimator import (
+    ATTENTIONS,
+    FRAMEWORKS,
+    METHODS,
+    OFFLOADS,
+    OPTIMIZERS,
+    PRECISIONS,
+)
 
 _LABELS = {"weights": "base weights", "trainable": "trainable params", "gradients": "gradients",
            "optimizer": "optimizer states", "activations": "activations", "logits": "logits + loss",
@@ -28,8 +35,8 @@ def _positive(ctx, param, value):
 
 
 def _request(model_arg: str, opts: dict):
-    from planner.estimate import EstimateRequest
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.estimator import EstimateRequest
+    from ftplan.planner.estimate.models import resolve_model
 
     model = resolve_model(model_arg)
     dataset_tokens = opts["dataset_tokens"]
@@ -37,7 +44,7 @@ def _request(model_arg: str, opts: dict):
     if opts["dataset"] is not None:
         if dataset_tokens is not None:
             raise UserError("pass either --dataset or --dataset-tokens, not both")
-        from planner.dataset_tokens import count_dataset_tokens
+        from ftplan.planner.estimate.dataset_tokens import count_dataset_tokens
 
         tok_file = Path(model.hf_id) / "tokenizer.json" if Path(model.hf_id).is_dir() else None
         dataset_tokens, records, how = count_dataset_tokens(opts["dataset"], model.vocab_size, tok_file,
@@ -97,15 +104,15 @@ def _print_table(req, rows) -> None:
 
 
 def _corrected(est, req):
-    """Scale the estimate by what finished runs of the same GPU, model and method measured (planner.corrections).
+    """Scale the estimate by what finished runs of the same GPU, model and method measured (ftplan.planner.runs.corrections).
 
     Only when the run store exists: a first-time user's estimate never opens SQLite."""
-    from planner.store import Store, default_store_path
+    from ftplan.planner.runs.store import Store, default_store_path
 
     path = default_store_path()
     if not path.is_file():
         return est
-    from planner.corrections import apply_corrections
+    from ftplan.planner.runs.corrections import apply_corrections
 
     try:
         est, _ = apply_corrections(est, est.gpu.name, req.model.name, req.method, Store(path))
@@ -143,9 +150,9 @@ def _corrected(est, req):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     """Peak GPU memory by component and training time of a fine-tuning job."""
-    from planner.estimate import estimate as run_estimate
-    from planner.estimate import smallest_fit
-    from planner.gpus import resolve_gpu, table_gpus
+    from ftplan.planner.estimate.estimator import estimate as run_estimate
+    from ftplan.planner.estimate.estimator import smallest_fit
+    from ftplan.planner.estimate.gpus import resolve_gpu, table_gpus
 
     opts["method"] = method
     req, how = _request(model_arg, opts)

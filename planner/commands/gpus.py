@@ -13,8 +13,8 @@ import click
 
 def cheapest_by_gpu(rows: list[tuple]) -> dict[str, dict[str, list[float | None]]]:
     """card -> provider -> [cheapest on-demand $/GPU-h, cheapest spot $/GPU-h]."""
-    from planner import offers as O
-    from planner.gpus import load_gpus
+    from ftplan.planner.estimate.gpus import load_gpus
+    from ftplan.planner.pricing import offers as O
 
     gpus = load_gpus()
     out: dict[str, dict[str, list[float | None]]] = {}
@@ -35,8 +35,8 @@ def cheapest_by_gpu(rows: list[tuple]) -> dict[str, dict[str, list[float | None]
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gpus(gpu, providers, as_json):
     """GPU types with memory and cheapest prices per provider."""
-    from planner.gpus import resolve_gpu, table_gpus
-    from planner.offers import PROVIDERS, OfferTable, check_provider, split_csv, stale_warning
+    from ftplan.planner.estimate.gpus import resolve_gpu, table_gpus
+    from ftplan.planner.pricing.offers import PROVIDERS, OfferTable, check_provider, split_csv, stale_warning
 
     provs = tuple(dict.fromkeys(check_provider(p) for p in split_csv(providers))) or PROVIDERS
     table = OfferTable.load(provs)

@@ -1,7 +1,7 @@
 """`ftplan init`, `ftplan launch`, `ftplan attach`, `ftplan gc`: flags in, exit codes out.
 
-The command layer turns flags + ftplan.toml into a `LaunchPlan` (`planner.launch_plan`) and hands it to
-`planner.launcher.Launcher`, `planner.attach` or `planner.teardown`. Heavy imports (paramiko, provider
+The command layer turns flags + ftplan.toml into a `LaunchPlan` (`ftplan.planner.launch.launch_plan`) and hands it to
+`ftplan.planner.launch.launcher.Launcher`, `ftplan.planner.launch.attach` or `ftplan.planner.launch.teardown`. Heavy imports (paramiko, provider
 SDKs) happen only inside the commands that need them.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from planner.errors import UserError
-from planner.launch_plan import (  # noqa: F401  (build_plan, build_job_config: the public names here before)
+from ftplan.planner.errors import UserError
+from ftplan.planner.launch.launch_plan import (  # noqa: F401  (build_plan, build_job_config: the public names here before)
     SECRET_ENV_FOR_JOB,
     build_job_config,
     build_plan,
@@ -22,13 +22,13 @@ from planner.launch_plan import (  # noqa: F401  (build_plan, build_job_config: 
     plan_summary,
     plan_text,
 )
-from planner.project_config import ProjectConfig, load_project, with_overrides, write_template
+from ftplan.planner.launch.project_config import ProjectConfig, load_project, with_overrides, write_template
 
 EXIT_CODES = {"succeeded": 0, "failed": 1, "stopped_over_budget": 3, "cancelled": 130}
 
 
 def _store(path: str | None):
-    from planner.store import Store
+    from ftplan.planner.runs.store import Store
 
     return Store(path)
 
@@ -118,7 +118,7 @@ def launch(ctx, config_path, provider, host, identity, remote_python, model, met
     if not yes:
         click.confirm("Launch?", abort=True, err=True)
 
-    from planner.launcher import Launcher
+    from ftplan.planner.launch.launcher import Launcher
 
     store = _store(store_path)
     display = _make_display(quiet=as_json)
@@ -139,7 +139,7 @@ def launch(ctx, config_path, provider, host, identity, remote_python, model, met
 
 
 def _make_display(quiet: bool):
-    from planner.live_display import LiveDisplay
+    from ftplan.planner.launch.live_display import LiveDisplay
 
     return LiveDisplay(quiet=quiet)
 
@@ -152,7 +152,7 @@ def _make_display(quiet: bool):
 @click.pass_context
 def attach(ctx, run_id, store_path, as_json):
     """Re-attach to a live run: follow it, or take it over if its launcher died."""
-    from planner.attach import attach_run
+    from ftplan.planner.launch.attach import attach_run
 
     store = _store(store_path)
     result = attach_run(store, run_id, display=_make_display(quiet=as_json))
@@ -173,7 +173,7 @@ def attach(ctx, run_id, store_path, as_json):
 @click.pass_context
 def gc(ctx, yes, as_json, config_path, providers, store_path):
     """Find and terminate instances ftplan left behind."""
-    from planner.teardown import collect_garbage
+    from ftplan.planner.launch.teardown import collect_garbage
 
     cfg: ProjectConfig = load_project(config_path, required=config_path is not None)
     store = _store(store_path)

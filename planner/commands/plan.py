@@ -12,9 +12,9 @@ import math
 
 import click
 
-from planner.commands import estimate as estimate_command
-from planner.errors import UserError
-from planner.offers import split_csv
+from ftplan.planner.commands import estimate as estimate_command
+from ftplan.planner.errors import UserError
+from ftplan.planner.pricing.offers import split_csv
 
 # Every `ftplan estimate` option except the single-GPU choice and --json is a `plan` option too: the same
 # click.Option objects, so the two commands can never drift apart.
@@ -43,9 +43,9 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 def resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly):
     """Validate filter flags against what exists (suggesting close names) and build optimizer.Filters."""
-    from planner.gpus import load_gpus, resolve_gpu
-    from planner.offers import OfferTable, check_provider, suggest
-    from planner.optimizer import Filters
+    from ftplan.planner.estimate.gpus import load_gpus, resolve_gpu
+    from ftplan.planner.pricing.offers import OfferTable, check_provider, suggest
+    from ftplan.planner.pricing.optimizer import Filters
 
     provs = tuple(dict.fromkeys(check_provider(p) for p in split_csv(providers)))
     names: list[str] = []
@@ -122,8 +122,8 @@ def nothing_fits(result, request_label: str) -> UserError:
 def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcpus, min_ram, preemption_rate,
          checkpoint_minutes, top, all_regions, as_json, **estimate_kwargs):
     """Cheapest instance that fits, across providers, with total cost."""
-    from planner.offers import stale_warning
-    from planner.optimizer import plan_offers
+    from ftplan.planner.pricing.offers import stale_warning
+    from ftplan.planner.pricing.optimizer import plan_offers
 
     if budget is not None and not budget > 0:
         raise UserError(f"--budget must be a positive number of dollars, got {budget:g}")
@@ -136,7 +136,7 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     warning = stale_warning(table)
     if warning:
         click.echo(warning, err=True)
-    from planner.corrections import stored_corrections
+    from ftplan.planner.runs.corrections import stored_corrections
 
     corrections = stored_corrections(request.model.name, request.method)
     result = plan_offers(request, filters, budget, headroom=headroom, preemption_rate=preemption_rate,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 
 def _store(path: str | None):
-    from planner.store import Store, default_store_path
+    from ftplan.planner.runs.store import Store, default_store_path
 
     p = Path(path) if path else default_store_path()
     if not p.exists():
@@ -25,7 +25,7 @@ def _store(path: str | None):
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
 def runs(as_json, limit, store_path):
     """List recorded runs: estimated vs actual time and cost."""
-    from planner.reports import render_runs_text, runs_table
+    from ftplan.planner.runs.reports import render_runs_text, runs_table
 
     if limit is not None and limit <= 0:
         raise UserError("--limit must be a positive integer")
@@ -46,7 +46,7 @@ def runs(as_json, limit, store_path):
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
 def report(run_id, by, as_json, html_path, store_path):
     """Report of one run, or totals by provider or month."""
-    from planner import reports
+    from ftplan.planner.runs import reports
 
     if bool(run_id) == bool(by):
         raise UserError("give either a RUN id or --by provider|month (see 'ftplan runs' for ids)")

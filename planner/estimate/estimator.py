@@ -9,20 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from planner.errors import UserError
-from planner.memory import MemoryEstimate, estimate_memory, trainable_params
-from planner.throughput import tokens_per_second
+from ftplan.planner.errors import UserError
+from ftplan.planner.estimate.memory import MemoryEstimate, estimate_memory, trainable_params
+from ftplan.planner.estimate.throughput import tokens_per_second
 
 if TYPE_CHECKING:  # pragma: no cover
-    from planner.gpus import GPU
-    from planner.models import ModelSpec
+    from ftplan.planner.estimate.gpus import GPU
+    from ftplan.planner.estimate.models import ModelSpec
 
 METHODS = ("full", "freeze", "lora", "qlora", "prompt", "prefix")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 PRECISIONS = ("bf16-mixed", "bf16-true", "fp16-mixed", "fp32")
 OFFLOADS = ("none", "optimizer", "all")
 ATTENTIONS = ("sdpa", "flash", "eager")
-# Training code whose conventions change what is stored (see planner.memory's docstring): "hf" is the
+# Training code whose conventions change what is stored (see ftplan.planner.estimate.memory's docstring): "hf" is the
 # transformers Trainer / PEFT / accelerate / DeepSpeed stack ftplan's own job uses; "litgpt" is LitGPT.
 FRAMEWORKS = ("hf", "litgpt")
 
@@ -153,7 +153,7 @@ def smallest_fit(req: EstimateRequest, gpu: GPU, gpu_count: int = 1, max_gpus: i
     """What would fit when `req` does not fit `gpu_count` x `gpu`: the smallest GPU count of the same
     type (ZeRO-3 sharding for full/freeze), the smallest single GPU that fits, and the lightest change of
     method (lora -> qlora, full -> lora -> qlora) on the GPU asked for."""
-    from planner.gpus import table_gpus
+    from ftplan.planner.estimate.gpus import table_gpus
 
     out: list[FitSuggestion] = []
     for n in (2, 4, 8):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,7 +137,7 @@ class LaunchSection(BaseModel):
     pull_margin_min: float = Field(10, ge=0)        # budget kept aside for pulling artifacts and teardown
     remote_python: str | None = None
     offers: list[PinnedOffer] = []                  # pinned offers: skip the catalog, try these in order
-    bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see planner.bundle)
+    bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see ftplan.planner.remote.bundle)
 
 
 class ProjectConfig(BaseModel):

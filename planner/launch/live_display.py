@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.budget import Progress
+from ftplan.planner.launch.budget import Progress
 
 
 class NullDisplay:

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from catalogs import data_path
+from ftplan.catalogs import data_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from planner.estimate import EstimateRequest
-    from planner.models import ModelSpec
+    from ftplan.planner.estimate.estimator import EstimateRequest
+    from ftplan.planner.estimate.models import ModelSpec
 
 GIB = 1024**3
 COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits",

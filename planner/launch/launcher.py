@@ -11,9 +11,9 @@ Money safety is the design constraint, not a feature:
 Everything that talks to the outside world is injected (`provider_factory`, `runner_factory`), so the
 same code runs against real clouds, the fake provider servers and `local` (sshd on this machine).
 
-Where the rest lives: the plan and result types in `planner.launch_plan`, pulling/syncing/salvage in
-`planner.run_artifacts`, teardown steps and `ftplan gc` in `planner.teardown`, `ftplan attach` in
-`planner.attach`, the progress display in `planner.live_display`.
+Where the rest lives: the plan and result types in `ftplan.planner.launch.launch_plan`, pulling/syncing/salvage in
+`ftplan.planner.launch.run_artifacts`, teardown steps and `ftplan gc` in `ftplan.planner.launch.teardown`, `ftplan attach` in
+`ftplan.planner.launch.attach`, the progress display in `ftplan.planner.launch.live_display`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from planner.budget import BudgetGuard, Progress
-from planner.launch_plan import (  # noqa: F401  (re-exported: the public names of this module before the split)
+from ftplan.planner.launch.budget import BudgetGuard, Progress
+from ftplan.planner.launch.launch_plan import (  # noqa: F401  (re-exported: the public names of this module before the split)
     Candidate,
     InstanceLost,
     LaunchFailed,
@@ -36,17 +36,17 @@ from planner.launch_plan import (  # noqa: F401  (re-exported: the public names 
     OverBudget,
     new_run_id,
 )
-from planner.live_display import NullDisplay
-from planner.run_artifacts import ArtifactSteps, _read_json
-from planner.store import Store
-from planner.teardown import (  # noqa: F401  (UNMANAGED_PROVIDERS: re-exported)
+from ftplan.planner.launch.live_display import NullDisplay
+from ftplan.planner.launch.run_artifacts import ArtifactSteps, _read_json
+from ftplan.planner.launch.teardown import (  # noqa: F401  (UNMANAGED_PROVIDERS: re-exported)
     UNMANAGED_PROVIDERS,
     Interrupted,
     TeardownSteps,
     interruptible,
     shielded,
 )
-from planner.teardown import scrubbed as _scrub
+from ftplan.planner.launch.teardown import scrubbed as _scrub
+from ftplan.planner.runs.store import Store
 
 
 class Launcher(ArtifactSteps, TeardownSteps):
@@ -183,8 +183,8 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 bundle = self._bundle(resume=resume)
 
     def _provision(self, public_key: str) -> tuple[int, Any, Candidate]:
-        from providers.base import InstanceRequest
-        from providers.errors import CapacityError, ProviderError, QuotaError
+        from ftplan.providers.base import InstanceRequest
+        from ftplan.providers.errors import CapacityError, ProviderError, QuotaError
 
         p = self.plan
         self._enter("provisioning", "looking for capacity")
@@ -236,7 +236,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
         raise NoCapacity("no capacity on any offer tried (" + "; ".join(errors or ["none affordable"]) + ")")
 
     def _wait_ready(self, row: int, inst: Any) -> Any:
-        from providers.errors import CapacityError, InstanceGone
+        from ftplan.providers.errors import CapacityError, InstanceGone
 
         self._enter("waiting", f"waiting for {inst.id} to boot")
         provider = self._provider(inst.provider)
@@ -392,7 +392,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
             raise LaunchFailed(f"{self._phase}: {_scrub(exc)}") from None
 
     def _check_alive(self, inst: Any) -> None:
-        from providers.errors import ProviderError
+        from ftplan.providers.errors import ProviderError
 
         try:
             fresh = self._provider(inst.provider).describe(inst)
@@ -434,20 +434,20 @@ class Launcher(ArtifactSteps, TeardownSteps):
 
 # ---- defaults wired to the real parts ---------------------------------------------------------
 def _default_provider_factory(name: str, **options: Any) -> Any:
-    from providers.base import get_provider
+    from ftplan.providers.base import get_provider
 
     return get_provider(name, **options)
 
 
 def _default_runner_factory(**kwargs: Any) -> Any:
-    from planner.ssh_runner import SSHRunner
+    from ftplan.planner.remote.ssh_runner import SSHRunner
 
     return SSHRunner(**kwargs)
 
 
 def _default_bundle_builder(job_config: dict[str, Any], dataset: Path, out_path: Path,
                             extra_files: dict[str, Path] | None = None) -> Path:
-    from planner.bundle import build_bundle
+    from ftplan.planner.remote.bundle import build_bundle
 
     return build_bundle(job_config, dataset, out_path, extra_files=extra_files)
 

@@ -29,7 +29,7 @@ UNMANAGED_PROVIDERS = ("local", "ssh")
 
 def scrubbed(exc: object) -> str:
     """An exception (or text) as one line with every registered secret removed: fit for the run record."""
-    from providers.errors import scrub
+    from ftplan.providers.errors import scrub
 
     return " ".join(scrub(exc).split())
 
@@ -92,7 +92,7 @@ def shielded(echo: Callable[[str], None] | None = None) -> Iterator[list[int]]:
             signal.signal(s, old)
 
 
-# ---- the launcher's own teardown (a mixin of planner.launcher.Launcher) -----------------------------
+# ---- the launcher's own teardown (a mixin of ftplan.planner.launch.launcher.Launcher) -----------------------------
 class TeardownSteps:
     """Terminate what this run started, confirm it, record the cost; sweep an interrupted create by run tag."""
 
@@ -173,9 +173,9 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
     import json
     import time
 
-    from planner.store import FINAL_STATUSES, pid_alive
-    from providers.base import Instance, get_provider
-    from providers.errors import ProviderError, scrub
+    from ftplan.planner.runs.store import FINAL_STATUSES, pid_alive
+    from ftplan.providers.base import Instance, get_provider
+    from ftplan.providers.errors import ProviderError, scrub
 
     report: dict = {"instances": [], "side_resources": [], "errors": [], "orphans": 0, "terminated": 0,
                     "side_orphans": 0, "side_deleted": 0}

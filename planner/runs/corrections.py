@@ -78,7 +78,7 @@ def corrections_by_gpu(store: Any, model: str, method: str) -> dict[str, Correct
 
 def stored_corrections(model: str, method: str) -> dict[str, Correction]:
     """`corrections_by_gpu` from the default run store, or {} when there is none (never creates one)."""
-    from planner.store import Store, default_store_path
+    from ftplan.planner.runs.store import Store, default_store_path
 
     path = default_store_path()
     if not path.is_file():
@@ -119,7 +119,7 @@ def apply_corrections(estimate: Any, gpu: str, model: str, method: str, store: A
     return _replace(estimate, **changes), note
 
 
-# The components of planner.memory.MemoryEstimate; `total` is their sum, so scaling each keeps it so.
+# The components of ftplan.planner.estimate.memory.MemoryEstimate; `total` is their sum, so scaling each keeps it so.
 _MEMORY_COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits",
                       "allocator_overhead", "cuda_context")
 

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.errors import UserError
-from planner.project_config import ProjectConfig
+from ftplan.planner.errors import UserError
+from ftplan.planner.launch.project_config import ProjectConfig
 
 SECRET_ENV_FOR_JOB = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -112,7 +112,7 @@ def job_secrets_from_env() -> dict[str, str]:
 # ---- plan building -----------------------------------------------------------------------------
 def build_job_config(cfg: ProjectConfig, run_id: str) -> dict[str, Any]:
     """The remote job's config (remote_job/job_config.py keys) from the project file."""
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.models import resolve_model
 
     spec = resolve_model(cfg.job.model)
     j = cfg.job
@@ -131,7 +131,7 @@ def build_job_config(cfg: ProjectConfig, run_id: str) -> dict[str, Any]:
 
 
 def _parse_host(host: str):
-    from providers.ssh import HostSpecError, parse_host_spec
+    from ftplan.providers.ssh import HostSpecError, parse_host_spec
 
     try:
         return parse_host_spec(host)
@@ -172,21 +172,21 @@ def _provider_options(cfg: ProjectConfig, name: str, host: str | None, identity:
 def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, store_path: str | None) -> dict[str, Any]:
     """Estimated hours / peak memory / tokens/s on the first offer's GPU, corrected by measured runs of the
     same GPU, model and method. Empty when the estimator cannot say (e.g. `local` on a CPU)."""
-    from planner.gpus import resolve_gpu
+    from ftplan.planner.estimate.gpus import resolve_gpu
 
     try:
         g = resolve_gpu(gpu)
     except UserError:
         return {}
     try:
-        from planner.corrections import apply_corrections
-        from planner.estimate import estimate
-        from planner.estimate_bridge import request_from_config
+        from ftplan.planner.estimate.estimator import estimate
+        from ftplan.planner.launch.estimate_bridge import request_from_config
+        from ftplan.planner.runs.corrections import apply_corrections
 
         j = cfg.job
         req = request_from_config(cfg, dataset, gpu_count=gpu_count)
         est = estimate(req, g, gpu_count)
-        from planner.store import Store, default_store_path
+        from ftplan.planner.runs.store import Store, default_store_path
 
         path = Path(store_path) if store_path else default_store_path()
         if path.exists():
@@ -199,7 +199,7 @@ def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, s
 
 def _canonical_model(name: str) -> str:
     """The catalog name runs are recorded under, so measured-run corrections find them whatever alias was typed."""
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.models import resolve_model
 
     try:
         return resolve_model(name).name
@@ -249,9 +249,9 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
 
 
 def _cloud_candidates(cfg: ProjectConfig, dataset: Path):
-    """Cheapest feasible catalog offers (planner.optimizer), as launcher candidates."""
+    """Cheapest feasible catalog offers (ftplan.planner.pricing.optimizer), as launcher candidates."""
     try:
-        from planner.estimate_bridge import launch_offers
+        from ftplan.planner.launch.estimate_bridge import launch_offers
     except ImportError:
         raise UserError("the catalog planner is not available in this build; pin an offer with "
                         "[[launch.offers]] in ftplan.toml or use --provider local/ssh") from None

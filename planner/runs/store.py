@@ -3,7 +3,7 @@
 Why SQLite: it is embedded (no server), survives a `kill -9` of the launcher (every write is its own
 committed transaction) and is what `ftplan gc` reads to find instances nobody is looking after.
 
-Money-safety contract (see `planner.launcher`):
+Money-safety contract (see `ftplan.planner.launch.launcher`):
   1. `add_instance_intent` is written *before* the provider's create call,
   2. `set_instance_created` right after it returned an id,
   3. `set_instance_terminated` only after `terminate` returned (confirmed),
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 # Run statuses. The first group is final; anything else means "a launcher is (or was) working on it".
 FINAL_STATUSES = ("succeeded", "failed", "stopped_over_budget", "cancelled")
@@ -97,7 +97,7 @@ def _m1_core(db: sqlite3.Connection) -> None:
 
 def _m2_launcher_and_measurements(db: sqlite3.Connection) -> None:
     """Who is driving a run (so gc can tell a live launcher from a killed one) and what it measured
-    (so `planner.corrections` can correct later estimates)."""
+    (so `ftplan.planner.runs.corrections` can correct later estimates)."""
     db.executescript(
         """
         ALTER TABLE runs ADD COLUMN launcher_pid INTEGER;

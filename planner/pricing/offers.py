@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalogs import data_path
-from planner.errors import UserError
+from ftplan.catalogs import data_path
+from ftplan.planner.errors import UserError
 
 PROVIDERS: tuple[str, ...] = ("aws", "gcp", "runpod", "lambda", "paperspace")
 

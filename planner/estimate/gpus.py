@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from catalogs import data_path
-from planner import __version__
-from planner.errors import UserError
+from ftplan import __version__
+from ftplan.catalogs import data_path
+from ftplan.planner.errors import UserError
 
 
 @dataclass(frozen=True)

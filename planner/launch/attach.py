@@ -15,18 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from planner.budget import Progress
-from planner.launch_plan import Candidate, LaunchPlan, LaunchResult
-from planner.live_display import NullDisplay
-from planner.store import Store
+from ftplan.planner.launch.budget import Progress
+from ftplan.planner.launch.launch_plan import Candidate, LaunchPlan, LaunchResult
+from ftplan.planner.launch.live_display import NullDisplay
+from ftplan.planner.runs.store import Store
 
 
 def attach_run(store: Store, run_id: str, *, display: Any = None, provider_factory: Callable[..., Any] | None = None,
                runner_factory: Callable[..., Any] | None = None, follow_poll_s: float = 1.0) -> LaunchResult:
     """Follow a run whose launcher is alive, or take it over (watch, pull, tear down) if it died."""
-    from planner.errors import UserError
-    from planner.store import FINAL_STATUSES, pid_alive
-    from providers.base import Instance
+    from ftplan.planner.errors import UserError
+    from ftplan.planner.runs.store import FINAL_STATUSES, pid_alive
+    from ftplan.providers.base import Instance
 
     run = store.get_run(run_id)
     if run is None:
@@ -56,7 +56,7 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
         estimate={"hours": run.est_hours, "usd": run.est_usd},
         provider_options=run.json("provider_options_json") or {},
     )
-    from planner.launcher import Launcher
+    from ftplan.planner.launch.launcher import Launcher
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
     return launcher.take_over(row.id, inst, offer)
@@ -64,7 +64,7 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
 
 def _follow(store: Store, run_id: str, display: Any, poll_s: float) -> LaunchResult:
     """Read-only: mirror the store's progress events until the owning launcher closes the run."""
-    from planner.store import FINAL_STATUSES
+    from ftplan.planner.runs.store import FINAL_STATUSES
 
     seen = 0
     while True:

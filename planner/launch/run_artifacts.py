@@ -1,7 +1,7 @@
 """Artifacts of a run on the launcher's side: pull `out/` and the log back into `runs/<id>/`, sync the newest
 checkpoint during training, salvage what exists on failure, and ship a checkpoint back for a spot resume.
 
-A mixin of `planner.launcher.Launcher` (it uses the launcher's runner, plan and store), kept apart so the
+A mixin of `ftplan.planner.launch.launcher.Launcher` (it uses the launcher's runner, plan and store), kept apart so the
 state machine reads as phases and this file as "what is on disk and how it got there".
 """
 
@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from planner.launch_plan import InstanceLost
-from planner.teardown import scrubbed as _scrub
+from ftplan.planner.launch.launch_plan import InstanceLost
+from ftplan.planner.launch.teardown import scrubbed as _scrub
 
 
 class ArtifactSteps:

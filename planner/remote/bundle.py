@@ -21,8 +21,8 @@ import json
 import tarfile
 from pathlib import Path, PurePosixPath
 
-import remote_job
-from planner.errors import UserError
+from ftplan import remote_job
+from ftplan.planner.errors import UserError
 
 RESERVED = ("job.json", "requirements.txt", "bootstrap.sh", "secrets.env", "train.log", "pid", "exit_code", "STOP")
 _MTIME = 1_700_000_000  # fixed: reproducible archives

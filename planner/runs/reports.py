@@ -11,7 +11,7 @@ import html
 import json
 from typing import Any
 
-from planner.store import Row, Store
+from ftplan.planner.runs.store import Row, Store
 
 PHASE_ORDER = ("provisioning", "waiting", "connecting", "uploading", "training", "pulling", "recovering", "teardown")
 
@@ -46,7 +46,7 @@ def phase_durations(events: list[Row], end_ts: float | None) -> list[dict[str, A
 
 
 def run_report(store: Store, run_id: str) -> dict[str, Any]:
-    from planner.errors import UserError
+    from ftplan.planner.errors import UserError
 
     run = store.get_run(run_id)
     if run is None:

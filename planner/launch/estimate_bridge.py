@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 # project file spot policy -> optimizer market filter
 _MARKETS = {"on-demand": "on-demand", "spot": "spot", "auto": "any"}
@@ -19,9 +19,9 @@ _NOT_CATALOG = ("local", "ssh")
 
 def request_from_config(cfg, dataset: Path | None, *, gpu_count: int = 1):
     """The EstimateRequest for the project's job; tokens come from the dataset file when given."""
-    from planner.dataset_tokens import count_dataset_tokens
-    from planner.estimate import EstimateRequest
-    from planner.models import resolve_model
+    from ftplan.planner.estimate.dataset_tokens import count_dataset_tokens
+    from ftplan.planner.estimate.estimator import EstimateRequest
+    from ftplan.planner.estimate.models import resolve_model
 
     j = cfg.job
     spec = resolve_model(j.model)
@@ -48,7 +48,7 @@ def launch_offers(cfg, dataset: Path | None):
 
     Raises UserError when nothing fits, naming the cheapest offer that fits and its total when the
     budget is what rules everything out."""
-    from planner.optimizer import Filters, plan_offers
+    from ftplan.planner.pricing.optimizer import Filters, plan_offers
 
     providers = tuple(p for p in cfg.launch.providers if p not in _NOT_CATALOG)
     if not providers:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from planner.memory import _quantized_params, fitted_constants, trainable_params
+from ftplan.planner.estimate.memory import _quantized_params, fitted_constants, trainable_params
 
 if TYPE_CHECKING:  # pragma: no cover
-    from planner.estimate import EstimateRequest
-    from planner.gpus import GPU
+    from ftplan.planner.estimate.estimator import EstimateRequest
+    from ftplan.planner.estimate.gpus import GPU
 
 
 def _matmul_params(req: EstimateRequest) -> tuple[float, float]:

@@ -35,8 +35,13 @@ from pathlib import Path
 
 import paramiko
 
-from planner.safe_extract import ArchiveFormatError, UnsafeArchiveError, check_member_name, safe_extract
-from providers.errors import register_secret, scrub
+from ftplan.planner.remote.safe_extract import (
+    ArchiveFormatError,
+    UnsafeArchiveError,
+    check_member_name,
+    safe_extract,
+)
+from ftplan.providers.errors import register_secret, scrub
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
-from catalogs import data_path
-from planner import offers as O
-from planner.errors import UserError
-from planner.offers import OfferTable
+from ftplan.catalogs import data_path
+from ftplan.planner.errors import UserError
+from ftplan.planner.pricing import offers as O
+from ftplan.planner.pricing.offers import OfferTable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from planner.estimate import EstimateRequest
+    from ftplan.planner.estimate.estimator import EstimateRequest
 
 MARKETS = ("any", "spot", "on-demand")
 
@@ -523,20 +523,20 @@ def _strategy(count: int, zero: int) -> str:
 
 def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
                        corrections: dict | None = None) -> Evaluator:
-    """Evaluator backed by the estimator (planner.memory + planner.throughput) for one job.
+    """Evaluator backed by the estimator (ftplan.planner.estimate.memory + ftplan.planner.estimate.throughput) for one job.
 
     Several GPUs run data-parallel when one GPU holds the job; when it does not (and the user did not
     pin --zero), the same instance is tried with ZeRO-3 sharding, the slower but leaner layout.
     Peak memory does not depend on the GPU type, only on count and sharding, so it is computed once per
     (count, ZeRO stage): this is what keeps a plan over ~120 (GPU, count) pairs fast.
-    `corrections` (lower-case GPU name -> planner.corrections.Correction) scales throughput and peak by
+    `corrections` (lower-case GPU name -> ftplan.planner.runs.corrections.Correction) scales throughput and peak by
     what finished runs of the same model and method measured on that GPU."""
     from dataclasses import replace
 
-    from planner.estimate import training_tokens
-    from planner.gpus import resolve_gpu
-    from planner.memory import estimate_memory
-    from planner.throughput import tokens_per_second
+    from ftplan.planner.estimate.estimator import training_tokens
+    from ftplan.planner.estimate.gpus import resolve_gpu
+    from ftplan.planner.estimate.memory import estimate_memory
+    from ftplan.planner.estimate.throughput import tokens_per_second
 
     tokens = training_tokens(request)
     if tokens is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 TEMPLATE_TOKENS_PER_MESSAGE = 6  # role header + end-of-turn markers of common chat templates
 

@@ -13,7 +13,7 @@ nn.Linear and peft's "all-linear" does not target them.
 
 Nothing heavy is imported at module level: ModelSpec is a plain frozen dataclass, validated with
 pydantic (imported on demand) when built from a dict or config.json; the shipped catalog is validated
-once per file content and version and read back from the user cache afterwards (`planner.gpus.
+once per file content and version and read back from the user cache afterwards (`ftplan.planner.estimate.gpus.
 read_validated`), so a warm `ftplan estimate` never imports pydantic. httpx/platformdirs are imported
 inside the resolver.
 """
@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from planner.errors import UserError
+from ftplan.planner.errors import UserError
 
 ModelType = Literal[
     "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "phi", "gptj", "gpt2", "bert", "roberta", "distilbert"
@@ -607,8 +607,8 @@ def _parse_catalog(text: bytes | str, path: Path) -> dict[str, ModelSpec]:
 
 @lru_cache(maxsize=1)
 def _default_catalog() -> dict[str, ModelSpec]:
-    from catalogs import data_path
-    from planner.gpus import read_validated
+    from ftplan.catalogs import data_path
+    from ftplan.planner.estimate.gpus import read_validated
 
     path = data_path("models.json")
     try:
@@ -710,7 +710,7 @@ def _hub_config(hf_id: str) -> Any | None:
         return None
     import httpx
 
-    from providers.errors import scrub
+    from ftplan.providers.errors import scrub
 
     base = (os.environ.get("FTPLAN_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     token = os.environ.get("HF_TOKEN")

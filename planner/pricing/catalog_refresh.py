@@ -1,6 +1,6 @@
 """`ftplan catalog refresh`: fetch current prices from each provider's own API into the user cache.
 
-Each provider module exposes `fetch_offers(**options) -> list[dict]` (rows with planner.offers.COLUMNS
+Each provider module exposes `fetch_offers(**options) -> list[dict]` (rows with ftplan.planner.pricing.offers.COLUMNS
 keys), imported only when that provider is refreshed, so an SDK that is not installed only matters
 for its own provider. Rows are normalised, checked against the GPU table and validated before the
 cache file is replaced atomically; from then on the cache takes precedence over the shipped snapshot.
@@ -13,8 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.errors import UserError
-from planner.offers import PROVIDERS, cache_path, check_provider, write_offers
+from ftplan.planner.errors import UserError
+from ftplan.planner.pricing.offers import PROVIDERS, cache_path, check_provider, write_offers
 
 # provider -> ("module:function", name of its keyword for an API endpoint override)
 REFRESHERS: dict[str, tuple[str, str]] = {
@@ -49,7 +49,7 @@ def fetcher(provider: str):
 
 def normalise(provider: str, rows: list[dict], today: str) -> tuple[list[dict], dict[str, int]]:
     """Fill what a fetcher may leave out, map GPU names onto the GPU table, drop what cannot be planned."""
-    from planner.gpus import resolve_gpu
+    from ftplan.planner.estimate.gpus import resolve_gpu
 
     out, dropped, seen = [], {}, set()
 
@@ -92,7 +92,7 @@ def normalise(provider: str, rows: list[dict], today: str) -> tuple[list[dict], 
 
 def refresh(provider: str, endpoint: str | None = None, **options) -> RefreshResult:
     """Fetch `provider`'s prices and replace its cache file. Raises UserError with a scrubbed message."""
-    from providers.errors import ProviderError, scrub
+    from ftplan.providers.errors import ProviderError, scrub
 
     provider = check_provider(provider)
     fetch = fetcher(provider)

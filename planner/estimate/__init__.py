@@ -1,0 +1,1 @@
+"""Estimate: model specs, GPU table, memory and time from physics, dataset tokens."""

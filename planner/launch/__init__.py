@@ -1,0 +1,1 @@
+"""Launch: project file, launch plan, orchestration, budget guard, teardown, attach, live display."""

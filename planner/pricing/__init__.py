@@ -1,0 +1,1 @@
+"""Pricing: offer catalogs, the cost optimizer, live price refresh."""

@@ -1,0 +1,1 @@
+"""Remote: the SSH transport, the job bundle, safe extraction of pulled artifacts."""
