@@ -45,8 +45,9 @@ class InstanceRequest:
     spot: bool = False
     disk_gib: int = 100
     max_lifetime_s: int = 24 * 3600   # providers that support it enforce it themselves (GCP max_run_duration)
-    ssh_cidr: str | None = None       # firewall source; None = the caller's public address /32
+    ssh_cidr: str | None = None       # firewall source (e.g. "203.0.113.0/24"); None = the caller's public address /32
     image: str | None = None          # override the provider's default deep-learning image
+    cloud_type: str | None = None     # RunPod "SECURE" / "COMMUNITY" (sent as cloudType); None = SECURE
 
 
 @dataclass
@@ -138,16 +139,30 @@ class Provider(ABC):
 
         raise ProviderError(f"{self.name or type(self).__name__} makes no side resources", provider=self.name)
 
+    # Optional: host keys the provider publishes out of band (issue 22), so the first SSH login can be
+    # verified instead of trusted on first use.
+    def published_host_keys(self, instance: Instance) -> list[str] | None:
+        """The instance's SSH host public keys as OpenSSH "keytype base64" lines, read from a channel the
+        provider controls (AWS console output, GCP guest attributes); None when the provider publishes
+        none or has not published them yet (the caller then pins after the first successful login)."""
+        return None
+
+    # Optional: widen or move the SSH ingress rule after a network change (`ftplan attach`).
+    def allow_ssh_from(self, instance: Instance, cidr: str) -> None:
+        """Let `cidr` (IPv4 or IPv6 CIDR) reach port 22 of `instance`, replacing the run's earlier source
+        range. Providers without a per-run firewall (RunPod, Lambda, Paperspace, ssh) have nothing to do."""
+        return None
+
 
 # provider name -> "module:Class". Imported lazily so that unused SDKs never load.
 ADAPTERS: dict[str, str] = {
-    "aws": "providers.aws:AWSProvider",
-    "gcp": "providers.gcp:GCPProvider",
-    "runpod": "providers.runpod:RunPodProvider",
-    "lambda": "providers.lambda_cloud:LambdaProvider",
-    "paperspace": "providers.paperspace:PaperspaceProvider",
-    "ssh": "providers.ssh:SSHHostProvider",
-    "local": "providers.ssh:LocalProvider",
+    "aws": "ftplan.providers.aws:AWSProvider",
+    "gcp": "ftplan.providers.gcp:GCPProvider",
+    "runpod": "ftplan.providers.runpod:RunPodProvider",
+    "lambda": "ftplan.providers.lambda_cloud:LambdaProvider",
+    "paperspace": "ftplan.providers.paperspace:PaperspaceProvider",
+    "ssh": "ftplan.providers.ssh:SSHHostProvider",
+    "local": "ftplan.providers.ssh:LocalProvider",
 }
 
 
