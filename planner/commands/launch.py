@@ -39,15 +39,26 @@ def _store(path: str | None):
               help="Where to write the project file.")
 @click.option("--model", default="tiny-llama", show_default=True)
 @click.option("--method", type=click.Choice(["qlora", "lora", "full"]), default="qlora", show_default=True)
-@click.option("--dataset", default="data/train.jsonl", show_default=True)
+@click.option("--dataset", default=None, help="Training data. Default: a copy of the shipped 70-record example, "
+              "data/alpaca_small.json, so the project launches as written.")
 @click.option("--budget", type=float, default=20, show_default=True, help="Budget in USD for one run.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(path, model, method, dataset, budget, force):
     """Write a commented ftplan.toml project file."""
     if budget <= 0:
         raise UserError("--budget must be a positive number of USD, e.g. --budget 20")
+    example = None
+    if dataset is None:  # the first project must dry-run as written: give it real (tiny) data
+        example = Path(path).parent / "data" / "alpaca_small.json"
+        dataset = example.relative_to(Path(path).parent).as_posix()
     out = write_template(Path(path), force=force, model=model, method=method, dataset=dataset, budget=budget)
     load_project(out)  # the template must always validate
+    if example is not None and not example.exists():
+        from importlib.resources import files
+
+        example.parent.mkdir(parents=True, exist_ok=True)
+        example.write_bytes(files("ftplan.remote_job").joinpath("examples/alpaca_small.json").read_bytes())
+        click.echo(f"wrote {example} (the shipped example dataset; point job.dataset at yours)")
     click.echo(f"wrote {out}; edit it, then: ftplan launch --dry-run")
 
 
@@ -57,6 +68,7 @@ def init(path, model, method, dataset, budget, force):
 @click.option("--provider", help="Only this provider: aws, gcp, runpod, lambda, paperspace, local or ssh.")
 @click.option("--host", help="For --provider ssh: user@host[:port] of a machine you already have.")
 @click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key already authorized there.")
+@click.option("--ssh-port", type=int, help="For --provider local: the port of the sshd on 127.0.0.1 (default 22).")
 @click.option("--remote-python", help="Python on the machine to run the job with (skip the venv setup).")
 @click.option("--model")
 @click.option("--method", type=click.Choice(["qlora", "lora", "full"]))
@@ -72,7 +84,7 @@ def init(path, model, method, dataset, budget, force):
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="Where artifacts land (default ./runs).")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Run store (default: user data dir).")
 @click.pass_context
-def launch(ctx, config_path, provider, host, identity, remote_python, model, method, dataset, max_steps, budget,
+def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, model, method, dataset, max_steps, budget,
            on_over_budget, spot_recovery, sync_every, yes, dry_run, as_json, runs_dir, store_path):
     """Provision, train, pull artifacts, tear down."""
     cfg = load_project(config_path, required=config_path is not None)
@@ -94,6 +106,10 @@ def launch(ctx, config_path, provider, host, identity, remote_python, model, met
         cfg = with_overrides(cfg, **{"launch.providers": ["ssh"]})
     if identity and not Path(identity).is_file():
         raise UserError(f"--identity {identity}: no such key file")
+    if ssh_port is not None:
+        if cfg.launch.providers != ["local"] or not 1 <= ssh_port <= 65535:
+            raise UserError("--ssh-port PORT (1-65535) is for --provider local; for ssh use --host user@host:PORT")
+        cfg.providers = {**cfg.providers, "local": {**cfg.providers.get("local", {}), "port": ssh_port}}
     if cfg.launch.budget_usd is None:
         raise UserError("no budget: pass --budget USD or set launch.budget_usd in ftplan.toml")
     if not cfg.job.dataset:
@@ -113,6 +129,12 @@ def launch(ctx, config_path, provider, host, identity, remote_python, model, met
         return
     if not yes and not sys.stdin.isatty():
         raise UserError("launching rents a machine; confirm with --yes when there is no terminal to ask")
+    if cfg.launch.providers == ["local"]:  # the demo's own needs, before anything is recorded
+        from ftplan.planner.launch.local_preflight import check_local_demo
+
+        local = cfg.providers.get("local", {})
+        check_local_demo(int(local.get("port", 22)), identity or local.get("identity"),
+                         cfg.launch.remote_python, local.get("user"))
     if not as_json:
         click.echo(plan_text(summary), err=True)
     if not yes:
