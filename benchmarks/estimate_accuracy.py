@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from ftplan.planner.estimate.estimator import EstimateRequest, estimate  # noqa: E402
 from ftplan.planner.estimate.gpus import resolve_gpu  # noqa: E402
 from ftplan.planner.estimate.memory import litgpt_previous_step_input_bytes  # noqa: E402
-from ftplan.planner.estimate.models import ModelSpec, from_hf_config  # noqa: E402
+from ftplan.planner.estimate.architecture import ModelSpec  # noqa: E402
+from ftplan.planner.estimate.models import from_hf_config  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "calibration" / "published-measurements.csv"
 GIB = 1024**3

@@ -12,7 +12,8 @@ import warnings
 import pytest
 
 from ftplan.planner.errors import UserError
-from ftplan.planner.estimate.models import CatalogError, ModelSpec, from_hf_config, load_catalog
+from ftplan.planner.estimate.architecture import ModelSpec
+from ftplan.planner.estimate.models import CatalogError, from_hf_config, load_catalog
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

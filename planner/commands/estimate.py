@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ftplan.planner.errors import UserError
-from ftplan.planner.estimate.estimator import (
+from ftplan.planner.estimate.request import (
     ATTENTIONS,
     FRAMEWORKS,
     METHODS,

@@ -11,89 +11,12 @@ from typing import TYPE_CHECKING
 
 from ftplan.planner.errors import UserError
 from ftplan.planner.estimate.memory import MemoryEstimate, estimate_memory, trainable_params
+from ftplan.planner.estimate.request import EstimateRequest
 from ftplan.planner.estimate.throughput import tokens_per_second
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from ftplan.planner.estimate.gpus import GPU
-    from ftplan.planner.estimate.models import ModelSpec
-
-METHODS = ("full", "freeze", "lora", "qlora", "prompt", "prefix")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
-PRECISIONS = ("bf16-mixed", "bf16-true", "fp16-mixed", "fp32")
-OFFLOADS = ("none", "optimizer", "all")
-ATTENTIONS = ("sdpa", "flash", "eager")
-# Training code whose conventions change what is stored (see ftplan.planner.estimate.memory's docstring): "hf" is the
-# transformers Trainer / PEFT / accelerate / DeepSpeed stack ftplan's own job uses; "litgpt" is LitGPT.
-FRAMEWORKS = ("hf", "litgpt")
-
-
-@dataclass
-class EstimateRequest:
-    model: ModelSpec
-    method: str
-    seq_len: int = 2048
-    batch_size: int = 1
-    grad_accum: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: str = "all-linear"
-    lora_dropout: float = 0.05
-    optimizer: str | None = None  # None: paged_adamw8bit for qlora, adamw otherwise
-    precision: str = "bf16-mixed"
-    offload: str = "none"
-    grad_checkpointing: bool = True
-    attention: str = "sdpa"
-    zero: int | None = None  # None: 0 (DDP) on one GPU, 3 (FSDP full shard) on several for full/freeze
-    freeze_trainable_layers: int = 2
-    num_virtual_tokens: int = 20
-    double_quant: bool = True
-    dataset_tokens: int | None = None
-    epochs: float = 1.0
-    framework: str = "hf"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise UserError naming the first bad field and how to fix it."""
-        for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("offload", OFFLOADS),
-                              ("attention", ATTENTIONS), ("framework", FRAMEWORKS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(allowed)}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "lora_r", "num_virtual_tokens",
-                     "freeze_trainable_layers"):
-            if getattr(self, name) <= 0:
-                flag = name.replace("_", "-")
-                raise UserError(f"--{flag} must be a positive number, got {getattr(self, name)}")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.dataset_tokens is not None and self.dataset_tokens <= 0:
-            raise UserError(f"--dataset-tokens must be positive, got {self.dataset_tokens}")
-        if self.zero is not None and self.zero not in (0, 1, 2, 3):
-            raise UserError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
-        if self.offload == "all" and self.zero not in (None, 3):
-            raise UserError("--offload all needs ZeRO-3 (parameters are sharded to CPU); pass --zero 3")
-        if self.method in ("lora", "qlora"):
-            self.model.lora_params(self.lora_r, self.lora_targets)  # validates target names
-
-    @property
-    def resolved_optimizer(self) -> str:
-        if self.optimizer:
-            return self.optimizer
-        return "paged_adamw8bit" if self.method == "qlora" else "adamw"
-
-    def resolved_zero(self, gpu_count: int) -> int:
-        if self.zero is not None:
-            return self.zero
-        if gpu_count > 1 and self.method in ("full", "freeze"):
-            return 3
-        if self.offload != "none":
-            return 3 if self.offload == "all" else 2
-        return 0
-
 
 @dataclass
 class Estimate:
@@ -185,4 +108,4 @@ def smallest_fit(req: EstimateRequest, gpu: GPU, gpu_count: int = 1, max_gpus: i
     return out
 
 
-__all__ = ["FRAMEWORKS", "EstimateRequest", "Estimate", "estimate", "estimate_memory", "smallest_fit", "trainable_params"]
+__all__ = ["EstimateRequest", "Estimate", "estimate", "estimate_memory", "smallest_fit", "trainable_params"]

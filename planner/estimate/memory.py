@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 from ftplan.catalogs import data_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ftplan.planner.estimate.estimator import EstimateRequest
-    from ftplan.planner.estimate.models import ModelSpec
+    from ftplan.planner.estimate.architecture import ModelSpec
+    from ftplan.planner.estimate.request import EstimateRequest
 
 GIB = 1024**3
 COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "logits",

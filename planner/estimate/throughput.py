@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 from ftplan.planner.estimate.memory import _quantized_params, fitted_constants, trainable_params
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ftplan.planner.estimate.estimator import EstimateRequest
     from ftplan.planner.estimate.gpus import GPU
+    from ftplan.planner.estimate.request import EstimateRequest
 
 
 def _matmul_params(req: EstimateRequest) -> tuple[float, float]:
     """(parameters a token multiplies with inside the blocks, in the output head)."""
     m = req.model
     blocks = m.num_layers * sum(
-        x.in_features * x.out_features * (m.experts_per_token if x.kind == "experts" else x.count)
+        x.in_features * x.out_features * (m.experts_per_token if x.expert else x.count)
         for x in m.linear_modules())
     head = 0 if m.is_encoder else m.vocab_size * m.hidden_size
     return float(blocks), float(head)
