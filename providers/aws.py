@@ -1,9 +1,31 @@
 """AWS EC2 adapter (boto3, standard credential chain).
 
-Per create: a key pair and a security group (tcp/22 from the caller's /32 only), both named
+Per create: a key pair and a security group (tcp/22 from the caller's /32, or `ssh_cidr`), both named
 `ftplan-<run>-<suffix>` and tagged `ftplan:run-id`; the newest Deep Learning AMI found by name;
 `InstanceInitiatedShutdownBehavior=terminate` plus a user-data `shutdown -h +N`, so the instance ends its
 own billing after `max_lifetime_s` even if the launcher dies. Teardown removes the key pair and group.
+
+Documented EC2 behaviour this adapter relies on (and handles):
+- Eventual consistency. "If you run a command to modify or describe the resource that you just created, its
+  ID might not have propagated throughout the system, and you will get an error responding that the resource
+  does not exist"; after TerminateInstances a NotFound "does not mean that the instance is or will be
+  terminated" (EC2 developer guide, "Eventual consistency in the Amazon EC2 API",
+  https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html). botocore's own waiters encode
+  it: InstanceExists/InstanceRunning retry on InvalidInstanceID.NotFound, SecurityGroupExists on
+  InvalidGroup.NotFound, KeyPairExists on InvalidKeyPair.NotFound (botocore/data/ec2/2016-11-15/waiters-2.json).
+  So within `consistency_window_s` of this process creating a resource (instance `extra["created_at"]`), a
+  NotFound means "not visible yet" and is retried with backoff; `terminate` retries until EC2 acknowledges,
+  and only a read-back showing shutting-down/terminated, or a NotFound after the window, counts as gone.
+- Error codes (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html):
+  Insufficient*Capacity -> CapacityError (next offer); InvalidInstanceType / Unsupported (type not offered in
+  this region/zone) -> OfferUnavailable (next offer); VcpuLimitExceeded etc. -> QuotaError naming the quota;
+  AuthFailure/UnauthorizedOperation -> AuthError naming the variables; OptInRequired / PendingVerification
+  (account not yet able to launch) -> BillingError with the console page. Throttling (RequestLimitExceeded)
+  and 5xx are retried by botocore's standard mode (https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html).
+- Images: the Base OSS DLAMI's release notes list supported_ec2_instances G4dn ... P6-B300 with driver 595,
+  no P3 (https://docs.aws.amazon.com/dlami/latest/devguide/appendix-ami-release-notes.html); V100 (p3/p3dn)
+  offers are refused unless an explicit image is given (see providers/gpu_support.py).
+- Host keys: GetConsoleOutput carries cloud-init's SSH HOST KEY KEYS block (providers/host_keys.py).
 
 Retries: botocore is limited to 2 attempts, because capacity errors are HTTP 500 and the launcher's
 own failover (next offer) is the better retry. `ClientToken` keeps that one retry from doubling an instance.
@@ -19,16 +41,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ftplan.providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
+from ftplan.providers.base import (
+    RUN_TAG,
+    STORE_TAG,
+    Instance,
+    InstanceRequest,
+    InstanceState,
+    Provider,
+    SSHEndpoint,
+)
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
+    OfferUnavailable,
     ProviderError,
     QuotaError,
     import_sdk,
     scrub,
 )
+from ftplan.providers.gpu_support import is_volta, refuse_non_cuda
+from ftplan.providers.host_keys import from_console_output
 from ftplan.providers.net import public_ip, ssh_cidr_for, validate_cidr
 
 log = logging.getLogger("ftplan.providers.aws")
@@ -39,15 +73,20 @@ AMAZON_OWNER = "amazon"
 SSH_USER = "ubuntu"
 
 CAPACITY_CODES = {
-    "InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity", "Unsupported",
+    "InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity",
     "SpotMaxPriceTooLow", "InsufficientReservedInstanceCapacity",
 }
+NOT_OFFERED_CODES = {"InvalidInstanceType", "Unsupported"}  # "not sold here": next offer, no retry
 QUOTA_CODES = {"VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"}
 AUTH_CODES = {
-    "AuthFailure", "UnauthorizedOperation", "ExpiredToken", "RequestExpired", "OptInRequired",
+    "AuthFailure", "UnauthorizedOperation", "ExpiredToken", "RequestExpired",
     "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException", "InvalidAccessKeyId",
 }
+BILLING_CODES = {"OptInRequired", "PendingVerification", "Blocked"}
 GONE_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
+# Codes EC2 answers for a resource it created a moment ago but has not propagated (see module docstring).
+NOT_VISIBLE_YET = {"InvalidInstanceID.NotFound", "InvalidGroup.NotFound", "InvalidKeyPair.NotFound"}
+BILLING_PAGE = "https://console.aws.amazon.com/billing/home#/paymentmethods"
 NO_CREDENTIALS = (
     "AWS credentials not found: run `aws configure` or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 )
@@ -77,6 +116,7 @@ class AWSProvider(Provider):
         regions: list[str] | None = None,
         poll_interval_s: float = 5.0,
         teardown_wait_s: float = 300.0,
+        consistency_window_s: float = 180.0,
     ):
         self.region = region
         self.endpoint_url = endpoint_url
@@ -85,6 +125,8 @@ class AWSProvider(Provider):
         self.regions = list(regions or [region])  # swept by list_instances
         self.poll_interval_s = poll_interval_s
         self.teardown_wait_s = teardown_wait_s
+        # botocore's InstanceExists waiter: 40 x 5 s; a NotFound within this window is "not visible yet".
+        self.consistency_window_s = consistency_window_s
         self._clients: dict[str, Any] = {}
         self._session = None
 
@@ -94,6 +136,14 @@ class AWSProvider(Provider):
         region = request.region or self.region
         ec2 = self._ec2(region)
         public_key = _validated_public_key(request.ssh_public_key)
+        refuse_non_cuda(request.gpu, self.name)
+        if request.image is None and (is_volta(request.gpu) or request.instance_type.startswith(("p3.", "p3dn."))):
+            raise OfferUnavailable(
+                f"{request.instance_type} ({request.gpu}) is not supported by the current Deep Learning Base OSS AMI "
+                "(its release notes list G4dn...P6, driver 595, no P3/V100); skipping this offer - give an image with "
+                "a Volta-capable driver (NVIDIA 580 branch or older) as `image = \"ami-...\"` to launch it",
+                provider=self.name,
+            )
         base_name = f"ftplan-{_safe_name(request.run_id)}-{secrets.token_hex(3)}"
         side: dict[str, Any] = {"key_name": None, "security_group_id": None}
         try:
@@ -104,6 +154,9 @@ class AWSProvider(Provider):
             vpc_id = self._default_vpc(ec2, region)
 
             tags = [{"Key": RUN_TAG, "Value": request.run_id}, {"Key": "Name", "Value": base_name}]
+            if request.store_id:
+                tags.append({"Key": STORE_TAG, "Value": request.store_id})
+            created_at = time.time()
             ec2.import_key_pair(
                 KeyName=base_name, PublicKeyMaterial=public_key.encode(),
                 TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
@@ -114,13 +167,8 @@ class AWSProvider(Provider):
                 TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
             )
             side["security_group_id"] = sg["GroupId"]
-            ec2.authorize_security_group_ingress(
-                GroupId=sg["GroupId"],
-                IpPermissions=[{
-                    "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                    "IpRanges": [{"CidrIp": cidr, "Description": "ftplan ssh"}],
-                }],
-            )
+            self._until_visible(created_at, "authorizing ssh on " + sg["GroupId"], lambda: (
+                ec2.authorize_security_group_ingress(GroupId=sg["GroupId"], IpPermissions=[_ssh_permission(cidr)])))
             params: dict[str, Any] = {
                 "ImageId": image_id,
                 "InstanceType": request.instance_type,
@@ -148,7 +196,10 @@ class AWSProvider(Provider):
                     "MarketType": "spot",
                     "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
                 }
-            raw = ec2.run_instances(**params)["Instances"][0]
+            # The just-made key pair and group may not be visible to RunInstances yet; ClientToken makes the
+            # retry idempotent (the same token never launches a second instance).
+            raw = self._until_visible(created_at, "launching " + request.instance_type,
+                                      lambda: ec2.run_instances(**params))["Instances"][0]
         except BaseException as exc:
             # Half-made runs leave nothing behind: key pairs and groups are free, but they clutter the account.
             self._delete_side_resources(ec2, side, instance_id=None, wait_s=0)
@@ -156,7 +207,8 @@ class AWSProvider(Provider):
         instance = Instance(
             provider=self.name, id=raw["InstanceId"], run_id=request.run_id, region=region,
             zone=raw.get("Placement", {}).get("AvailabilityZone") or zone, instance_type=request.instance_type,
-            spot=request.spot, extra={**side, "ssh_cidr": cidr, "image_id": image_id},
+            spot=request.spot,
+            extra={**side, "ssh_cidr": cidr, "image_id": image_id, "created_at": round(time.time(), 3)},
         )
         _apply(instance, raw)
         log.info("created %s (%s) in %s for run %s", instance.id, instance.instance_type, instance.zone,
@@ -166,54 +218,81 @@ class AWSProvider(Provider):
     def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
         ec2 = self._ec2(instance.region)
         deadline = time.monotonic() + timeout_s
+        unseen = 0
         while True:
             raw = self._describe_raw(ec2, instance.id)
             if raw is None:
-                instance.state = InstanceState.TERMINATED
-                raise InstanceGone(f"instance {instance.id} no longer exists", provider=self.name)
-            _apply(instance, raw)
-            if instance.state is InstanceState.RUNNING and instance.public_ip:
-                instance.ssh = SSHEndpoint(host=instance.public_ip, port=22, user=SSH_USER)
-                return instance.ssh
-            if instance.state.is_gone or instance.state is InstanceState.STOPPED:
-                reason = raw.get("StateReason", {})
-                text = f"instance {instance.id} is {raw['State']['Name']}: {reason.get('Message', 'no reason given')}"
-                if "Capacity" in reason.get("Code", "") or "Capacity" in reason.get("Message", ""):
-                    raise CapacityError(text, provider=self.name)
-                raise InstanceGone(text, provider=self.name)
+                if not self._fresh(instance):
+                    instance.state = InstanceState.TERMINATED
+                    raise InstanceGone(f"instance {instance.id} no longer exists", provider=self.name)
+                unseen += 1  # created moments ago: not visible yet (eventual consistency), keep asking
+                log.info("instance %s not visible yet (try %d); retrying", instance.id, unseen)
+            else:
+                _apply(instance, raw)
+                if instance.state is InstanceState.RUNNING and instance.public_ip:
+                    instance.ssh = SSHEndpoint(host=instance.public_ip, port=22, user=SSH_USER)
+                    return instance.ssh
+                if instance.state.is_gone or instance.state is InstanceState.STOPPED:
+                    reason = raw.get("StateReason", {})
+                    text = f"instance {instance.id} is {raw['State']['Name']}: {reason.get('Message', 'no reason given')}"
+                    if "Capacity" in reason.get("Code", "") or "Capacity" in reason.get("Message", ""):
+                        raise CapacityError(text, provider=self.name)
+                    raise InstanceGone(text, provider=self.name)
             left = deadline - time.monotonic()
             if left <= 0:
-                what = "has no public IP (does the default subnet assign one?)" if instance.public_ip is None \
-                    and instance.state is InstanceState.RUNNING else f"is still {raw['State']['Name']}"
+                if raw is None:
+                    what = "is still not visible to DescribeInstances"
+                elif instance.public_ip is None and instance.state is InstanceState.RUNNING:
+                    what = "has no public IP (does the default subnet assign one?)"
+                else:
+                    what = f"is still {raw['State']['Name']}"
                 raise ProviderError(f"instance {instance.id} {what} after {timeout_s:.0f}s", provider=self.name)
-            time.sleep(min(self.poll_interval_s, left))
+            time.sleep(min(self._backoff(unseen) if raw is None else self.poll_interval_s, left))
 
     def describe(self, instance: Instance) -> Instance:
         raw = self._describe_raw(self._ec2(instance.region), instance.id)
         if raw is None:
-            instance.state = InstanceState.TERMINATED
+            if not self._fresh(instance):  # a fresh instance keeps its state: not visible yet is not gone
+                instance.state = InstanceState.TERMINATED
         else:
             _apply(instance, raw)
         return instance
 
     def terminate(self, instance: Instance) -> None:
         ec2 = self._ec2(instance.region)
-        try:
-            ec2.terminate_instances(InstanceIds=[instance.id])
-        except Exception as exc:
-            mapped = _mapped(exc, f"terminating {instance.id}")
-            if not isinstance(mapped, InstanceGone):
-                raise mapped from None
-        raw = self._describe_raw(ec2, instance.id)  # read back: only the provider's word counts
-        if raw is None:
-            instance.state = InstanceState.TERMINATED
-        else:
-            _apply(instance, raw)
-            if not instance.state.is_gone:
+        attempt = 0
+        while True:  # until EC2 acknowledges; a NotFound for a fresh instance is "not visible yet"
+            try:
+                ec2.terminate_instances(InstanceIds=[instance.id])
+                break
+            except Exception as exc:
+                mapped = _mapped(exc, f"terminating {instance.id}")
+                if not isinstance(mapped, InstanceGone):
+                    raise mapped from None
+                if not self._fresh(instance):
+                    break  # long after creation: NotFound means it is gone; the read-back decides
+                log.info("terminate: %s not visible yet (try %d); retrying", instance.id, attempt + 1)
+            time.sleep(self._backoff(attempt))
+            attempt += 1
+        ack_deadline = time.monotonic() + max(self.poll_interval_s, min(self.consistency_window_s, 60.0))
+        attempt = 0
+        while True:  # read back: only the provider's word counts
+            raw = self._describe_raw(ec2, instance.id)
+            if raw is None and not self._fresh(instance):
+                instance.state = InstanceState.TERMINATED
+                break
+            if raw is not None:
+                _apply(instance, raw)
+                if instance.state.is_gone:
+                    break
+            if time.monotonic() >= ack_deadline:
+                now = "not visible" if raw is None else f"still {raw['State']['Name']}"
                 raise ProviderError(
-                    f"instance {instance.id} is still {raw['State']['Name']} after terminate; "
-                    "check the EC2 console and run `ftplan gc`", provider=self.name,
+                    f"instance {instance.id} is {now} after terminate; check the EC2 console and run `ftplan gc`",
+                    provider=self.name,
                 )
+            time.sleep(self._backoff(attempt))
+            attempt += 1
         log.info("terminated %s (%s)", instance.id, instance.state.value)
         self._delete_side_resources(ec2, instance.extra, instance_id=instance.id, wait_s=self.teardown_wait_s)
 
@@ -236,12 +315,83 @@ class AWSProvider(Provider):
                     zone=raw.get("Placement", {}).get("AvailabilityZone"), instance_type=raw.get("InstanceType", ""),
                     spot=raw.get("InstanceLifecycle") == "spot",
                     extra={"key_name": raw.get("KeyName"), "security_group_id": groups[0] if groups else None},
+                    store_id=tags.get(STORE_TAG, ""),
                 )
                 _apply(inst, raw)
                 found.append(inst)
         return found
 
+    # ---- host keys and the ssh rule (issue 22) --------------------------------------------------------
+
+    def published_host_keys(self, instance: Instance) -> list[str] | None:
+        """cloud-init's host key block from the serial console; None until cloud-init has printed it."""
+        try:
+            out = self._ec2(instance.region).get_console_output(InstanceId=instance.id)
+        except Exception as exc:
+            mapped = _mapped(exc, f"reading the console of {instance.id}")
+            if isinstance(mapped, InstanceGone):
+                return None  # not visible yet, or gone: either way nothing published
+            raise mapped from None
+        return from_console_output(out.get("Output") or "")
+
+    def allow_ssh_from(self, instance: Instance, cidr: str) -> None:
+        """Open port 22 of the run's security group to `cidr` first, then revoke the earlier sources, so
+        there is no moment with no way in."""
+        from botocore.exceptions import ClientError
+
+        cidr = validate_cidr(cidr)
+        sg_id = instance.extra.get("security_group_id")
+        if not sg_id:
+            raise ProviderError(f"instance {instance.id} has no ftplan security group to update", provider=self.name)
+        ec2 = self._ec2(instance.region)
+        try:
+            group = ec2.describe_security_groups(GroupIds=[sg_id])["SecurityGroups"][0]
+            try:
+                ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=[_ssh_permission(cidr)])
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "InvalidPermission.Duplicate":
+                    raise
+            old = [p for p in group.get("IpPermissions", []) if p.get("FromPort") == 22 and p.get("ToPort") == 22]
+            stale = []
+            for perm in old:
+                v4 = [r for r in perm.get("IpRanges", []) if r.get("CidrIp") != cidr]
+                v6 = [r for r in perm.get("Ipv6Ranges", []) if r.get("CidrIpv6") != cidr]
+                if v4 or v6:
+                    stale.append({"IpProtocol": perm["IpProtocol"], "FromPort": 22, "ToPort": 22,
+                                  **({"IpRanges": [{"CidrIp": r["CidrIp"]} for r in v4]} if v4 else {}),
+                                  **({"Ipv6Ranges": [{"CidrIpv6": r["CidrIpv6"]} for r in v6]} if v6 else {})})
+            if stale:
+                ec2.revoke_security_group_ingress(GroupId=sg_id, IpPermissions=stale)
+        except Exception as exc:
+            raise _mapped(exc, f"updating ssh access of {sg_id}") from None
+        instance.extra["ssh_cidr"] = cidr
+        log.info("ssh to %s now allowed from %s", instance.id, cidr)
+
     # ---- helpers --------------------------------------------------------------------------------------
+
+    def _fresh(self, instance: Instance) -> bool:
+        """Created by this adapter less than `consistency_window_s` ago (wall clock: survives a restart)."""
+        created = instance.extra.get("created_at")
+        return isinstance(created, (int, float)) and time.time() - created < self.consistency_window_s
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.poll_interval_s * (2 ** min(attempt, 10)), 15.0)
+
+    def _until_visible(self, created_at: float, doing: str, call: Callable[[], Any]) -> Any:
+        """Run `call`, retrying with backoff while EC2 says a resource made since `created_at` does not exist."""
+        from botocore.exceptions import ClientError
+
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in NOT_VISIBLE_YET or time.time() - created_at >= self.consistency_window_s:
+                    raise
+                log.info("%s: %s right after creating it (eventual consistency); retrying", doing, code)
+            time.sleep(self._backoff(attempt))
+            attempt += 1
 
     def _ec2(self, region: str):
         if region not in self._clients:
@@ -280,7 +430,9 @@ class AWSProvider(Provider):
 
     def _architecture(self, ec2, instance_type: str) -> str:
         types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
-        archs = types[0]["ProcessorInfo"]["SupportedArchitectures"] if types else ["x86_64"]
+        if not types:
+            raise OfferUnavailable(f"{instance_type} is not offered in {ec2.meta.region_name}", provider=self.name)
+        archs = types[0]["ProcessorInfo"]["SupportedArchitectures"]
         return "x86_64" if "x86_64" in archs else archs[0]
 
     def _image(self, ec2, image: str | None, arch: str) -> tuple[str, str]:
@@ -433,8 +585,16 @@ def _mapped(exc: BaseException, doing: str) -> BaseException:
         text = f"AWS {code} while {doing}: {message}"
         if code in CAPACITY_CODES:
             return CapacityError(text, provider="aws")
+        if code in NOT_OFFERED_CODES:
+            return OfferUnavailable(f"{text}; this type is not offered there, trying the next offer", provider="aws")
         if code in QUOTA_CODES:
-            return QuotaError(f"{text}; request a higher limit in the Service Quotas console", provider="aws")
+            quota = ("'All Standard/G and VT/P Spot Instance Requests'" if code == "MaxSpotInstanceCountExceeded"
+                     else "the EC2 vCPU quota for this instance family (e.g. 'Running On-Demand P instances')")
+            return QuotaError(f"{text}; raise {quota} in the Service Quotas console "
+                              "(https://console.aws.amazon.com/servicequotas/home/services/ec2/quotas)", provider="aws")
+        if code in BILLING_CODES:
+            return BillingError(f"{text}; the account cannot launch instances until billing/verification is "
+                                f"complete: {BILLING_PAGE}", provider="aws")
         if code in AUTH_CODES:
             hint = ("grant the missing ec2 permission to this IAM identity" if code == "UnauthorizedOperation"
                     else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (`aws sts get-caller-identity`)")
@@ -445,6 +605,15 @@ def _mapped(exc: BaseException, doing: str) -> BaseException:
     if isinstance(exc, bx.BotoCoreError):
         return ProviderError(f"AWS request failed while {doing}: {exc}", provider="aws")
     return exc
+
+
+def _ssh_permission(cidr: str) -> dict[str, Any]:
+    """tcp/22 from `cidr`; EC2 wants IPv6 sources in Ipv6Ranges/CidrIpv6 (model shape IpPermission)."""
+    if ":" in cidr:
+        return {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                "Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ftplan ssh"}]}
+    return {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+            "IpRanges": [{"CidrIp": cidr, "Description": "ftplan ssh"}]}
 
 
 def _validated_public_key(key: str) -> str:

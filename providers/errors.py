@@ -2,8 +2,11 @@
 
     ProviderError            anything else that went wrong at the provider (message already scrubbed)
     ├── CapacityError        no capacity for this type in this zone/region: try the next offer
+    │   └── OfferUnavailable the provider does not sell/launch this offer as asked (reservation-only type,
+    │                        type not offered in the region, no image supports the GPU): next offer too
     ├── QuotaError           the account's quota/limit forbids it: raise the quota or pick another type
     ├── AuthError            credentials missing or rejected: the message names the credential and how to set it
+    ├── BillingError         the account may not buy (billing address, payment method, credit): the console page
     ├── InstanceGone         the instance no longer exists (preempted, deleted); terminate() treats it as success
     └── MissingExtraError    the provider's SDK is not installed: the message is the pip command
 
@@ -28,6 +31,16 @@ class ProviderError(Exception):
 
 class CapacityError(ProviderError):
     """No capacity for the requested type in the requested zone/region; the launcher moves on."""
+
+
+class OfferUnavailable(CapacityError):
+    """The provider refuses this offer by policy, not for lack of capacity right now (sold only by
+    reservation, not offered in the region, no image for the GPU). A CapacityError, so the launcher
+    moves to the next offer; never retried on the same offer."""
+
+
+class BillingError(ProviderError):
+    """The account cannot buy anything until its billing is fixed; the message names the console page."""
 
 
 class QuotaError(ProviderError):

@@ -28,9 +28,11 @@ from ftplan.providers.aws import AWSProvider
 from ftplan.providers.base import RUN_TAG, Instance, InstanceRequest, InstanceState, SSHEndpoint
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
     MissingExtraError,
+    OfferUnavailable,
     ProviderError,
     QuotaError,
 )
@@ -173,13 +175,16 @@ def test_capacity_error_leaves_no_key_pair_or_security_group(provider, moto, ec2
 
 
 @pytest.mark.parametrize(("code", "status", "error"), [
-    ("Unsupported", 400, CapacityError),
+    ("Unsupported", 400, OfferUnavailable),
+    ("InvalidInstanceType", 400, OfferUnavailable),
     ("InsufficientHostCapacity", 500, CapacityError),
     ("SpotMaxPriceTooLow", 400, CapacityError),
     ("VcpuLimitExceeded", 400, QuotaError),
     ("MaxSpotInstanceCountExceeded", 400, QuotaError),
     ("AuthFailure", 401, AuthError),
     ("UnauthorizedOperation", 403, AuthError),
+    ("OptInRequired", 401, BillingError),
+    ("PendingVerification", 400, BillingError),
     ("InternalError", 500, ProviderError),
 ])
 def test_run_instances_errors_map_onto_the_tree(provider, moto, ec2, code, status, error):
@@ -276,7 +281,7 @@ def test_missing_boto3_gives_the_pip_hint(monkeypatch):
 
 
 def test_provider_modules_import_no_sdk_at_module_level():
-    code = ("import sys, ftplan.providers.aws, ftplan.providers.gcp, ftplan.providers.aws_prices, ftplan.providers.gcp_prices, providers.net;"
+    code = ("import sys, ftplan.providers.aws, ftplan.providers.gcp, ftplan.providers.aws_prices, ftplan.providers.gcp_prices, ftplan.providers.net;"
             "print([m for m in ('boto3', 'botocore', 'google.cloud.compute_v1', 'google.auth') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -3,7 +3,12 @@
 `MotoEC2` serves moto's WSGI app behind `FaultMiddleware`, which
 - records every EC2 request (Action + form parameters) so tests can assert what the adapter *sent*;
 - answers an armed action (e.g. RunInstances) with a real EC2 error document instead of calling moto.
-  Faults are sticky (or count-limited) because botocore retries 5xx once and would hide a one-shot fault.
+  Faults are sticky (or count-limited) because botocore retries 5xx once and would hide a one-shot fault;
+- models EC2's documented eventual consistency (`lag()`): a resource just created is answered with its
+  NotFound code for the next N calls of chosen actions that name it, as real EC2 may do
+  (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html);
+- serves a chosen serial console text from GetConsoleOutput (moto's is a fixed 2006 kernel log with no
+  cloud-init host key block).
 Faults can be armed in-process (`arm()`) or from another process (`POST /_fault?action=...&code=...`).
 
 moto loads its AMI set when `moto` is first imported, so this module must set `MOTO_AMIS_PATH` first;
@@ -13,9 +18,11 @@ it also appends the DLAMIs to moto's list in case something imported moto earlie
 from __future__ import annotations
 
 import atexit
+import base64
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 import urllib.parse
@@ -83,12 +90,68 @@ class RecordedRequest:
     authorization: str
 
 
+# What a create call returns the new id in, and the NotFound code EC2 answers for it while it propagates.
+_LAG_SOURCES = {
+    "RunInstances": ("instanceId", "InvalidInstanceID.NotFound", "The instance ID '{id}' does not exist"),
+    "CreateSecurityGroup": ("groupId", "InvalidGroup.NotFound", "The security group '{id}' does not exist"),
+    "ImportKeyPair": ("keyName", "InvalidKeyPair.NotFound", "The key pair '{id}' does not exist"),
+}
+
+
+@dataclass
+class Lag:
+    created_by: str
+    hidden_from: dict[str, int]  # action -> how many more calls naming the new id get NotFound
+
+
 @dataclass
 class FaultMiddleware:
     app: object
     faults: dict[str, Fault] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    lags: list[Lag] = field(default_factory=list)          # armed, waiting for the create call
+    hidden: dict[str, tuple[str, str, dict[str, int]]] = field(default_factory=dict)  # id -> (code, msg, counts)
+    console: dict[str, str] = field(default_factory=dict)  # instance id -> console text
+
+    def _error(self, start_response, code: str, message: str, status: int = 400):
+        xml = (
+            f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{escape(code)}</Code>"
+            f"<Message>{escape(message)}</Message></Error></Errors>"
+            "<RequestID>ftplan-fault-0001</RequestID></Response>"
+        ).encode()
+        start_response(f"{status} Fault", [("Content-Type", "text/xml"), ("Content-Length", str(len(xml)))])
+        return [xml]
+
+    def _hidden_answer(self, action: str, params: dict[str, str]) -> tuple[str, str] | None:
+        for value in params.values():
+            entry = self.hidden.get(value)
+            if entry and entry[2].get(action, 0) > 0:
+                entry[2][action] -= 1
+                return entry[0], entry[1].format(id=value)
+        return None
+
+    def _remember_new(self, action: str, body: bytes) -> None:
+        lags = [lag for lag in self.lags if lag.created_by == action]
+        if not lags:
+            return
+        tag, code, message = _LAG_SOURCES[action]
+        found = re.search(rf"<{tag}>([^<]+)</{tag}>".encode(), body)
+        if found:
+            lag = lags[0]
+            self.lags.remove(lag)
+            self.hidden[found.group(1).decode()] = (code, message, dict(lag.hidden_from))
+
+    def _console(self, instance_id: str, start_response):
+        doc = (
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><GetConsoleOutputResponse "
+            "xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>ftplan-console-0001</requestId>"
+            f"<instanceId>{escape(instance_id)}</instanceId><timestamp>2026-12-07T12:00:00.000Z</timestamp>"
+            f"<output>{base64.b64encode(self.console[instance_id].encode()).decode()}</output>"
+            "</GetConsoleOutputResponse>"
+        ).encode()
+        start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(doc)))])
+        return [doc]
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") == "/_fault":
@@ -106,15 +169,27 @@ class FaultMiddleware:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     del self.faults[action]
+            hidden = None if fault else self._hidden_answer(action, params)
+            console = action == "GetConsoleOutput" and params.get("InstanceId") in self.console
         if fault:
-            xml = (
-                f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{escape(fault.code)}</Code>"
-                f"<Message>{escape(fault.message)}</Message></Error></Errors>"
-                "<RequestID>ftplan-fault-0001</RequestID></Response>"
-            ).encode()
-            start_response(f"{fault.status} Fault", [("Content-Type", "text/xml"), ("Content-Length", str(len(xml)))])
-            return [xml]
-        return self.app(environ, start_response)
+            return self._error(start_response, fault.code, fault.message, fault.status)
+        if hidden:
+            return self._error(start_response, *hidden)
+        if console:
+            return self._console(params["InstanceId"], start_response)
+        if action not in _LAG_SOURCES:
+            return self.app(environ, start_response)
+        captured: dict[str, object] = {}
+
+        def keep(status, headers, exc_info=None):
+            captured.update(status=status, headers=headers)
+            return lambda data: None
+
+        body = b"".join(self.app(environ, keep))
+        with self.lock:
+            self._remember_new(action, body)
+        start_response(captured["status"], captured["headers"])
+        return [body]
 
     def _control(self, environ, start_response):
         query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
@@ -164,6 +239,24 @@ class MotoEC2(FakeServer):
         with self.middleware.lock:
             self.middleware.faults.clear()
             self.middleware.requests.clear()
+            self.middleware.lags.clear()
+            self.middleware.hidden.clear()
+            self.middleware.console.clear()
+
+    def lag(self, created_by: str, **hidden_from: int) -> None:
+        """EC2's eventual consistency: the next resource `created_by` makes (RunInstances, CreateSecurityGroup,
+        ImportKeyPair) answers NotFound to its next N calls of each action, e.g.
+        `lag("RunInstances", DescribeInstances=2, TerminateInstances=1)`."""
+        with self.middleware.lock:
+            self.middleware.lags.append(Lag(created_by, dict(hidden_from)))
+
+    def hidden_left(self) -> dict[str, dict[str, int]]:
+        with self.middleware.lock:
+            return {k: dict(v[2]) for k, v in self.middleware.hidden.items()}
+
+    def set_console_output(self, instance_id: str, text: str) -> None:
+        with self.middleware.lock:
+            self.middleware.console[instance_id] = text
 
     def arm(self, action: str, code: str, status: int = 400, message: str = "", count: int | None = None) -> None:
         """Make `action` fail with EC2 error `code` (sticky unless `count` is given)."""
