@@ -14,9 +14,10 @@ from typing import Any
 
 METHODS = ("qlora", "lora", "full")
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw")  # job_optim.py
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DISTRIBUTED = (None, "ddp", "fsdp", "zero2", "zero3")
+LOSSES = ("fused", "chunked", "standard")  # job_loss.py: fused = Liger on CUDA, else chunked
 
 DEFAULTS: dict[str, Any] = {
     "run_id": "run",
@@ -34,10 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "warmup_ratio": 0.03,
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
-    "optimizer": "paged_adamw_8bit",
+    "optimizer": "auto",
     "precision": "auto",
     "gradient_checkpointing": True,
     "packing": False,
+    "loss": "fused",
     "seed": 42,
     "checkpoint_every_steps": 50,
     "keep_checkpoints": 2,
@@ -123,6 +125,7 @@ def validate(raw: Any) -> dict:
                                        and all(isinstance(t, str) for t in targets)),
            "'lora.targets' must be \"all-linear\" or a list of module names like [\"q_proj\", \"v_proj\"]")
     _check(cfg["optimizer"] in OPTIMIZERS, f"'optimizer' must be one of {', '.join(OPTIMIZERS)}")
+    _check(cfg["loss"] in LOSSES, f"'loss' must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
     _check(cfg["precision"] in PRECISIONS, f"'precision' must be one of {', '.join(PRECISIONS)}")
     for key in ("gradient_checkpointing", "packing", "resume", "merge_adapter"):
         _check(isinstance(cfg[key], bool), f"'{key}' must be true or false")

@@ -26,6 +26,8 @@ import job_checkpoints  # noqa: E402
 import job_config  # noqa: E402
 import job_data  # noqa: E402
 import job_distributed  # noqa: E402
+import job_loss  # noqa: E402
+import job_optim  # noqa: E402
 import job_progress  # noqa: E402
 from job_config import JobConfigError  # noqa: E402
 
@@ -86,19 +88,7 @@ def setup_logging(out_dir: str | None, is_main: bool) -> None:
     log.propagate = False
 
 
-def make_optimizer(name: str, params, lr: float):
-    import torch
-
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw": bnb.optim.PagedAdamW}[name]
-    return cls(params, lr=lr, weight_decay=0.0)
-
-
-def evaluate(acc, model, examples, batch_size: int, pad_id: int) -> float | None:
+def evaluate(acc, model, examples, batch_size: int, pad_id: int, loss_mode: str = "standard") -> float | None:
     """Token-weighted mean loss over the held-out examples (each rank takes a share)."""
     import torch
 
@@ -113,7 +103,7 @@ def evaluate(acc, model, examples, batch_size: int, pad_id: int) -> float | None
             n = (batch["labels"][:, 1:] != job_data.IGNORE).sum()
             if n == 0:
                 continue
-            loss = model(**batch).loss
+            loss = job_loss.compute(model, batch, loss_mode)
             total[0] += loss.double() * n
             total[1] += n
     model.train()
@@ -202,8 +192,13 @@ def run(cfg: dict) -> int:
             raise JobConfigError(f"too few training rows ({len(train_set)}) for {acc.num_processes} processes")
         total_steps = cfg["max_steps"] or groups_per_epoch * cfg["epochs"]
         summary["total_steps"] = total_steps
+        loss_mode = summary["loss"] = job_loss.resolve(cfg["loss"], device_type, model)
+        if loss_mode == "liger":
+            job_loss.use_liger(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg["optimizer"], params, cfg["learning_rate"])
+        optimizer, summary["optimizer"] = job_optim.make(cfg["optimizer"], cfg["method"], params,
+                                                         cfg["learning_rate"], device_type)
+        log.info("loss: %s, optimizer: %s", loss_mode, summary["optimizer"])
         scheduler = transformers.get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg["warmup_ratio"] * total_steps), total_steps)
         model, optimizer = acc.prepare(model, optimizer)
@@ -239,7 +234,7 @@ def run(cfg: dict) -> int:
                     ctx = acc.no_sync(model) if not last and acc.num_processes > 1 and not sharded \
                         else contextlib.nullcontext()
                     with ctx:
-                        loss = model(**batch).loss
+                        loss = job_loss.compute(model, batch, loss_mode)
                         acc.backward(loss / len(group))
                     stats[0] += batch["attention_mask"].sum()
                     stats[1] += loss.detach().double()
@@ -271,7 +266,7 @@ def run(cfg: dict) -> int:
                 if loop["step"] % cfg["checkpoint_every_steps"] == 0 or stopped:
                     if eval_set and not stopped:
                         loop["eval_loss"] = evaluate(acc, model, eval_set, cfg["batch_size"],
-                                                     tokenizer.pad_token_id)
+                                                     tokenizer.pad_token_id, loss_mode)
                         progress.log_metrics({"step": loop["step"], "eval_loss": loop["eval_loss"]})
                     progress.update(write=True, status="saving", eval_loss=loop["eval_loss"])
                     job_checkpoints.save(acc, model, optimizer, scheduler, loop, out_dir,
@@ -297,7 +292,7 @@ def run(cfg: dict) -> int:
             summary["stop_reason"] = stop.reason()
         else:
             if eval_set:
-                loop["eval_loss"] = evaluate(acc, model, eval_set, cfg["batch_size"], tokenizer.pad_token_id)
+                loop["eval_loss"] = evaluate(acc, model, eval_set, cfg["batch_size"], tokenizer.pad_token_id, loss_mode)
                 progress.log_metrics({"step": loop["step"], "eval_loss": loop["eval_loss"]})
             progress.update(write=True, status="saving", eval_loss=loop["eval_loss"])
             # Sharded engines hold the weights in pieces: gather them (a collective) before saving.
