@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 RUN_TAG = "ftplan:run-id"  # AWS tag key; GCP label key is "ftplan-run-id" (labels allow no ':')
+STORE_TAG = "ftplan:store-id"  # the run store that owns the instance (`ftplan gc` touches only its own)
 
 
 class InstanceState(str, enum.Enum):
@@ -47,6 +48,7 @@ class InstanceRequest:
     max_lifetime_s: int = 24 * 3600   # providers that support it enforce it themselves (GCP max_run_duration)
     ssh_cidr: str | None = None       # firewall source (e.g. "203.0.113.0/24"); None = the caller's public address /32
     image: str | None = None          # override the provider's default deep-learning image
+    store_id: str = ""                # owner tag: the run store that launched it (see STORE_TAG)
     cloud_type: str | None = None     # RunPod "SECURE" / "COMMUNITY" (sent as cloudType); None = SECURE
 
 
@@ -72,6 +74,7 @@ class Instance:
     public_ip: str | None = None
     ssh: SSHEndpoint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    store_id: str = ""                # the owner tag as listed ("" = untagged, e.g. made by an older ftplan)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -10,7 +10,27 @@ The request's `instance_type` (from the catalog) is always the host machine type
 
 Operations are polled with our own `ZoneOperationsClient` built with the same client options: the SDK's
 `op.result()` polls compute.googleapis.com whatever endpoint the client was given.
-Reads pass `retry=None`, because the SDK's default retry keeps a 503 going for 10 minutes.
+Reads pass `retry=None`, because the SDK's default retry keeps a 503 going for 10 minutes; polling reads
+retry 429/500/503 a bounded number of times instead (Compute API: "retry with exponential backoff" on
+rateLimitExceeded / 5xx, https://cloud.google.com/compute/docs/api/how-tos/api-rate-limits).
+
+Documented Compute Engine behaviour this adapter relies on:
+- Not sold on demand: "When provisioning A4 machine types, you must reserve capacity ..., use Spot VMs, use
+  Flex-start VMs" (same for A3 Ultra), and "a3-highgpu-1g, a3-highgpu-2g, or a3-highgpu-4g ... you must create
+  instances by using Spot VMs or Flex-start VMs" (https://cloud.google.com/compute/docs/gpus, 2026-04). Such an
+  on-demand request is refused here with OfferUnavailable (next offer) before any call; a refusal that names
+  reservations/Flex-start maps the same way.
+- Capacity: ZONE_RESOURCE_POOL_EXHAUSTED[_WITH_DETAILS] inside the operation, or synchronously the newer
+  wording "A ... VM instance ... is currently unavailable in the ZONE zone" / "does not have enough resources"
+  (https://cloud.google.com/compute/docs/troubleshooting/troubleshooting-resource-availability) -> CapacityError.
+  QUOTA_EXCEEDED names the quota ("Quota 'NVIDIA_T4_GPUS' exceeded") -> QuotaError naming it.
+- Boot disks: A3 Ultra and A4 take only Hyperdisk ("for A3U machines, the default value is hyperdisk-balanced",
+  Vertex AI DiskSpec; the A4X/A4 pages list Hyperdisk only), so those families boot from hyperdisk-balanced.
+- Instance.Status (compute_v1): PENDING (flex-start queue), PENDING_STOP and DEPROVISIONING (on the way out),
+  STOPPED; GCP's TERMINATED means stopped, not deleted.
+- Host keys: with metadata `enable-guest-attributes=TRUE` the guest agent publishes them as guest attributes
+  `hostkeys/<type>` (https://cloud.google.com/compute/docs/instances/connecting-advanced#guest-attributes).
+- Blackwell (B200, sm_100) needs a DLVM family built on CUDA >= 12.8 (providers/gpu_support.py).
 """
 
 from __future__ import annotations
@@ -25,19 +45,24 @@ from typing import Any
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
+    OfferUnavailable,
     ProviderError,
     QuotaError,
     import_sdk,
     register_secret,
     scrub,
 )
+from ftplan.providers.gpu_support import needs_cuda_12_8, refuse_non_cuda
+from ftplan.providers.host_keys import openssh_key
 from ftplan.providers.net import public_ip, ssh_cidr_for, validate_cidr
 
 log = logging.getLogger("ftplan.providers.gcp")
 
 RUN_LABEL = "ftplan-run-id"
+STORE_LABEL = "ftplan-store-id"  # the run store that owns it: `ftplan gc` touches only its own
 DLVM_PROJECT = "deeplearning-platform-release"
 # Deep Learning VM families with CUDA 12 on Ubuntu 22.04; those named `-nvidia-<ver>` ship the driver installed
 # (the others install it at first boot because of the `install-nvidia-driver` metadata). Names change over time,
@@ -56,8 +81,23 @@ BUILT_IN_GPUS = {"a2-highgpu": "A100", "a2-megagpu": "A100", "a2-ultragpu": "A10
 CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
                   "RESOURCE_POOL_EXHAUSTED", "STOCKOUT"}
 QUOTA_CODES = {"QUOTA_EXCEEDED", "QUOTA_LIMIT"}
+# Synchronous capacity wordings (old and new) of the resource-availability doc.
+_CAPACITY_TEXT = re.compile(r"enough resources|is currently unavailable in the \S+ zone|resource_pool_exhausted|stockout",
+                            re.I)
+# Refusals of a purchase model the type is not sold with (exact wording unverified; these are the doc's terms).
+_NOT_SOLD_TEXT = re.compile(r"reservation|flex-start|flex start|provisioning model|only (available|supported) (with|as)",
+                            re.I)
+# Sold only through reservations, Spot or Flex-start (cloud.google.com/compute/docs/gpus).
+RESERVATION_ONLY = {"a4-highgpu-8g", "a3-ultragpu-8g", "a3-ultragpu-8g-nolssd", "a3-highgpu-1g", "a3-highgpu-2g",
+                    "a3-highgpu-4g"}
+HYPERDISK_ONLY_FAMILIES = ("a3-ultragpu", "a4-highgpu", "a4x-highgpu", "a4x-maxgpu")
+QUOTAS_PAGE = "https://console.cloud.google.com/iam-admin/quotas"
+BILLING_PAGE = "https://console.cloud.google.com/billing"
 _STATES = {"PROVISIONING": InstanceState.PENDING, "STAGING": InstanceState.PENDING, "REPAIRING": InstanceState.PENDING,
+           "PENDING": InstanceState.PENDING,  # flex-start: queued for capacity
            "RUNNING": InstanceState.RUNNING, "STOPPING": InstanceState.STOPPING, "SUSPENDING": InstanceState.STOPPING,
+           "PENDING_STOP": InstanceState.STOPPING, "DEPROVISIONING": InstanceState.TERMINATING,
+           "STOPPED": InstanceState.STOPPED,
            "SUSPENDED": InstanceState.STOPPED, "TERMINATED": InstanceState.STOPPED}  # GCP TERMINATED = stopped
 _PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
 _READ_TIMEOUT_S = 60.0
@@ -78,6 +118,7 @@ class GCPProvider(Provider):
         public_ip_lookup: Callable[[], str] | None = None,
         op_timeout_s: float = 600.0,
         poll_interval_s: float = 5.0,
+        read_retries: int = 4,
     ):
         self.project = project
         self.zone = zone
@@ -87,6 +128,7 @@ class GCPProvider(Provider):
         self.public_ip_lookup = public_ip_lookup or public_ip
         self.op_timeout_s = op_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.read_retries = read_retries
         self._c: dict[str, Any] | None = None
 
     # ---- the five calls -------------------------------------------------------------------------------
@@ -98,6 +140,11 @@ class GCPProvider(Provider):
         if not zone:
             raise ProviderError("GCP needs a zone: the offer has none and GCPProvider(zone=...) is unset",
                                 provider=self.name)
+        refuse_non_cuda(request.gpu, self.name)
+        if not request.spot and request.instance_type in RESERVATION_ONLY:
+            raise OfferUnavailable(
+                f"Google sells {request.instance_type} only through reservations, Spot or Flex-start, not on demand "
+                "(cloud.google.com/compute/docs/gpus); skipping this offer - use --spot for it", provider=self.name)
         accelerators = self._accelerators(request, zone)
         public_key = _validated_public_key(request.ssh_public_key)
         label = label_value(request.run_id)
@@ -106,7 +153,7 @@ class GCPProvider(Provider):
         side: dict[str, Any] = {"project": self.project, "firewall": None, "instance_sent": False}
         try:
             cidr = self._ssh_cidr(request)
-            image = self._image(request.image)
+            image = self._image(request.image, blackwell=needs_cuda_12_8(request.gpu))
             rule = cv.Firewall(
                 name=firewall, network="global/networks/default", direction="INGRESS", priority=1000,
                 source_ranges=[cidr], target_tags=[name], allowed=[cv.Allowed(I_p_protocol="tcp", ports=["22"])],
@@ -128,17 +175,19 @@ class GCPProvider(Provider):
                 guest_accelerators=accelerators,
                 scheduling=scheduling,
                 disks=[cv.AttachedDisk(boot=True, auto_delete=True, initialize_params=cv.AttachedDiskInitializeParams(
-                    source_image=image, disk_size_gb=int(request.disk_gib), disk_type=f"zones/{zone}/diskTypes/pd-balanced"))],
+                    source_image=image, disk_size_gb=int(request.disk_gib),
+                    disk_type=f"zones/{zone}/diskTypes/{boot_disk_type(request.instance_type)}"))],
                 network_interfaces=[cv.NetworkInterface(network="global/networks/default", access_configs=[
                     cv.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")])],
                 metadata=cv.Metadata(items=[
                     cv.Items(key="ssh-keys", value=f"{SSH_USER}:{public_key}"),
                     cv.Items(key="install-nvidia-driver", value="True"),
                     cv.Items(key="enable-oslogin", value="FALSE"),  # OS Login would ignore ssh-keys
+                    cv.Items(key="enable-guest-attributes", value="TRUE"),  # host keys under hostkeys/
                     cv.Items(key=RUN_LABEL, value=request.run_id),
                     cv.Items(key="ftplan-firewall", value=firewall),
                 ]),
-                labels={RUN_LABEL: label},
+                labels={RUN_LABEL: label, **({STORE_LABEL: label_value(request.store_id)} if request.store_id else {})},
                 tags=cv.Tags(items=[name]),
             )
             side["instance_sent"] = True
@@ -171,7 +220,7 @@ class GCPProvider(Provider):
             if instance.state is InstanceState.RUNNING and instance.public_ip:
                 instance.ssh = SSHEndpoint(host=instance.public_ip, port=22, user=SSH_USER)
                 return instance.ssh
-            if instance.state in (InstanceState.STOPPED, InstanceState.STOPPING):
+            if instance.state in (InstanceState.STOPPED, InstanceState.STOPPING) or instance.state.is_gone:
                 raise InstanceGone(f"instance {instance.id} is {_status_name(raw.status)} (preempted or stopped)",
                                    provider=self.name)
             left = deadline - time.monotonic()
@@ -203,8 +252,8 @@ class GCPProvider(Provider):
         raw = self._get(instance)  # read back: only the provider's word counts
         if raw is None:
             instance.state = InstanceState.TERMINATED
-        elif _status_name(raw.status) in ("STOPPING", "TERMINATED"):
-            instance.state = InstanceState.TERMINATING
+        elif _status_name(raw.status) in ("STOPPING", "PENDING_STOP", "DEPROVISIONING", "TERMINATED", "STOPPED"):
+            instance.state = InstanceState.TERMINATING  # the delete operation is DONE: these are on the way out
         else:
             raise ProviderError(f"instance {instance.id} is still {_status_name(raw.status)} after delete; "
                                 "check the Cloud console and run `ftplan gc`", provider=self.name)
@@ -227,6 +276,7 @@ class GCPProvider(Provider):
                         region=zone.rsplit("-", 1)[0], zone=zone, instance_type=raw.machine_type.rsplit("/", 1)[-1],
                         spot=raw.scheduling.provisioning_model == "SPOT",
                         extra={"project": self.project, "firewall": meta.get("ftplan-firewall")},
+                        store_id=raw.labels.get(STORE_LABEL, ""),
                     )
                     self._apply(inst, raw)
                     found.append(inst)
@@ -287,8 +337,9 @@ class GCPProvider(Provider):
             return validate_cidr(request.ssh_cidr)
         return self.ssh_cidr or ssh_cidr_for(self.public_ip_lookup())
 
-    def _image(self, image: str | None) -> str:
-        """An explicit image (link or family in the DLVM project), else the newest matching DLVM family."""
+    def _image(self, image: str | None, blackwell: bool = False) -> str:
+        """An explicit image (link or family in the DLVM project), else the newest matching DLVM family;
+        for Blackwell GPUs only families built on CUDA >= 12.8 (older ones have no sm_100 kernels)."""
         c = self._clients()
         if image and "/" in image:
             return image
@@ -298,6 +349,12 @@ class GCPProvider(Provider):
         req = c["compute_v1"].ListImagesRequest(project=DLVM_PROJECT, filter=f'family eq "{DLVM_FAMILY_PATTERN}"')
         images = [i for i in c["images"].list(request=req, retry=None, timeout=_READ_TIMEOUT_S)
                   if not (i.deprecated and i.deprecated.state)]
+        if blackwell:
+            images = [i for i in images if _cuda_of_family(i.family) >= 128]
+            if not images:
+                raise OfferUnavailable(
+                    f"no Deep Learning VM image with CUDA >= 12.8 (needed for Blackwell, sm_100) in {DLVM_PROJECT}; "
+                    "skipping this offer - pass an explicit image to launch it", provider=self.name)
         if not images:
             raise ProviderError(f"no Deep Learning VM image family matching {DLVM_FAMILY_PATTERN} in {DLVM_PROJECT}; "
                                 "pass an explicit image", provider=self.name)
@@ -325,19 +382,65 @@ class GCPProvider(Provider):
             if first.code in CAPACITY_CODES:
                 raise CapacityError(text, provider=self.name)
             if first.code in QUOTA_CODES:
-                raise QuotaError(f"{text}; request more quota under IAM & Admin > Quotas", provider=self.name)
-            raise ProviderError(text, provider=self.name)
+                raise QuotaError(_quota_advice(text), provider=self.name)
+            raise _by_text(text, self.name)
 
     def _get(self, instance: Instance) -> Any | None:
         c = self._clients()
+        for attempt in range(self.read_retries + 1):
+            try:
+                return c["instances"].get(project=instance.extra.get("project") or self.project, zone=instance.zone,
+                                          instance=instance.id, retry=None, timeout=_READ_TIMEOUT_S)
+            except Exception as exc:
+                mapped = self._mapped(exc, f"reading {instance.id}")
+                if isinstance(mapped, InstanceGone):
+                    return None
+                if attempt < self.read_retries and getattr(exc, "code", None) in (429, 500, 502, 503, 504):
+                    time.sleep(min(self.poll_interval_s * 2 ** attempt, 30.0))  # bounded backoff
+                    continue
+                raise mapped from None
+        return None  # pragma: no cover - the loop always returns or raises
+
+    # ---- host keys and the ssh rule (issue 22) --------------------------------------------------------
+
+    def published_host_keys(self, instance: Instance) -> list[str] | None:
+        """The guest agent's `hostkeys/` guest attributes; None until it has written them."""
+        c = self._clients()
+        req = c["compute_v1"].GetGuestAttributesInstanceRequest(
+            project=instance.extra.get("project") or self.project, zone=instance.zone, instance=instance.id,
+            query_path="hostkeys/")
         try:
-            return c["instances"].get(project=instance.extra.get("project") or self.project, zone=instance.zone,
-                                      instance=instance.id, retry=None, timeout=_READ_TIMEOUT_S)
+            attrs = c["instances"].get_guest_attributes(request=req, retry=None, timeout=_READ_TIMEOUT_S)
         except Exception as exc:
-            mapped = self._mapped(exc, f"reading {instance.id}")
+            mapped = self._mapped(exc, f"reading the host keys of {instance.id}")
             if isinstance(mapped, InstanceGone):
-                return None
+                return None  # 404: nothing published (yet)
             raise mapped from None
+        keys = []
+        for entry in attrs.query_value.items:
+            # The agent writes "keytype base64" under key <keytype>; accept a bare base64 value too.
+            key = openssh_key(f"{entry.key} {entry.value}") if entry.namespace == "hostkeys" else None
+            if key and key not in keys:
+                keys.append(key)
+        return keys or None
+
+    def allow_ssh_from(self, instance: Instance, cidr: str) -> None:
+        """Point the run's firewall rule at `cidr` (PATCH replaces source_ranges in one step)."""
+        cidr = validate_cidr(cidr)
+        firewall = instance.extra.get("firewall")
+        if not firewall:
+            raise ProviderError(f"instance {instance.id} has no ftplan firewall rule to update", provider=self.name)
+        project = instance.extra.get("project") or self.project
+        c = self._clients()
+        try:
+            op = c["firewalls"].patch(project=project, firewall=firewall,
+                                      firewall_resource=c["compute_v1"].Firewall(source_ranges=[cidr]),
+                                      timeout=_READ_TIMEOUT_S)
+            self._wait_op(op.name, zone=None, project=project)
+        except Exception as exc:
+            raise self._mapped(exc, f"updating firewall rule {firewall}") from None
+        instance.extra["ssh_cidr"] = cidr
+        log.info("ssh to %s now allowed from %s", instance.id, cidr)
 
     @staticmethod
     def _apply(instance: Instance, raw: Any) -> None:
@@ -404,14 +507,17 @@ class GCPProvider(Provider):
             if isinstance(exc, gx.Unauthorized):
                 return AuthError(f"{text}; run `gcloud auth application-default login` or set "
                                  "GOOGLE_APPLICATION_CREDENTIALS", provider=self.name)
+            if "billing" in str(exc.message).lower() or "billingNotEnabled" in reasons:
+                return BillingError(f"{text}; enable billing for project {self.project} at {BILLING_PAGE}",
+                                    provider=self.name)
             if isinstance(exc, gx.Forbidden):
                 if "quota" in str(exc.message).lower() or reasons & {"quotaExceeded", "rateLimitExceeded"}:
-                    return QuotaError(f"{text}; request more quota under IAM & Admin > Quotas", provider=self.name)
+                    return QuotaError(_quota_advice(text), provider=self.name)
                 return AuthError(f"{text}; grant the identity roles/compute.instanceAdmin.v1 and enable the Compute "
                                  "Engine API", provider=self.name)
-            if any(code in str(exc.message) for code in CAPACITY_CODES) or "enough resources" in str(exc.message):
+            if any(code in str(exc.message) for code in CAPACITY_CODES):
                 return CapacityError(text, provider=self.name)
-            return ProviderError(text, provider=self.name)
+            return _by_text(text, self.name)
         try:
             import requests
         except ImportError:  # pragma: no cover
@@ -456,6 +562,35 @@ class GCPProvider(Provider):
 def label_value(run_id: str) -> str:
     """GCP label values allow lowercase letters, digits, '_' and '-', at most 63 characters."""
     return re.sub(r"[^a-z0-9_-]", "-", run_id.lower())[:63]
+
+
+def boot_disk_type(machine_type: str) -> str:
+    """Hyperdisk for the families that take no Persistent Disk (A3 Ultra, A4, A4X); pd-balanced elsewhere."""
+    return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY_FAMILIES) else "pd-balanced"
+
+
+def _cuda_of_family(family: str) -> int:
+    m = re.match(r"common-cu(\d+)", family or "")
+    return int(m.group(1)) if m else 0
+
+
+def _quota_advice(text: str) -> str:
+    """Name the quota to raise: GCP says "Quota 'NVIDIA_T4_GPUS' exceeded.  Limit: 0.0 in region us-central1."."""
+    m = re.search(r"Quota '([A-Z0-9_]+)' exceeded", text)
+    if m:
+        region = re.search(r"in region ([a-z0-9-]+)", text)
+        where = f" in region {region.group(1)}" if region else ""
+        return f"{text}; raise quota {m.group(1)}{where} at {QUOTAS_PAGE}"
+    return f"{text}; request more quota (GPUs, or PREEMPTIBLE_* for Spot) at {QUOTAS_PAGE}"
+
+
+def _by_text(text: str, provider: str) -> ProviderError:
+    """A refusal without a known code, classified by its documented wording."""
+    if _CAPACITY_TEXT.search(text):
+        return CapacityError(text, provider=provider)
+    if _NOT_SOLD_TEXT.search(text):
+        return OfferUnavailable(f"{text}; this type is not sold this way, trying the next offer", provider=provider)
+    return ProviderError(text, provider=provider)
 
 
 def _status_name(status: Any) -> str:

@@ -8,8 +8,15 @@ It behaves like Compute where ftplan depends on it:
   (default 127.0.0.1, so an end-to-end test can put a local sshd behind it);
 - delete is an operation too; the instance is gone (404) once it is DONE;
 - aggregated list honours the label filters ftplan sends; images resolve by family.
+- insert refuses what Compute documents it refuses: an on-demand (non-SPOT) A4 / A3 Ultra / A3 High 1-4g
+  (sold only through reservations, Spot or Flex-start: cloud.google.com/compute/docs/gpus; the exact refusal
+  text is not published, the one here uses the doc's words) and a Persistent Disk boot disk on the
+  Hyperdisk-only families; bodies are parsed as compute_v1 types, so an unknown field is a 400 as on GCP;
+- guest attributes (`getGuestAttributes?queryPath=hostkeys/`) are 404 until `publish_guest_attribute`;
+- a firewall rule can be PATCHed (source ranges replaced).
 Switches: `insert_op_error` (async error in the operation), `sync_errors[(method, kind)]` (an HTTP error
-answered at once), `valid_tokens` (401 for any other bearer token). Every request is recorded in `requests`.
+answered at once), `valid_tokens` (401 for any other bearer token), `throttle_gets` (429s before the next GETs
+of an instance). Every request is recorded in `requests`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from werkzeug.wrappers import Request, Response
 from fakes.server import FakeServer
 
 DLVM_PROJECT = "deeplearning-platform-release"
+RESERVATION_ONLY = {"a4-highgpu-8g", "a3-ultragpu-8g", "a3-ultragpu-8g-nolssd", "a3-highgpu-1g", "a3-highgpu-2g",
+                    "a3-highgpu-4g"}
+HYPERDISK_ONLY = ("a3-ultragpu", "a4-highgpu", "a4x-")
 
 
 @dataclass
@@ -49,6 +59,8 @@ class FakeCompute(FakeServer):
     firewalls: dict[tuple[str, str], dict] = field(default_factory=dict)
     operations: dict[str, dict] = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)
+    guest: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)  # instance -> attribute entries
+    throttle_gets: int = 0
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -68,6 +80,16 @@ class FakeCompute(FakeServer):
     def calls(self, method: str, path_suffix: str) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.method == method and r.path.endswith(path_suffix)]
+
+    def publish_guest_attribute(self, project: str, zone: str, name: str, namespace: str, key: str,
+                                value: str) -> None:
+        with self._lock:
+            self.guest.setdefault((project, zone, name), []).append(
+                {"namespace": namespace, "key": key, "value": value})
+
+    def set_status(self, project: str, zone: str, name: str, status: str) -> None:
+        with self._lock:
+            self.instances[(project, zone, name)]["status"] = status
 
     def vanish(self, project: str, zone: str, name: str) -> None:
         """The instance disappears behind ftplan's back (preempted with DELETE action, deleted by a human)."""
@@ -96,6 +118,7 @@ class FakeCompute(FakeServer):
         project, rest = m.groups()
         routes = [
             ("POST", r"zones/([^/]+)/instances", "insert", self._insert),
+            ("GET", r"zones/([^/]+)/instances/([^/]+)/getGuestAttributes", "guest", self._guest_attributes),
             ("GET", r"zones/([^/]+)/instances/([^/]+)", "get", self._get),
             ("DELETE", r"zones/([^/]+)/instances/([^/]+)", "delete", self._delete),
             ("POST", r"zones/([^/]+)/operations/([^/]+)/wait", "wait", self._wait_op),
@@ -104,6 +127,7 @@ class FakeCompute(FakeServer):
             ("POST", r"global/firewalls", "firewall-insert", self._fw_insert),
             ("GET", r"global/firewalls/([^/]+)", "firewall-get", self._fw_get),
             ("DELETE", r"global/firewalls/([^/]+)", "firewall-delete", self._fw_delete),
+            ("PATCH", r"global/firewalls/([^/]+)", "firewall-patch", self._fw_patch),
             ("POST", r"global/operations/([^/]+)/wait", "global-wait", self._wait_global_op),
             ("GET", r"global/images/family/([^/]+)", "image-family", self._image_family),
             ("GET", r"global/images", "images", self._list_images),
@@ -120,7 +144,24 @@ class FakeCompute(FakeServer):
     # ---- instances -----------------------------------------------------------------------------------
 
     def _insert(self, request, project, zone, body):
+        from google.cloud import compute_v1
+
+        try:  # what GCP does with a field it does not know: 400
+            compute_v1.Instance.from_json(json.dumps(body), ignore_unknown_fields=False)
+        except Exception as exc:  # noqa: BLE001
+            return _error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}", "invalid")
         name = body["name"]
+        machine = body.get("machineType", "").rsplit("/", 1)[-1]
+        spot = (body.get("scheduling") or {}).get("provisioningModel") in ("SPOT", "FLEX_START")
+        if machine in RESERVATION_ONLY and not spot:
+            return _error(400, "INVALID_ARGUMENT", f"Invalid value for field 'resource.machineType': "
+                          f"'{body.get('machineType')}'. Machine type {machine} can only be provisioned with a "
+                          "reservation, Spot VMs or Flex-start VMs.", "invalid")
+        for disk in body.get("disks", []):
+            disk_type = (disk.get("initializeParams") or {}).get("diskType", "").rsplit("/", 1)[-1]
+            if machine.startswith(HYPERDISK_ONLY) and not disk_type.startswith("hyperdisk"):
+                return _error(400, "INVALID_ARGUMENT", f"[{disk_type}] disk type cannot be used by [{machine}] "
+                              "machine type.", "invalid")
         if (project, zone, name) in self.instances:
             return _error(409, "ALREADY_EXISTS", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' "
                           "already exists", "alreadyExists")
@@ -142,6 +183,9 @@ class FakeCompute(FakeServer):
         return _json(op)
 
     def _get(self, request, project, zone, name, body):
+        if self.throttle_gets > 0:
+            self.throttle_gets -= 1
+            return _error(429, "RESOURCE_EXHAUSTED", "Rate Limit Exceeded", "rateLimitExceeded")
         inst = self.instances.get((project, zone, name))
         if inst is None:
             return _not_found(project, zone, name)
@@ -156,6 +200,16 @@ class FakeCompute(FakeServer):
             return _not_found(project, zone, name)
         inst["status"] = "STOPPING"
         return _json(self._new_op(project, zone, "delete", inst["selfLink"], target=(project, zone, name)))
+
+    def _guest_attributes(self, request, project, zone, name, body):
+        path = request.args.get("queryPath", "")
+        namespace = path.rstrip("/").split("/", 1)[0]
+        items = [e for e in self.guest.get((project, zone, name), []) if e["namespace"] == namespace]
+        if (project, zone, name) not in self.instances or not items:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/zones/{zone}/instances/{name}/"
+                          f"guestAttributes/{path}' was not found", "notFound")
+        return _json({"kind": "compute#guestAttributes", "queryPath": path, "queryValue": {"items": items},
+                      "selfLink": f"{self.endpoint}{request.path}"})
 
     def _aggregated(self, request, project, body):
         match = _label_matcher(request.args.get("filter", ""))
@@ -242,6 +296,14 @@ class FakeCompute(FakeServer):
             return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/firewalls/{name}' was not "
                           "found", "notFound")
         return _json(self._new_op(project, None, "firewall-delete", fw["selfLink"], target=(project, name)))
+
+    def _fw_patch(self, request, project, name, body):
+        fw = self.firewalls.get((project, name))
+        if fw is None:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/firewalls/{name}' was not "
+                          "found", "notFound")
+        fw.update({k: v for k, v in body.items() if k != "name"})
+        return _json(self._new_op(project, None, "firewall-patch", fw["selfLink"], target=(project, name)))
 
     def _image_family(self, request, project, family, body):
         found = [i for i in self.images if i["family"] == family and project == DLVM_PROJECT]
