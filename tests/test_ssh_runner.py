@@ -129,8 +129,12 @@ def test_wrong_key_is_reported(make_runner, sshd, tmp_path):
 
     other = keygen(tmp_path / "other_key")
     runner = SSHRunner(sshd.host, sshd.port, sshd.user, other, tmp_path / "kh", connect_timeout_s=1)
-    with pytest.raises(SSHRunnerError, match="rejected"):
+    with pytest.raises(SSHRunnerError, match="refused the key .*other_key"):
         runner.connect()
+    runner = SSHRunner(sshd.host, sshd.port, sshd.user, other, tmp_path / "kh", connect_timeout_s=30, auth_retry_s=0)
+    with pytest.raises(SSHRunnerError, match=r"other_key refused by .* after sshd first answered"):
+        runner.connect()
+    assert not (tmp_path / "kh").exists()  # nothing is pinned before a login succeeded
 
 
 # ----------------------------------------------------------------------------- running
@@ -291,22 +295,28 @@ def test_pull_folder_is_verified_and_complete(make_runner, remote_root, tmp_path
     assert runner.pull("run-pull", "out/adapter/empty", tmp_path / "one") == [tmp_path / "one" / "empty"]
 
 
-def test_pull_refuses_a_link_out_of_the_run(make_runner, remote_root, tmp_path):
+def test_pull_skips_a_link_out_of_the_run_and_keeps_the_good_files(make_runner, remote_root, tmp_path):
     out = _remote_run(remote_root, "run-evil")
     (out / "adapter").mkdir()
     (out / "adapter" / "weights.bin").write_bytes(b"x" * 100)
     (out / "adapter" / "passwd").symlink_to("/etc/passwd")
-    runner = make_runner()
-    with pytest.raises(IntegrityError, match="points outside|absolute"):
-        runner.pull("run-evil", "out/adapter", tmp_path / "artifacts")
-    assert list((tmp_path / "artifacts").iterdir()) == []  # nothing half-extracted is left
+    messages: list[str] = []
+    runner = make_runner(log=messages.append)
+    got = runner.pull("run-evil", "out/adapter", tmp_path / "artifacts")
+    assert got == [tmp_path / "artifacts" / "adapter" / "weights.bin"]
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "adapter").iterdir()) == ["weights.bin"]
+    assert [n for n, why in runner.last_pull_skipped] == ["adapter/passwd"]
+    assert [m for m in messages if "skipped 1 unsafe entries of out/adapter" in m and "absolute" in m]
+    assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["adapter"]  # no staging left behind
 
 
-def test_pull_refuses_a_fifo(make_runner, remote_root, tmp_path):
+def test_pull_skips_a_fifo(make_runner, remote_root, tmp_path):
     out = _remote_run(remote_root, "run-fifo")
     os.mkfifo(out / "pipe")
-    with pytest.raises(IntegrityError, match="fifo"):
-        make_runner().pull("run-fifo", "out", tmp_path / "artifacts")
+    runner = make_runner()
+    runner.pull("run-fifo", "out", tmp_path / "artifacts")
+    assert not (tmp_path / "artifacts" / "out" / "pipe").exists()
+    assert "fifo" in runner.last_pull_skipped[0][1]
 
 
 def test_pull_of_a_missing_path_says_so(make_runner, remote_root, tmp_path):
@@ -404,8 +414,9 @@ def test_pull_without_python_on_the_machine_uses_tar_and_sha256sum(machine_runne
     _check_pulled(runner.pull("run-nopy", "out/adapter", local), local, files)
     assert runner.pull("run-nopy", "out/adapter/zero", tmp_path / "one") == [tmp_path / "one" / "zero"]
     (out / "adapter" / "passwd").symlink_to("/etc/passwd")
-    with pytest.raises(IntegrityError, match="points outside|absolute"):
-        runner.pull("run-nopy", "out/adapter", tmp_path / "evil")
+    runner.pull("run-nopy", "out/adapter", tmp_path / "evil")
+    assert not (tmp_path / "evil" / "adapter" / "passwd").is_symlink()
+    assert "absolute" in runner.last_pull_skipped[0][1]
 
 
 def test_pull_with_a_large_manifest(make_runner, remote_root, tmp_path):
