@@ -22,7 +22,14 @@ from typing import Any, ClassVar
 import httpx
 
 from ftplan.providers.base import Provider
-from ftplan.providers.errors import AuthError, InstanceGone, ProviderError, register_secret, scrub
+from ftplan.providers.errors import (
+    AuthError,
+    BillingError,
+    InstanceGone,
+    ProviderError,
+    register_secret,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class JSONClient:
         credential_env: str,
         credential_url: str,
         error_mapper: ErrorMapper | None = None,
+        billing_url: str = "",
         timeout_s: float = 30.0,
         max_retries: int = 4,
         backoff_s: float = 1.0,
@@ -92,6 +100,7 @@ class JSONClient:
         self.credential_env = credential_env
         self.credential_url = credential_url
         self.error_mapper = error_mapper
+        self.billing_url = billing_url
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -204,6 +213,8 @@ class JSONClient:
             cls = AuthError
         if cls is AuthError:
             detail += f"; check {self.credential_env} ({self.credential_url})"
+        if cls is BillingError:
+            detail += f"; the account cannot launch until billing is fixed: {self.billing_url or 'the console'}"
         if cls is None:
             return APIError(detail, provider=self.provider, status=status, code=code)
         err_obj = cls(detail, provider=self.provider)
@@ -223,6 +234,7 @@ class RESTProvider(Provider):
     credential_env: ClassVar[str]
     credential_url: ClassVar[str]
     error_mapper: ClassVar[ErrorMapper | None] = None
+    billing_url: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -248,7 +260,7 @@ class RESTProvider(Provider):
             self._client = JSONClient(
                 self.base_url, self._api_key or os.environ.get(self.credential_env, ""), provider=self.name,
                 credential_env=self.credential_env, credential_url=self.credential_url,
-                error_mapper=type(self).error_mapper, **self._client_options,
+                error_mapper=type(self).error_mapper, billing_url=self.billing_url, **self._client_options,
             )
         return self._client
 

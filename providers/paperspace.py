@@ -8,6 +8,24 @@ Capacity is not always an error at create time: a machine can be accepted and th
 `wait_ready` reports that as CapacityError after `off_timeout_s`. Teardown is DELETE; if Paperspace
 refuses to delete a running machine, stop it, wait for `off`, then DELETE (a stopped machine still
 bills storage and a static IP, so stop alone is never teardown).
+
+What the v1 API documents and this adapter follows (reference: Paperspace's own CLI, whose types are
+generated from the v1 OpenAPI spec: github.com/Paperspace/cli api/openapi.ts @c7bdd42, operations
+`machines-create`, `osTemplates-list`, `startupScripts-create`):
+- OS templates are machine-type specific: each lists `availableMachineTypes[{machineTypeLabel, isAvailable}]`.
+  A template is used only if it lists the machine type as available; templates are matched on the documented
+  `name` and `operatingSystemLabel` (an ML-in-a-Box template may be named like `mliab-u22-241108-h100` with the
+  label "ML-in-a-Box 22.04 Template"), newest `dtCreated` first. None listing the type -> OfferUnavailable
+  (next offer); listed but not available now -> CapacityError.
+- `region` is typed as a plain string ("The region to create the machine in"). Catalogs carry the console's
+  display names ("East Coast (NY2)"); current clients send the short codes `ny2`, `ca1`, `ams1`, which is
+  what is sent by default (`region_form="code"`; `"label"` sends the display name, as older clients such as
+  SkyPilot do). Which form the live API enforces is unverified without an account.
+- `diskSize` ("The disk size in gigabytes") takes fixed sizes only: 100, 250, 500, 1000, 2000 (SkyPilot
+  sky/provision/paperspace/constants.py DISK_SIZES); the request is rounded up to the next one.
+- Only documented request fields are sent (`startupScripts-create`: name, script, isRunOnce).
+- No documented error codes for capacity/quota: recognised by wording (below); 429 is retried with
+  Retry-After by providers/http.py.
 """
 
 from __future__ import annotations
@@ -19,7 +37,16 @@ import time
 from typing import Any
 
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
-from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.errors import (
+    AuthError,
+    BillingError,
+    CapacityError,
+    InstanceGone,
+    OfferUnavailable,
+    ProviderError,
+    QuotaError,
+)
+from ftplan.providers.gpu_support import refuse_non_cuda
 from ftplan.providers.http import APIError, RESTProvider
 
 log = logging.getLogger(__name__)
@@ -29,6 +56,10 @@ CREDENTIAL_ENV = "PAPERSPACE_API_KEY"
 CREDENTIAL_URL = "https://console.paperspace.com/settings/apikeys"
 NAME_PREFIX = "ftplan-"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")
+DISK_SIZES_GB = (100, 250, 500, 1000, 2000)
+# Console display name -> region code (the two forms a v1 client may send; see the module docstring).
+REGION_CODES = {"East Coast (NY2)": "ny2", "West Coast (CA1)": "ca1", "Europe (AMS1)": "ams1"}
+BILLING_PAGE = "https://console.paperspace.com/settings/billing"
 
 _STATES = {
     "ready": InstanceState.RUNNING,
@@ -44,11 +75,14 @@ _STATES = {
 # The capacity/quota texts are not documented; these substrings cover the known wordings
 # ("We are currently out of capacity for the selected VM type ...").
 _CAPACITY_WORDS = ("capacity", "no machines available", "not available in this region", "sold out")
-_QUOTA_WORDS = ("quota", "limit", "insufficient funds", "billing")
+_QUOTA_WORDS = ("quota", "limit")
+_BILLING_WORDS = ("billing", "payment method", "insufficient funds", "credit card")
 
 
 def map_error(status: int, code: str, message: str) -> type[ProviderError] | None:
     text = message.lower()
+    if status in (400, 402, 403, 409, 422) and any(w in text for w in _BILLING_WORDS):
+        return BillingError
     if status in (401, 403):
         return AuthError
     if status == 404:
@@ -83,6 +117,7 @@ class PaperspaceProvider(RESTProvider):
     credential_env = CREDENTIAL_ENV
     credential_url = CREDENTIAL_URL
     error_mapper = staticmethod(map_error)
+    billing_url = BILLING_PAGE
 
     def __init__(
         self,
@@ -91,6 +126,7 @@ class PaperspaceProvider(RESTProvider):
         *,
         template_id: str | None = None,
         template_name: str = "ML-in-a-Box",
+        region_form: str = "code",
         off_timeout_s: float = 600.0,
         ssh_port: int = 22,
         ssh_user: str = "paperspace",
@@ -101,6 +137,10 @@ class PaperspaceProvider(RESTProvider):
                          client_options=client_options)
         self.template_id = template_id
         self.template_name = template_name
+        if region_form not in ("code", "label"):
+            raise ProviderError("paperspace region_form must be 'code' (ny2) or 'label' (East Coast (NY2))",
+                                provider=self.name)
+        self.region_form = region_form
         self.off_timeout_s = off_timeout_s
 
     def _items(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -123,11 +163,13 @@ class PaperspaceProvider(RESTProvider):
             raise ProviderError(f"run id {request.run_id!r} is not usable as a Paperspace name", provider=self.name)
         if request.spot:
             raise ProviderError("Paperspace has no spot machines; plan an on-demand offer", provider=self.name)
+        refuse_non_cuda(request.gpu, self.name)
         name = NAME_PREFIX + request.run_id
+        region = self.api_region(request.region)
+        disk = disk_size(request.disk_gib)
         template_id = request.image or self.template_id or self._pick_template(request.instance_type)
         script = self.client.post("/startup-scripts", json={
             "name": name, "script": key_script(request.ssh_public_key), "isRunOnce": True,
-            "description": f"ftplan run {request.run_id}: install the run's SSH key",
         }) or {}
         script_id = _data(script).get("id", "")
         try:
@@ -135,8 +177,8 @@ class PaperspaceProvider(RESTProvider):
                 "name": name,
                 "machineType": request.instance_type,
                 "templateId": template_id,
-                "region": request.region,
-                "diskSize": request.disk_gib,
+                "region": region,
+                "diskSize": disk,
                 "publicIpType": "dynamic",
                 "startOnCreate": True,
                 "startupScriptId": script_id,
@@ -158,16 +200,35 @@ class PaperspaceProvider(RESTProvider):
         self._apply(inst, machine)
         return inst
 
+    def api_region(self, region: str) -> str:
+        """The region as sent: a catalog display name or a code, turned into the configured form."""
+        codes = {v: k for k, v in REGION_CODES.items()}
+        if region in REGION_CODES:
+            return REGION_CODES[region] if self.region_form == "code" else region
+        if region.lower() in codes:
+            return region.lower() if self.region_form == "code" else codes[region.lower()]
+        raise OfferUnavailable(f"paperspace: unknown region {region!r}; known: {', '.join(REGION_CODES)}",
+                               provider=self.name)
+
     def _pick_template(self, machine_type: str) -> str:
-        for t in self._items("/os-templates"):
-            if self.template_name.lower() in str(t.get("name", "")).lower():
-                avail = {m.get("machineTypeLabel"): m.get("isAvailable", True)
-                         for m in t.get("availableMachineTypes") or []}
-                if avail and avail.get(machine_type) is False:
-                    raise CapacityError(f"paperspace: {machine_type} is not available now", provider=self.name)
-                return t["id"]
-        raise ProviderError(f"paperspace: no OS template named like '{self.template_name}'; pass template_id",
-                            provider=self.name)
+        """The newest template matching `template_name` (name or OS label) that lists `machine_type`."""
+        want = self.template_name.lower()
+        aliases = (want, "mliab") if "ml-in-a-box" in want else (want,)
+        matching = [t for t in self._items("/os-templates")
+                    if any(a in f"{t.get('name', '')} {t.get('operatingSystemLabel', '')}".lower() for a in aliases)]
+        if not matching:
+            raise ProviderError(f"paperspace: no OS template named like '{self.template_name}'; pass template_id",
+                                provider=self.name)
+        listing = [(t, m) for t in matching for m in t.get("availableMachineTypes") or []
+                   if m.get("machineTypeLabel") == machine_type]
+        usable = [t for t, m in listing if m.get("isAvailable") is True]
+        if usable:
+            return max(usable, key=lambda t: str(t.get("dtCreated") or ""))["id"]
+        if listing:
+            raise CapacityError(f"paperspace: {machine_type} is not available now for the "
+                                f"'{self.template_name}' templates", provider=self.name)
+        raise OfferUnavailable(f"paperspace: no '{self.template_name}' OS template supports machine type "
+                               f"{machine_type}; skipping this offer (or pass template_id)", provider=self.name)
 
     def _delete_script(self, script_id: str | None) -> None:
         self._delete_if_present("/startup-scripts", script_id)
@@ -259,6 +320,15 @@ class PaperspaceProvider(RESTProvider):
             self._apply(inst, m)
             out.append(inst)
         return out
+
+
+def disk_size(gib: int) -> int:
+    """The smallest allowed Paperspace disk size that holds `gib`."""
+    for size in DISK_SIZES_GB:
+        if size >= gib:
+            return size
+    raise ProviderError(f"paperspace disks go up to {DISK_SIZES_GB[-1]} GB; {gib} GB was asked for",
+                        provider="paperspace")
 
 
 def _data(body: dict[str, Any]) -> dict[str, Any]:

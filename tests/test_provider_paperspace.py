@@ -9,7 +9,15 @@ import pytest
 from fakes import paperspace_api
 
 from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
-from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.errors import (
+    AuthError,
+    BillingError,
+    CapacityError,
+    InstanceGone,
+    OfferUnavailable,
+    ProviderError,
+    QuotaError,
+)
 from ftplan.providers.paperspace import PaperspaceProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPaperPaperPaperPaperPaperPaperPaperPaper ftplan"
@@ -33,8 +41,8 @@ def test_create_wait_list_terminate(fake_paperspace):
     inst = p.create(_request(disk_gib=120, max_lifetime_s=5 * 3600))
 
     (body,) = fake_paperspace.calls("POST", "/machines")
-    assert body["machineType"] == "A100-80G" and body["region"] == "East Coast (NY2)"
-    assert body["name"] == "ftplan-run1" and body["diskSize"] == 120
+    assert body["machineType"] == "A100-80G" and body["region"] == "ny2"  # the catalog's display name, as a code
+    assert body["name"] == "ftplan-run1" and body["diskSize"] == 250  # 120 rounded up to an allowed size
     assert body["templateId"] == "tmlinabox" and body["startOnCreate"] is True
     assert body["autoShutdownEnabled"] is True and body["autoShutdownTimeout"] == 5
     (script,) = fake_paperspace.scripts.values()
@@ -60,7 +68,9 @@ def test_list_pages_and_ignores_foreign_machines(fake_paperspace):
     fake_paperspace.page_size = 1
     p = _provider(fake_paperspace)
     ids = {p.create(_request(run_id=f"r{i}")).id for i in range(3)}
-    fake_paperspace._create({"machineType": "A4000", "templateId": "tubuntu22", "name": "my-desktop"}, {})
+    foreign = fake_paperspace._create({"machineType": "A4000", "templateId": "tubuntu22", "name": "my-desktop",
+                                       "diskSize": 100, "region": "ny2"}, {})
+    assert foreign.status_code == 200 and len(fake_paperspace.machines) == 4
     assert {i.id for i in p.list_instances()} == ids
 
 
@@ -170,3 +180,67 @@ def test_price_fetcher_joins_live_availability_with_shipped_prices(fake_paperspa
     assert a100["region"] == "East Coast (NY2)" and "shipped prices" in a100["source"]
     with pytest.raises(ProviderError, match="no price table"):
         fetch_offers(base_url=fake_paperspace.url, api_key=fake_paperspace.api_key, price_table=tmp_path / "x.csv")
+
+
+# ---- the v1 API as documented (issue 20 item 3): Paperspace/cli api/openapi.ts @c7bdd42 -------------------
+
+
+def test_template_must_list_the_machine_type_and_is_matched_by_its_os_label(fake_paperspace):
+    p = _provider(fake_paperspace)
+    p.create(_request(run_id="h1", instance_type="H100"))
+    (body,) = fake_paperspace.calls("POST", "/machines")
+    # "tmlinabox" matches by name but does not list H100; "mliab-u22-241108-h100" matches by its OS label.
+    assert body["templateId"] == "t7vp562h"
+
+
+def test_no_template_for_the_type_is_next_offer_and_nothing_is_made(fake_paperspace):
+    with pytest.raises(OfferUnavailable, match="supports machine type V100"):
+        _provider(fake_paperspace).create(_request(instance_type="V100"))
+    assert fake_paperspace.scripts == {} and fake_paperspace.machines == {}
+
+
+@pytest.mark.parametrize(("asked", "sent"), [(1, 100), (100, 100), (101, 250), (999, 1000), (2000, 2000)])
+def test_disk_size_is_rounded_up_to_an_allowed_size(fake_paperspace, asked, sent):
+    _provider(fake_paperspace).create(_request(disk_gib=asked))
+    assert fake_paperspace.calls("POST", "/machines")[0]["diskSize"] == sent
+
+
+def test_disk_larger_than_any_allowed_size_is_refused_before_anything_is_made(fake_paperspace):
+    with pytest.raises(ProviderError, match="up to 2000"):
+        _provider(fake_paperspace).create(_request(disk_gib=2500))
+    assert fake_paperspace.requests == []
+
+
+def test_region_form_is_configurable_and_unknown_regions_are_refused(fake_paperspace):
+    fake_paperspace.region_form = "label"
+    _provider(fake_paperspace, region_form="label").create(_request(region="ny2"))
+    assert fake_paperspace.calls("POST", "/machines")[0]["region"] == "East Coast (NY2)"
+    with pytest.raises(OfferUnavailable, match="unknown region"):
+        _provider(fake_paperspace).create(_request(run_id="r2", region="Mars (MRS1)"))
+    # The fake refuses a form it does not take: a wrong guess fails loudly, and leaves nothing behind.
+    fake_paperspace.region_form = "code"
+    with pytest.raises(ProviderError, match="Invalid region"):
+        _provider(fake_paperspace, region_form="label").create(_request(run_id="r3"))
+    assert len(fake_paperspace.machines) == 1 and len(fake_paperspace.scripts) == 1
+
+
+def test_only_documented_fields_are_sent(fake_paperspace):
+    from fakes.paperspace_api import MACHINE_FIELDS, SCRIPT_FIELDS
+
+    _provider(fake_paperspace).create(_request())
+    (script,) = fake_paperspace.calls("POST", "/startup-scripts")
+    (machine,) = fake_paperspace.calls("POST", "/machines")
+    assert set(script) <= SCRIPT_FIELDS and set(machine) <= MACHINE_FIELDS
+
+
+def test_billing_refusal_points_at_the_billing_page(fake_paperspace):
+    fake_paperspace.fail_next("create", kind="billing")
+    with pytest.raises(BillingError, match="console.paperspace.com/settings/billing"):
+        _provider(fake_paperspace).create(_request())
+    assert fake_paperspace.scripts == {}
+
+
+def test_amd_offer_is_refused(fake_paperspace):
+    with pytest.raises(OfferUnavailable, match="CUDA-only"):
+        _provider(fake_paperspace).create(InstanceRequest(run_id="x", instance_type="MI300X", gpu="MI300X",
+                                                          gpu_count=1, region="ny2", ssh_public_key=PUB))

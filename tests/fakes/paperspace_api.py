@@ -11,7 +11,13 @@ State: `.machines`, `.scripts`, `.requests`, `.live_instances()`. Knobs: `.boot_
 `.refuse_delete_running` (DELETE of a machine that is not off answers 400, as the docs imply),
 `.unavailable` (machine types the OS templates list as not available).
 Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|stop|scripts|templates and
-kind in capacity|quota|auth|500|429; `.preempt(id)` (the machine disappears). Plumbing: tests/fakes/server.py.
+kind in capacity|quota|auth|billing|500|429; `.preempt(id)` (the machine disappears). Plumbing: tests/fakes/server.py.
+
+It refuses what the v1 API documents as invalid (Paperspace/cli api/openapi.ts @c7bdd42): a body field the
+operation does not declare (`machines-create`, `startupScripts-create`), a template that does not list the
+machine type as available (templates are type specific, as on Paperspace), a disk size that is not one of
+the fixed sizes, and a region not in the code form the adapter sends (`ny2`, `ca1`, `ams1`; `.region_form`
+switches the fake to display names).
 """
 
 from __future__ import annotations
@@ -32,15 +38,29 @@ _ERRORS = {
     "capacity": (400, "BAD_REQUEST", "We are currently out of capacity for the selected VM type. Try again later."),
     "quota": (400, "BAD_REQUEST", "You have reached your limit of running machines for this machine type."),
     "auth": (401, "UNAUTHORIZED", "Invalid API key"),
+    "billing": (402, "PAYMENT_REQUIRED", "Please add a payment method to your billing settings to create machines."),
     "500": (500, "INTERNAL_SERVER_ERROR", "Internal server error"),
     "429": (429, "TOO_MANY_REQUESTS", "Rate limit exceeded"),
 }
 
+# Templates are machine-type specific; the H100 one is named the way a public note records it.
 TEMPLATES = [
-    {"id": "tubuntu22", "name": "Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04"},
-    {"id": "tmlinabox", "name": "ML-in-a-Box Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04"},
+    {"id": "tubuntu22", "name": "Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04", "dtCreated": "2023-05-01",
+     "types": ["A4000", "A5000", "A6000", "A100-80G", "H100", "H100x8", "A100-80Gx8", "V100"]},
+    {"id": "tmlinabox", "name": "ML-in-a-Box Ubuntu 22.04", "operatingSystemLabel": "Ubuntu 22.04",
+     "dtCreated": "2024-02-01", "types": ["A4000", "A5000", "A6000", "A100-80G", "A100-80Gx8"]},
+    {"id": "t7vp562h", "name": "mliab-u22-241108-h100", "operatingSystemLabel": "ML-in-a-Box 22.04 Template",
+     "dtCreated": "2024-11-08", "types": ["H100", "H100x8"]},
 ]
-MACHINE_TYPES = ["A4000", "A5000", "A6000", "A100-80G", "H100", "H100x8", "A100-80Gx8"]
+MACHINE_TYPES = ["A4000", "A5000", "A6000", "A100-80G", "H100", "H100x8", "A100-80Gx8", "V100"]
+DISK_SIZES = (100, 250, 500, 1000, 2000)
+REGIONS = {"code": ("ny2", "ca1", "ams1"), "label": ("East Coast (NY2)", "West Coast (CA1)", "Europe (AMS1)")}
+# Fields each create operation declares (openapi.ts `machines-create`, `startupScripts-create`).
+MACHINE_FIELDS = {"accessorIds", "autoShutdownEnabled", "autoShutdownForce", "autoShutdownTimeout",
+                  "autoSnapshotEnabled", "autoSnapshotFrequency", "autoSnapshotSaveCount", "diskSize", "emailPassword",
+                  "enableNvlink", "machineType", "name", "networkId", "publicIpType", "region", "restorePointEnabled",
+                  "restorePointFrequency", "startOnCreate", "startupScriptId", "takeInitialSnapshot", "templateId"}
+SCRIPT_FIELDS = {"isRunOnce", "name", "script"}
 
 
 class FakePaperspace(FakeCloudAPI):
@@ -59,6 +79,7 @@ class FakePaperspace(FakeCloudAPI):
             self.stuck_off: set[str] = set()
             self.unavailable: set[str] = set()
             self.refuse_delete_running = False
+            self.region_form = "code"
             self._ids = itertools.count(1)
 
     def preempt(self, machine_id: str) -> None:
@@ -96,11 +117,15 @@ class FakePaperspace(FakeCloudAPI):
         return _json({"items": chunk, "hasMore": more, "nextPage": str(start + limit) if more else None})
 
     def _templates(self, body, args):
-        items = [{**t, "availableMachineTypes": [{"machineTypeLabel": mt, "isAvailable": mt not in self.unavailable}
-                                                 for mt in MACHINE_TYPES]} for t in TEMPLATES]
+        items = [{**{k: v for k, v in t.items() if k != "types"}, "agentType": "LinuxAgent", "defaultSizeGb": 100,
+                  "availableMachineTypes": [{"machineTypeLabel": mt, "isAvailable": mt not in self.unavailable}
+                                            for mt in t["types"]]} for t in TEMPLATES]
         return self._page(items, args)
 
     def _add_script(self, body, args):
+        extra = set(body) - SCRIPT_FIELDS
+        if extra:
+            return _error(400, "BAD_REQUEST", f"Unrecognized key(s) in object: {', '.join(sorted(extra))}")
         sid = f"scr{next(self._ids)}"
         self.scripts[sid] = {"id": sid, "name": body.get("name"), "script": body.get("script"),
                              "isRunOnce": body.get("isRunOnce", False), "isEnabled": True}
@@ -115,8 +140,19 @@ class FakePaperspace(FakeCloudAPI):
         return _json({"id": sid})
 
     def _create(self, body, args):
+        extra = set(body) - MACHINE_FIELDS
+        if extra:
+            return _error(400, "BAD_REQUEST", f"Unrecognized key(s) in object: {', '.join(sorted(extra))}")
         if body.get("machineType") not in MACHINE_TYPES or body.get("templateId") not in {t["id"] for t in TEMPLATES}:
             return _error(400, "BAD_REQUEST", "Invalid machineType or templateId")
+        template = next(t for t in TEMPLATES if t["id"] == body["templateId"])
+        if body["machineType"] not in template["types"]:
+            return _error(400, "BAD_REQUEST", f"Template {template['id']} is not available for machine type "
+                          f"{body['machineType']}")
+        if body.get("diskSize") not in DISK_SIZES:
+            return _error(400, "BAD_REQUEST", f"Invalid diskSize {body.get('diskSize')}; one of {list(DISK_SIZES)}")
+        if body.get("region") not in REGIONS[self.region_form]:
+            return _error(400, "BAD_REQUEST", f"Invalid region {body.get('region')!r}")
         if body.get("startupScriptId") and body["startupScriptId"] not in self.scripts:
             return _error(400, "BAD_REQUEST", "Startup script not found")
         mid = f"ps{next(self._ids):06d}"
