@@ -4,6 +4,20 @@ Per run: one SSH key `ftplan-<run>` registered before launch (Lambda takes exact
 launch and has no other way to deliver a key) and deleted at teardown; the instance is named
 `ftplan-<run>` and tagged `ftplan-run-id=<run>`. `GET /instances` cannot filter by tag, so the
 sweeper filters client-side on both. No spot market and no stop: terminate is the only teardown.
+
+What Lambda's API documents and this adapter relies on (Lambda Cloud API OpenAPI spec v1.10.0,
+https://cloud.lambda.ai/api/v1/docs; mirrored in api-evangelist/lambda-labs openapi/*.yml):
+- Branch on `error.code`, never on the message ("avoid relying on the values of message").
+  `instance-operations/launch/insufficient-capacity` -> CapacityError; `global/quota-exceeded` -> QuotaError;
+  `global/invalid-api-key` (401) / `global/account-inactive` (403) -> AuthError naming LAMBDA_API_KEY;
+  `global/invalid-address` (403 on launch: the billing address is invalid) -> BillingError with the billing page;
+  `global/object-does-not-exist` on launch (404 ApiErrorLaunchResourceNotFound: an unknown SSH key name,
+  image or file system) is a bad launch request, not a vanished instance; elsewhere 404 = gone.
+- Rate limits: "generally one request per second ... /instance-operations/launch one request per 12 seconds";
+  429s are retried with Retry-After by providers/http.py (GETs also on 5xx); the launch POST is retried only on
+  429, so a lost answer never starts a second machine.
+- Instance types: `GET /instance-types` lists `regions_with_capacity_available`; a type Lambda does not list
+  is not sold (OfferUnavailable, next offer).
 """
 
 from __future__ import annotations
@@ -16,11 +30,14 @@ from typing import Any
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, SSHEndpoint
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
+    OfferUnavailable,
     ProviderError,
     QuotaError,
 )
+from ftplan.providers.gpu_support import refuse_non_cuda
 from ftplan.providers.http import APIError, RESTProvider
 
 log = logging.getLogger(__name__)
@@ -29,7 +46,9 @@ DEFAULT_BASE_URL = "https://cloud.lambda.ai/api/v1"
 CREDENTIAL_ENV = "LAMBDA_API_KEY"
 CREDENTIAL_URL = "https://cloud.lambda.ai/api-keys"
 TAG_KEY = "ftplan-run-id"
+STORE_TAG_KEY = "ftplan-store-id"  # the run store that owns it: `ftplan gc` touches only its own
 NAME_PREFIX = "ftplan-"
+BILLING_PAGE = "https://cloud.lambda.ai/settings/billing"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")  # name `ftplan-<run>` must fit Lambda's 64 chars
 
 _STATES = {
@@ -48,6 +67,8 @@ def map_error(status: int, code: str, message: str) -> type[ProviderError] | Non
         return CapacityError
     if code == "global/quota-exceeded":
         return QuotaError
+    if code == "global/invalid-address":
+        return BillingError
     if code in ("global/invalid-api-key", "global/account-inactive") or status == 401:
         return AuthError
     if code in ("global/object-does-not-exist", "global/not-found") or status == 404:
@@ -69,6 +90,7 @@ class LambdaProvider(RESTProvider):
     credential_env = CREDENTIAL_ENV
     credential_url = CREDENTIAL_URL
     error_mapper = staticmethod(map_error)
+    billing_url = BILLING_PAGE
 
     def __init__(
         self,
@@ -90,6 +112,7 @@ class LambdaProvider(RESTProvider):
         check_run_id(request.run_id)
         if request.spot:
             raise ProviderError("Lambda Cloud has no spot instances; plan an on-demand offer", provider=self.name)
+        refuse_non_cuda(request.gpu, self.name)
         self._check_capacity(request.instance_type, request.region)
         key_name = NAME_PREFIX + request.run_id
         key_id = self._register_key(key_name, request.ssh_public_key)
@@ -98,13 +121,20 @@ class LambdaProvider(RESTProvider):
             "instance_type_name": request.instance_type,
             "ssh_key_names": [key_name],
             "name": key_name,
-            "tags": [{"key": TAG_KEY, "value": request.run_id}],
+            "tags": [{"key": TAG_KEY, "value": request.run_id}]
+            + ([{"key": STORE_TAG_KEY, "value": request.store_id}] if request.store_id else []),
         }
         image = request.image or self.image_family
         if image:
             body["image"] = {"family": image}
         try:
-            data = self.client.post("/instance-operations/launch", json=body)
+            try:
+                data = self.client.post("/instance-operations/launch", json=body)
+            except InstanceGone as exc:  # launch 404: something the request names does not exist
+                raise ProviderError(
+                    f"{exc}; Lambda does not know a resource the launch names (image family "
+                    f"{image or 'default'!r}, SSH key {key_name!r} or a file system) - check `image_family`",
+                    provider=self.name) from None
             ids = (data or {}).get("data", {}).get("instance_ids") or []
             if len(ids) != 1:
                 raise ProviderError(f"lambda launch returned {len(ids)} instance ids, expected 1", provider=self.name)
@@ -124,8 +154,8 @@ class LambdaProvider(RESTProvider):
         code is still mapped because capacity can vanish between this call and the launch."""
         types = (self.client.get("/instance-types") or {}).get("data", {})
         if instance_type not in types:
-            raise ProviderError(f"Lambda has no instance type '{instance_type}'; refresh the catalog "
-                                "(ftplan catalog refresh)", provider=self.name)
+            raise OfferUnavailable(f"Lambda has no instance type '{instance_type}'; skipping this offer "
+                                   "(refresh the catalog: ftplan catalog refresh)", provider=self.name)
         regions = {r.get("name") for r in types[instance_type].get("regions_with_capacity_available", [])}
         if region not in regions:
             raise CapacityError(f"lambda: no capacity for {instance_type} in {region} "
@@ -165,6 +195,9 @@ class LambdaProvider(RESTProvider):
     def _apply(self, instance: Instance, data: dict[str, Any]) -> None:
         instance.state = _STATES.get(str(data.get("status")), InstanceState.UNKNOWN)
         instance.public_ip = data.get("ip") or instance.public_ip
+        cents = (data.get("instance_type") or {}).get("price_cents_per_hour")
+        if isinstance(cents, (int, float)) and not isinstance(cents, bool):
+            instance.extra["price_hour"] = cents / 100.0  # what Lambda bills: the launcher budgets with the higher
 
     def describe(self, instance: Instance) -> Instance:
         try:
@@ -225,7 +258,8 @@ class LambdaProvider(RESTProvider):
                 continue
             inst = Instance(provider=self.name, id=d["id"], run_id=rid,
                             region=(d.get("region") or {}).get("name", ""),
-                            instance_type=(d.get("instance_type") or {}).get("name", ""))
+                            instance_type=(d.get("instance_type") or {}).get("name", ""),
+                            store_id=tags.get(STORE_TAG_KEY) or "")
             self._apply(inst, d)
             if inst.state != InstanceState.TERMINATED:
                 out.append(inst)

@@ -9,7 +9,15 @@ import pytest
 from fakes import lambda_api
 
 from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
-from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.errors import (
+    AuthError,
+    BillingError,
+    CapacityError,
+    InstanceGone,
+    OfferUnavailable,
+    ProviderError,
+    QuotaError,
+)
 from ftplan.providers.http import APIError
 from ftplan.providers.lambda_cloud import LambdaProvider
 
@@ -23,8 +31,8 @@ def _provider(fake, **kw):
     return LambdaProvider(api_key=kw.pop("api_key", fake.api_key), base_url=fake.url, poll_s=0.0, **kw)
 
 
-def _request(run_id="run1", instance_type="gpu_1x_a100", region="us-east-1", **kw):
-    return InstanceRequest(run_id=run_id, instance_type=instance_type, gpu="A100", gpu_count=1,
+def _request(run_id="run1", instance_type="gpu_1x_a100", region="us-east-1", gpu="A100", **kw):
+    return InstanceRequest(run_id=run_id, instance_type=instance_type, gpu=gpu, gpu_count=1,
                            region=region, ssh_public_key=PUB, **kw)
 
 
@@ -78,11 +86,16 @@ def test_capacity_checked_before_launch(fake_lambda):
     assert fake_lambda.ssh_keys == {}
 
 
-@pytest.mark.parametrize(("kind", "exc"), [("capacity", CapacityError), ("quota", QuotaError)])
-def test_launch_errors_map_and_clean_up_the_key(fake_lambda, kind, exc):
+@pytest.mark.parametrize(("kind", "exc", "advice"), [
+    ("capacity", CapacityError, "capacity"),
+    ("quota", QuotaError, "Quota"),
+    ("billing", BillingError, "cloud.lambda.ai/settings/billing"),  # not "check LAMBDA_API_KEY"
+])
+def test_launch_errors_map_and_clean_up_the_key(fake_lambda, kind, exc, advice):
     fake_lambda.fail_next("create", kind=kind)
-    with pytest.raises(exc):
+    with pytest.raises(exc, match=advice) as caught:
         _provider(fake_lambda).create(_request())
+    assert type(caught.value) is exc and "LAMBDA_API_KEY" not in str(caught.value)
     assert fake_lambda.ssh_keys == {}, "create must remove the side resources it made"
     assert fake_lambda.live_instances() == []
 
@@ -212,3 +225,18 @@ def test_price_fetcher(fake_lambda):
            if r["instance_type"] == "gpu_8x_a100_80gb_sxm4"]
     assert [(r["gpu"], r["gpu_count"], r["gpu_memory_gib"], r["price_hour"]) for r in big] == \
         [("A100-80GB", 8, 80.0, 14.32)]
+
+
+def test_launch_404_for_an_unknown_image_is_a_bad_request_not_a_vanished_instance(fake_lambda):
+    with pytest.raises(ProviderError, match="image family 'ubuntu-99-04'") as caught:
+        _provider(fake_lambda, image_family="ubuntu-99-04").create(_request())
+    assert not isinstance(caught.value, InstanceGone)
+    assert fake_lambda.ssh_keys == {} and fake_lambda.live_instances() == []
+
+
+def test_unknown_instance_type_and_amd_gpus_are_next_offer(fake_lambda):
+    with pytest.raises(OfferUnavailable, match="no instance type"):
+        _provider(fake_lambda).create(_request(instance_type="gpu_1x_imaginary"))
+    with pytest.raises(OfferUnavailable, match="CUDA-only"):
+        _provider(fake_lambda).create(_request(gpu="MI300X"))
+    assert fake_lambda.ssh_keys == {} and fake_lambda.calls("POST", "/instance-operations/launch") == []

@@ -52,7 +52,9 @@ _ERRORS = {
     "auth": (401, "global/invalid-api-key", "API key was invalid, expired, or deleted."),
     "500": (500, "provider/internal-unavailable", "Internal error."),
     "429": (429, "global/too-many-requests", "Too many requests."),
+    "billing": (403, "global/invalid-address", "Your billing address is invalid."),
 }
+IMAGE_FAMILIES = {"lambda-stack-22-04", "lambda-stack-24-04"}  # an unknown one is the spec's launch 404
 
 
 class FakeLambda(FakeCloudAPI):
@@ -145,6 +147,9 @@ class FakeLambda(FakeCloudAPI):
             return _error(400, "global/invalid-parameters", "Invalid instance type or region.")
         if body.get("region_name") not in t["regions"]:
             return _error(*_ERRORS["capacity"])
+        family = (body.get("image") or {}).get("family")
+        if family is not None and family not in IMAGE_FAMILIES:
+            return _error(404, "global/object-does-not-exist", f"Specified image family '{family}' does not exist.")
         names = body.get("ssh_key_names") or []
         if len(names) != 1 or not any(k["name"] == names[0] for k in self.ssh_keys.values()):
             return _error(400, "global/invalid-parameters", "Exactly one existing SSH key name is required.")
