@@ -7,6 +7,7 @@ the provider SDKs, paramiko or the SQLite store.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -26,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("ftplan.planner.commands.report:report", "Report of one run, or totals by provider or month."),
     "gc": ("ftplan.planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
 }
+
+# Pure arithmetic on shipped data, with a cold-start budget: no logging set-up unless asked for.
+_NO_LOG_SETUP = ("estimate",)
 
 
 class LazyGroup(click.Group):
@@ -53,8 +57,22 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ftplan")
-def cli():
-    """ftplan: which GPU, for how long, at what price - and run it for me."""
+@click.option("-v", "--verbose", count=True, help="Log provider calls, retries, SSH reconnects (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
+@click.pass_context
+def cli(ctx, verbose, quiet):
+    """ftplan: which GPU, for how long, at what price - and run it for me.
+
+    Logs go to stderr: -v for info, -vv (or FTPLAN_LOG=debug) for every provider request and retry.
+    Shell completion: eval "$(_FTPLAN_COMPLETE=bash_source ftplan)" (zsh_source, fish_source).
+    """
+    if verbose and quiet:
+        raise UserError("pass either -v/--verbose or -q/--quiet, not both")
+    if ctx.invoked_subcommand in _NO_LOG_SETUP and not (verbose or quiet or os.environ.get("FTPLAN_LOG")):
+        return  # nothing on this path logs; importing `logging` would cost its cold start ~10 %
+    from ftplan.planner.log_setup import configure_logging
+
+    configure_logging(verbose=verbose, quiet=quiet)
 
 
 def _one_line(message: str) -> str:

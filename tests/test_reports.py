@@ -82,27 +82,58 @@ def test_run_report_has_phases_costs_and_losses(store, capsys):
     assert "estimated $1.00, actual $1.50" in text and "training" in text
 
 
-def test_html_report_is_self_contained_with_two_charts(store, capsys, tmp_path):
+def test_html_report_is_self_contained_with_three_charts(store, capsys, tmp_path):
     page = tmp_path / "a.html"
     rc, _, _ = ftplan(capsys, "report", "ft-a", "--html", str(page), "--store", str(store.path))
     html = page.read_text()
-    assert rc == 0 and html.count("<svg") == 2
+    assert rc == 0 and html.count("<svg") == 3
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', html)     # nothing fetched from elsewhere
     assert "<script" not in html
     loss_chart = html.split("<svg")[1]
-    assert len(re.search(r'points="([^"]+)"', loss_chart).group(1).split()) == 3   # one point per loss
+    assert len(re.search(r' points="([^"]+)"', loss_chart).group(1).split()) == 3   # one point per loss
 
 
 @pytest.mark.parametrize("args, needle", [
     (["report", "ft-nope"], "no run 'ft-nope'"),
     (["report"], "either a RUN"),
     (["report", "ft-a", "--by", "month"], "either a RUN"),
-    (["report", "--by", "month", "--html", "x.html"], "--html"),
+    (["report", "--by", "month", "--since", "yesterday"], "--since 'yesterday' is not a date"),
+    (["report", "ft-a", "--since", "2025-01-01"], "either a RUN"),
     (["runs", "--limit", "0"], "--limit"),
 ])
 def test_report_input_errors_are_one_line(store, capsys, args, needle):
     rc, _, err = ftplan(capsys, *args, "--store", str(store.path))
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error:") and needle in err
+
+
+def test_totals_show_unknown_estimates_as_unknown_not_zero(store, capsys):
+    store.create_run("ft-noest", model="tiny-llama", method="qlora", provider="local", instance_type="local",
+                     gpu="cpu", price_hour=0.0)
+    store.finish_run("ft-noest", "succeeded")
+    _, out, _ = ftplan(capsys, "report", "--by", "provider", "--store", str(store.path))
+    local = next(line for line in out.splitlines() if line.startswith("local"))
+    assert local.split()[2:] == ["-", "-", "-", "-"]
+    _, out, _ = ftplan(capsys, "report", "--by", "provider", "--json", "--store", str(store.path))
+    assert {r["provider"]: r["est_hours"] for r in json.loads(out)}["local"] is None
+
+
+def test_json_floats_are_rounded_to_what_they_mean(store, capsys):
+    store.update_run("ft-b", est_peak_mem_gib=7.448060607910156, est_tokens_per_s=2412.345678)
+    _, out, _ = ftplan(capsys, "report", "ft-b", "--json", "--store", str(store.path))
+    rep = json.loads(out)
+    assert rep["peak_mem_gib"]["estimated"] == 7.45 and rep["tokens_per_s"]["estimated"] == 2412.3
+    floats = re.findall(r"\d+\.(\d+)", out)
+    assert floats and max(len(f) for f in floats) <= 6
+
+
+def test_multi_run_overview_json_has_cumulative_spend_and_errors(store, capsys, tmp_path):
+    page = tmp_path / "all.html"
+    rc, out, _ = ftplan(capsys, "report", "--html", str(page), "--json", "--store", str(store.path))
+    ov = json.loads(out)
+    assert rc == 0 and [r["run_id"] for r in ov["runs"]] == ["ft-a", "ft-b", "ft-c"]
+    assert [r["cumulative_usd"] for r in ov["runs"]] == pytest.approx([1.5, 2.0, 3.0])
+    assert ov["runs"][0]["error_pct"]["usd"] == 50.0 and ov["runs"][1]["error_pct"]["usd"] == -75.0
+    assert page.read_text().count("<svg") == 3
 
 
 def test_no_store_yet_is_a_one_line_error(tmp_path, capsys):

@@ -41,31 +41,49 @@ def runs(as_json, limit, store_path):
 @click.command()
 @click.argument("run_id", required=False)
 @click.option("--by", type=click.Choice(["provider", "month"]), help="Totals per provider or per month.")
+@click.option("--since", help="Only runs started on or after this UTC date (YYYY-MM-DD).")
+@click.option("--until", help="Only runs started on or before this UTC date (YYYY-MM-DD).")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML page.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML page: one run's, or (without RUN) the period's runs.")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
-def report(run_id, by, as_json, html_path, store_path):
-    """Report of one run, or totals by provider or month."""
+def report(run_id, by, since, until, as_json, html_path, store_path):
+    """Report of one run, or totals by provider or month; --html writes a page to send."""
     from ftplan.planner.runs import reports
 
-    if bool(run_id) == bool(by):
-        raise UserError("give either a RUN id or --by provider|month (see 'ftplan runs' for ids)")
-    if by and html_path:
-        raise UserError("--html is for one run's report; use --json for totals")
+    if run_id and (by or since or until):
+        raise UserError("give either a RUN id, or --by provider|month / --since / --until for many runs "
+                        "(see 'ftplan runs' for ids)")
+    if not run_id and not by and not html_path:
+        raise UserError("give either a RUN id or --by provider|month, or --html FILE for a page of all runs "
+                        "(see 'ftplan runs' for ids)")
     store = _store(store_path)
-    if by:
-        rows = reports.totals(store, by)
-        click.echo(json.dumps(rows, indent=2) if as_json else reports.render_totals_text(rows, by), nl=as_json)
+    if not run_id:
+        ov = reports.overview(store, since=since, until=until, by=by)
+        if html_path:
+            from ftplan.planner.runs.report_html import runs_page
+
+            _write(html_path, runs_page(ov))
+            if not as_json:
+                click.echo(f"wrote {html_path} ({len(ov['runs'])} runs)")
+        if as_json:
+            click.echo(json.dumps(ov if html_path or not by else ov["groups"], indent=2))
+        elif by and not html_path:
+            click.echo(reports.render_totals_text(ov["groups"], by), nl=False)
         return
     rep = reports.run_report(store, run_id)
     if html_path:
-        try:
-            Path(html_path).write_text(reports.render_report_html(rep), encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot write {html_path}: {exc.strerror}; pick a writable path") from None
+        _write(html_path, reports.render_report_html(rep))
         if not as_json:
             click.echo(f"wrote {html_path}")
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     elif not html_path:
         click.echo(reports.render_report_text(rep), nl=False)
+
+
+def _write(path: str, page: str) -> None:
+    try:
+        Path(path).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}; pick a writable path") from None

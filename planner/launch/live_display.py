@@ -5,16 +5,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ftplan.planner.launch.budget import Progress
+
+_LOG = logging.getLogger("ftplan.launch")
 
 
 class NullDisplay:
     def phase(self, name: str, message: str = "") -> None: ...
     def progress(self, progress: Progress, **kw: Any) -> None: ...
     def warn(self, message: str) -> None: ...
-    def log(self, line: str) -> None: ...
+    def log(self, line: str) -> None:
+        _LOG.info(line)
     def done(self, status: str, error: str | None) -> None: ...
 
 
@@ -48,11 +52,13 @@ class LiveDisplay:
         self._line(f"[{name}] {message}".rstrip())
 
     def progress(self, progress, *, spent: float, projected: float | None, budget: float | None,
-                 eta_s: float | None) -> None:
+                 eta_s: float | None, margin: float | None = None) -> None:
         loss = "-" if progress.loss is None else f"{progress.loss:.4f}"
         tps = "-" if not progress.tokens_per_s else f"{progress.tokens_per_s:,.0f}"
         eta = "-" if eta_s is None else f"{eta_s / 60:.1f} min"
         proj = "-" if projected is None else f"${projected:.4f}"
+        if projected is not None and margin:  # say what the projection adds beyond this run's training
+            proj += f" (incl. ${margin:.4f} pull margin)"
         bud = "-" if budget is None else f"${budget:.2f}"
         text = (f"[training] step {progress.step}/{progress.total_steps or '?'}  loss {loss}  tok/s {tps}  "
                 f"ETA {eta}  spent ${spent:.4f}  projected {proj} / budget {bud}")
@@ -69,7 +75,7 @@ class LiveDisplay:
             self.console.print(f"warning: {message}", markup=False)
 
     def log(self, line: str) -> None:
-        pass
+        _LOG.info(line)  # SSH reconnects, pulls, host keys: visible with `ftplan -v`
 
     def done(self, status: str, error: str | None) -> None:
         if self.live is not None:

@@ -1,19 +1,24 @@
-"""Reports over the run store: the runs table, one run's report, totals, and a self-contained HTML page.
+"""Reports over the run store: the runs table, one run's report, totals, a multi-run overview.
 
-All functions return plain dicts/lists (what `--json` prints); the text and HTML renderers format
-those, so the three outputs can never disagree.
+All functions return plain dicts/lists (what `--json` prints, floats rounded to what they mean); the text
+renderers here and the HTML pages (`ftplan.planner.runs.report_html`) format those, so the outputs can
+never disagree.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import html
-import json
+import re
 from typing import Any
 
 from ftplan.planner.runs.store import Row, Store
 
 PHASE_ORDER = ("provisioning", "waiting", "connecting", "uploading", "training", "pulling", "recovering", "teardown")
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    """JSON rounding: hours and dollars to 4 decimals (a 0.01 cent / 0.36 s resolution), GiB to 2."""
+    return None if x is None else round(float(x), digits)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -24,8 +29,8 @@ def run_row(run: Row) -> dict[str, Any]:
     return {
         "run_id": run.id, "created_at": _iso(run.created_at), "model": run.model, "method": run.method,
         "provider": run.provider, "instance_type": run.instance_type, "gpu": run.gpu, "status": run.status,
-        "estimated": {"hours": run.est_hours, "usd": run.est_usd},
-        "actual": {"hours": run.actual_hours, "usd": run.actual_usd},
+        "estimated": {"hours": _r(run.est_hours), "usd": _r(run.est_usd)},
+        "actual": {"hours": _r(run.actual_hours), "usd": _r(run.actual_usd)},
         "budget_usd": run.budget_usd,
     }
 
@@ -58,19 +63,22 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
         for e in events if e.kind == "progress" and (e.json("data_json") or {}).get("loss") is not None
     ]
     losses = [_loss_point(x, i) for i, x in enumerate(losses)]
-    spend = [{"t_s": round(e.ts - run.created_at, 3), "usd": e.json("data_json").get("spent_usd")}
+    spend = [{"t_s": round(e.ts - run.created_at, 3), "usd": _r(e.json("data_json").get("spent_usd"), 6)}
              for e in events if e.kind == "progress" and e.json("data_json")]
     costs = store.costs(run.id)
-    if costs:  # the confirmed end of billing is the last point
-        spend.append({"t_s": round(max(c.ended_at for c in costs) - run.created_at, 3), "usd": run.actual_usd})
+    if costs:  # billing starts at zero when the first instance was created; its confirmed end is the last point
+        spend.insert(0, {"t_s": round(min(c.started_at for c in costs) - run.created_at, 3), "usd": 0.0})
+        spend.append({"t_s": round(max(c.ended_at for c in costs) - run.created_at, 3),
+                      "usd": _r(run.actual_usd, 6)})
     report = run_row(run)
+    files = _artifacts(run.artifacts_dir)
     report.update({
         "finished_at": _iso(run.finished_at),
         "error": run.error,
-        "region": run.region, "spot": bool(run.spot), "price_hour": run.price_hour,
+        "region": run.region, "spot": bool(run.spot), "price_hour": _r(run.price_hour),
         "phases": phase_durations(events, run.finished_at or run.updated_at),
-        "peak_mem_gib": {"estimated": run.est_peak_mem_gib, "actual": run.measured_peak_mem_gib},
-        "tokens_per_s": {"estimated": run.est_tokens_per_s, "actual": run.measured_tokens_per_s},
+        "peak_mem_gib": {"estimated": _r(run.est_peak_mem_gib, 2), "actual": _r(run.measured_peak_mem_gib, 2)},
+        "tokens_per_s": {"estimated": _r(run.est_tokens_per_s, 1), "actual": _r(run.measured_tokens_per_s, 1)},
         "losses": losses,
         "spend": spend,
         "instances": [
@@ -80,7 +88,8 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
             for i in store.instances(run.id)
         ],
         "artifacts_dir": run.artifacts_dir,
-        "artifacts": _artifacts(run.artifacts_dir),
+        "artifacts": [a["path"] for a in files],
+        "artifact_groups": group_artifacts(files),
         "events": [{"at": _iso(e.ts), "kind": e.kind, "phase": e.phase, "message": e.message}
                    for e in events if e.kind not in ("progress", "phase")],
     })
@@ -88,15 +97,22 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def _loss_point(x: Any, i: int) -> dict[str, Any]:
-    """The job writes [step, loss] pairs; progress events give {step, loss}; plain numbers are per step."""
+    """The job writes [step, loss] pairs; progress events give {step, loss}; plain numbers are per step.
+    The values came from the machine: anything that is not a finite number becomes None (no point)."""
+    from ftplan.planner.launch.budget import finite_number
+
     if isinstance(x, dict):
-        return {"step": x.get("step", i + 1), "loss": x.get("loss")}
-    if isinstance(x, (list, tuple)) and len(x) == 2:
-        return {"step": x[0], "loss": x[1]}
-    return {"step": i + 1, "loss": x}
+        step, loss = x.get("step", i + 1), x.get("loss")
+    elif isinstance(x, (list, tuple)) and len(x) == 2:
+        step, loss = x[0], x[1]
+    else:
+        step, loss = i + 1, x
+    step = finite_number(step)
+    return {"step": int(step) if step is not None else i + 1, "loss": finite_number(loss)}
 
 
-def _artifacts(artifacts_dir: str | None) -> list[str]:
+def _artifacts(artifacts_dir: str | None) -> list[dict[str, Any]]:
+    """Files pulled into the run's folder with their sizes (the run's own key and bundle left out)."""
     from pathlib import Path
 
     if not artifacts_dir or not Path(artifacts_dir).is_dir():
@@ -104,29 +120,131 @@ def _artifacts(artifacts_dir: str | None) -> list[str]:
     root = Path(artifacts_dir)
     keep = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name not in ("id_ed25519", "bundle.tar.gz", "known_hosts"):
-            keep.append(str(p.relative_to(root)))
+        if p.is_file() and not p.is_symlink() and p.name not in _NOT_ARTIFACTS:
+            keep.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size})
     return keep
 
 
-def totals(store: Store, by: str) -> list[dict[str, Any]]:
-    """Sum of estimated and actual hours/dollars per provider or per calendar month (UTC)."""
-    groups: dict[str, dict[str, Any]] = {}
-    for run in store.list_runs():
-        if by == "provider":
-            key = run.provider or "-"
+_NOT_ARTIFACTS = ("id_ed25519", "id_ed25519.pub", "bundle.tar.gz", "known_hosts")
+_CHECKPOINT = re.compile(r"(?:^|/)(checkpoint-\d+)/")
+_LOG_NAMES = ("heartbeat.json", "summary.json", "job.json", "manifest.json", "progress.json")
+ARTIFACT_GROUPS = ("adapter", "checkpoints", "logs", "other")
+
+
+def group_artifacts(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a person looks for: the adapter (weights, config, tokenizer), one line per checkpoint (not per
+    shard), and the logs/records; each item with its size in bytes and file count."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {g: {} for g in ARTIFACT_GROUPS}
+    for f in files:
+        path = f["path"]
+        ckpt = _CHECKPOINT.search(path)
+        name = path.rsplit("/", 1)[-1]
+        if ckpt:
+            group, item = "checkpoints", path[:ckpt.end(1)]
+        elif name.endswith((".log", ".txt", ".jsonl")) or name in _LOG_NAMES:
+            group, item = "logs", path
+        elif "adapter" in path or "merged" in path or "tokenizer" in path or name.endswith(
+                (".safetensors", ".bin", ".pt", ".model")) or name == "config.json":
+            group, item = "adapter", path
         else:
-            key = _dt.datetime.fromtimestamp(run.created_at, _dt.timezone.utc).strftime("%Y-%m")
-        g = groups.setdefault(key, {by: key, "runs": 0, "est_hours": 0.0, "est_usd": 0.0, "actual_hours": 0.0,
-                                    "actual_usd": 0.0})
+            group, item = "other", path
+        entry = groups[group].setdefault(item, {"name": item, "files": 0, "bytes": 0})
+        entry["files"] += 1
+        entry["bytes"] += f["bytes"]
+    out = []
+    for g in ARTIFACT_GROUPS:
+        items = sorted(groups[g].values(), key=lambda e: _natural(e["name"]))
+        if items:
+            out.append({"group": g, "files": sum(i["files"] for i in items), "bytes": sum(i["bytes"] for i in items),
+                        "items": items})
+    return out
+
+
+def _natural(name: str) -> list[Any]:
+    """checkpoint-2 before checkpoint-10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def group_key(run: Row, by: str) -> str:
+    if by == "provider":
+        return run.provider or "-"
+    return _dt.datetime.fromtimestamp(run.created_at, _dt.timezone.utc).strftime("%Y-%m")
+
+
+def totals(store: Store, by: str, runs: list[Row] | None = None) -> list[dict[str, Any]]:
+    """Sum of estimated and actual hours/dollars per provider or per calendar month (UTC).
+
+    A column none of the group's runs knows stays None (shown "-"), not 0: "no estimate" is not "free"."""
+    groups: dict[str, dict[str, Any]] = {}
+    for run in store.list_runs() if runs is None else runs:
+        key = group_key(run, by)
+        g = groups.setdefault(key, {by: key, "runs": 0, "est_hours": None, "est_usd": None, "actual_hours": None,
+                                    "actual_usd": None})
         g["runs"] += 1
         for col, src in (("est_hours", run.est_hours), ("est_usd", run.est_usd),
                          ("actual_hours", run.actual_hours), ("actual_usd", run.actual_usd)):
-            g[col] += src or 0.0
+            if src is not None:
+                g[col] = (g[col] or 0.0) + src
+    for g in groups.values():
+        for col in ("est_hours", "est_usd", "actual_hours", "actual_usd"):
+            g[col] = _r(g[col])
     return [groups[k] for k in sorted(groups)]
 
 
+def _day(text: str | None, flag: str) -> float | None:
+    if not text:
+        return None
+    from ftplan.planner.errors import UserError
+
+    try:
+        day = _dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a date; use YYYY-MM-DD, e.g. {flag} 2026-01-31") from None
+    return day.timestamp()
+
+
+def error_pct(estimated: float | None, actual: float | None) -> float | None:
+    """(actual - estimated) / estimated in %, None when either is unknown (or the estimate is 0)."""
+    if estimated is None or actual is None or estimated <= 0:
+        return None
+    return round((actual - estimated) / estimated * 100, 1)
+
+
+def overview(store: Store, *, since: str | None = None, until: str | None = None,
+             by: str | None = None) -> dict[str, Any]:
+    """Runs of a period, oldest first, with cumulative spend and each run's estimate error; totals by group.
+
+    `since`/`until` are UTC dates (YYYY-MM-DD, `until` inclusive)."""
+    lo, hi = _day(since, "--since"), _day(until, "--until")
+    rows = [r for r in store.list_runs() if (lo is None or r.created_at >= lo)
+            and (hi is None or r.created_at < hi + 86400)]
+    rows.sort(key=lambda r: (r.created_at, r.id))
+    runs, cumulative = [], 0.0
+    for r in rows:
+        cumulative += r.actual_usd or 0.0
+        d = run_row(r)
+        d["error_pct"] = {"hours": error_pct(r.est_hours, r.actual_hours), "usd": error_pct(r.est_usd, r.actual_usd)}
+        d["cumulative_usd"] = _r(cumulative)
+        runs.append(d)
+    known = [x for x in runs if x["actual"]["usd"] is not None]
+    return {
+        "since": since, "until": until, "by": by, "runs": runs,
+        "total": {"runs": len(runs), "actual_usd": _r(sum(x["actual"]["usd"] for x in known)),
+                  "est_usd": _r(sum(x["estimated"]["usd"] or 0.0 for x in runs)),
+                  "actual_hours": _r(sum(x["actual"]["hours"] or 0.0 for x in runs))},
+        "groups": totals(store, by, rows) if by else [],
+    }
+
+
 # ---- text --------------------------------------------------------------------------------------
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
 def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -192,97 +310,24 @@ def render_report_text(rep: dict[str, Any]) -> str:
         lines.append(f"    {inst['provider']} {inst['id'] or '-'} {inst['instance_type']} {inst['state']}"
                      + (f"  ({inst['error']})" if inst["error"] else ""))
     lines.append(f"  artifacts: {rep['artifacts_dir']} ({len(rep['artifacts'])} files)")
-    for a in rep["artifacts"][:20]:
-        lines.append(f"    {a}")
+    for g in rep["artifact_groups"]:
+        lines.append(f"    {g['group']:<12} {human_bytes(g['bytes']):>9}  "
+                     + ", ".join(i["name"].rsplit("/", 1)[-1] for i in g["items"][:6])
+                     + (f" (+{len(g['items']) - 6} more)" if len(g["items"]) > 6 else ""))
     return "\n".join(lines) + "\n"
 
 
 def render_totals_text(rows: list[dict[str, Any]], by: str) -> str:
     lines = [f"{by:<12} {'runs':>5} {'est h':>9} {'act h':>9} {'est $':>10} {'act $':>10}"]
     for r in rows:
-        lines.append(f"{r[by]:<12} {r['runs']:>5} {r['est_hours']:>9.3f} {r['actual_hours']:>9.3f} "
+        lines.append(f"{r[by]:<12} {r['runs']:>5} {_num(r['est_hours'], '.3f'):>9} {_num(r['actual_hours'], '.3f'):>9} "
                      f"{_usd(r['est_usd']):>10} {_usd(r['actual_usd']):>10}")
     return "\n".join(lines) + "\n"
 
 
 # ---- HTML --------------------------------------------------------------------------------------
-def svg_line_chart(points: list[tuple[float, float]], *, title: str, x_label: str, y_label: str,
-                   width: int = 560, height: int = 240) -> str:
-    """A dependency-free inline SVG polyline chart (no JS, no external assets)."""
-    pad_l, pad_b, pad_t, pad_r = 60, 36, 24, 12
-    esc = html.escape
-    if not points:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-                f'<title>{esc(title)}</title><text x="{width // 2}" y="{height // 2}" text-anchor="middle">'
-                f"no data</text></svg>")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(0.0, min(ys)), max(ys)
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1
-    pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
-
-    def sx(x: float) -> float:
-        return pad_l + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return pad_t + ph - (y - y0) / (y1 - y0) * ph
-
-    poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    dots = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2"/>' for x, y in points)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'class="chart"><title>{esc(title)}</title>'
-        f'<line x1="{pad_l}" y1="{pad_t + ph}" x2="{pad_l + pw}" y2="{pad_t + ph}" stroke="#888"/>'
-        f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + ph}" stroke="#888"/>'
-        f'<text x="{pad_l - 4}" y="{pad_t + 4}" text-anchor="end" font-size="10">{y1:.4g}</text>'
-        f'<text x="{pad_l - 4}" y="{pad_t + ph}" text-anchor="end" font-size="10">{y0:.4g}</text>'
-        f'<text x="{pad_l}" y="{height - 18}" font-size="10">{x0:.4g}</text>'
-        f'<text x="{pad_l + pw}" y="{height - 18}" text-anchor="end" font-size="10">{x1:.4g}</text>'
-        f'<text x="{pad_l + pw / 2}" y="{height - 4}" text-anchor="middle" font-size="11">{esc(x_label)}</text>'
-        f'<text x="12" y="{pad_t + ph / 2}" font-size="11" transform="rotate(-90 12 {pad_t + ph / 2})" '
-        f'text-anchor="middle">{esc(y_label)}</text>'
-        f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{poly}"/>'
-        f'<g fill="#2563eb">{dots}</g></svg>'
-    )
-
-
 def render_report_html(rep: dict[str, Any]) -> str:
-    esc = html.escape
-    loss_pts = [(float(p["step"]), float(p["loss"])) for p in rep["losses"] if p.get("loss") is not None]
-    spend_pts = [(p["t_s"] / 60.0, float(p["usd"])) for p in rep["spend"] if p.get("usd") is not None]
-    rows = [
-        ("status", rep["status"]), ("model", f"{rep['model']} ({rep['method']})"),
-        ("instance", f"{rep['provider']} {rep['instance_type']} {rep['gpu'] or ''} {rep['region'] or ''}"),
-        ("price", f"{_usd(rep['price_hour'])}/h"),
-        ("time", f"estimated {_num(rep['estimated']['hours'], '.3f')} h / actual "
-                 f"{_num(rep['actual']['hours'], '.3f')} h"),
-        ("cost", f"estimated {_usd(rep['estimated']['usd'])} / actual {_usd(rep['actual']['usd'])} "
-                 f"(budget {_usd(rep['budget_usd'])})"),
-        ("peak memory", f"estimated {_num(rep['peak_mem_gib']['estimated'], '.2f')} GiB / measured "
-                        f"{_num(rep['peak_mem_gib']['actual'], '.2f')} GiB"),
-    ]
-    if rep.get("error"):
-        rows.append(("why", rep["error"]))
-    info = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
-    phases = "".join(f"<tr><td>{esc(p['phase'])}</td><td>{p['seconds']:.1f} s</td><td>{esc(p['message'] or '')}"
-                     f"</td></tr>" for p in rep["phases"])
-    arts = "".join(f"<li>{esc(a)}</li>" for a in rep["artifacts"])
-    data = esc(json.dumps({k: rep[k] for k in ("run_id", "status", "estimated", "actual")}))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ftplan run {esc(rep['run_id'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}.charts{{display:flex;gap:2em;flex-wrap:wrap}}
-</style></head><body data-summary="{data}">
-<h1>Run {esc(rep['run_id'])}</h1>
-<table>{info}</table>
-<div class="charts">
-<figure><figcaption>Training loss</figcaption>
-{svg_line_chart(loss_pts, title="loss by step", x_label="step", y_label="loss")}</figure>
-<figure><figcaption>Spend over time</figcaption>
-{svg_line_chart(spend_pts, title="spend over time", x_label="minutes since launch", y_label="USD")}</figure>
-</div>
-<h2>Phases</h2><table>{phases}</table>
-<h2>Artifacts</h2><p>{esc(rep['artifacts_dir'] or '')}</p><ul>{arts}</ul>
-</body></html>
-"""
+    """One run's page (see ftplan.planner.runs.report_html)."""
+    from ftplan.planner.runs.report_html import run_page
+
+    return run_page(rep)
