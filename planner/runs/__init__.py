@@ -1,0 +1,1 @@
+"""Runs: the SQLite run store, reports, and corrections learned from finished runs."""
