@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "runs": ("ftplan.planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
     "report": ("ftplan.planner.commands.report:report", "Report of one run, or totals by provider or month."),
     "gc": ("ftplan.planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
+    "check": ("ftplan.planner.commands.check:check", "Which providers are usable here: extra, credential, a read-only call."),
 }
 
 # Pure arithmetic on shipped data, with a cold-start budget: no logging set-up unless asked for.
