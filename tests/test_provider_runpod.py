@@ -11,7 +11,14 @@ import pytest
 from fakes import runpod_graphql
 
 from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
-from ftplan.providers.errors import AuthError, CapacityError, InstanceGone, ProviderError, QuotaError
+from ftplan.providers.errors import (
+    AuthError,
+    CapacityError,
+    InstanceGone,
+    OfferUnavailable,
+    ProviderError,
+    QuotaError,
+)
 from ftplan.providers.runpod import RunPodProvider
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIRunPodRunPodRunPodRunPodRunPodRunPodRunPo ftplan"
@@ -70,7 +77,8 @@ def test_spot_goes_through_rent_interruptable_with_a_bid(fake_runpod):
     inst = p.create(_request(gpu="A100-80GB", spot=True))
     ((name, sent),) = [m for m in fake_runpod.mutations if m[0].startswith("pod")]
     assert name == "podRentInterruptable"
-    assert sent["bidPerGpu"] == pytest.approx(1.19) and sent["gpuTypeId"] == "NVIDIA A100 80GB PCIe"
+    # 10% over the floor (1.19) for the cloud/DC asked for, never above on-demand (1.64)
+    assert sent["bidPerGpu"] == pytest.approx(1.309) and sent["gpuTypeId"] == "NVIDIA A100 80GB PCIe"
     assert {"key": "PUBLIC_KEY", "value": PUB} in sent["env"] and sent["ports"] == "22/tcp"
     p.wait_ready(inst, timeout_s=5)
     fake_runpod.preempt(inst.id)
@@ -130,7 +138,7 @@ def test_values_that_would_break_the_graphql_text_are_refused(fake_runpod):
     with pytest.raises(ProviderError, match="quotes"):
         p.create(_request(image='evil" } ) { id } mutation { x'))
     with pytest.raises(ProviderError, match="no GPU type"):
-        p.create(_request(gpu="TPU-v5"))
+        p.create(_request(gpu="GTX-9999"))
     assert fake_runpod.queries == []
 
 
@@ -143,7 +151,7 @@ def test_api_key_never_leaks(fake_runpod, monkeypatch, caplog):
     fake_runpod.fail_next("create", kind="capacity")
     with pytest.raises(CapacityError) as cap:
         p.create(_request(run_id="two"))
-    fake_runpod.fail_next("get", kind="500")
+    fake_runpod.fail_next("get", kind="500", times=5)  # every read retry (1 + 4)
     with pytest.raises(ProviderError) as broken:
         p.describe(inst)
     p.terminate(inst)
@@ -175,3 +183,64 @@ def test_price_fetcher(fake_runpod):
     assert not any(r["gpu"] == "RTXA6000" for r in in_stock) and any(r["gpu"] == "RTX4090" for r in in_stock)
     with pytest.raises(AuthError):
         fetch_offers(api_key="bad-bad-bad", api_base_url=fake_runpod.url)
+
+
+# ---- issue 20 items 4, 5 and issue 22 item 10: cloud type, bids, read retries, terminate read-back, GPUs ----
+
+
+def test_request_cloud_type_is_sent_as_cloud_type(fake_runpod):
+    p = _provider(fake_runpod)
+    p.create(_request(run_id="c1", cloud_type="COMMUNITY"))
+    p.create(_request(run_id="c2", gpu="A100-80GB", spot=True, cloud_type="COMMUNITY"))
+    p.create(_request(run_id="c3"))  # none on the request: the adapter's default
+    assert [c["cloudType"] for c in fake_runpod.created()] == ["COMMUNITY", "COMMUNITY", "SECURE"]
+    with pytest.raises(ProviderError, match="cloud type"):
+        p.create(_request(run_id="c4", cloud_type="ORBITAL"))
+
+
+def test_spot_bid_is_over_the_floor_of_the_cloud_and_data_centre_asked_for(fake_runpod):
+    # Community cloud elsewhere is cheaper; a bid at *that* floor would be refused in US-TX-1 secure.
+    fake_runpod.spot_floor = {(False, "EU-RO-1"): 0.60, (True, "US-TX-1"): 1.30, (True, "EU-RO-1"): 1.10}
+    p = _provider(fake_runpod)
+    p.create(_request(gpu="A100-80GB", spot=True))
+    (sent,) = fake_runpod.created()
+    assert sent["bidPerGpu"] == pytest.approx(1.43) and sent["dataCenterId"] == "US-TX-1"
+    assert any("secureCloud: true" in q and 'dataCenterId: "US-TX-1"' in q for q in fake_runpod.queries)
+
+
+def test_bid_refused_as_too_low_is_next_offer(fake_runpod):
+    fake_runpod.market_moves = 0.50  # the floor rises between the price query and the bid
+    p = _provider(fake_runpod)
+    with pytest.raises(CapacityError, match="minimum bid"):
+        p.create(_request(gpu="A100-80GB", spot=True))
+    assert fake_runpod.live_instances() == []
+
+
+def test_polling_rides_out_429_and_5xx_but_not_for_ever(fake_runpod):
+    p = _provider(fake_runpod)
+    inst = p.create(_request())
+    fake_runpod.fail_next("get", kind="429", times=2)
+    fake_runpod.fail_next("get", kind="500", times=1)
+    assert p.wait_ready(inst, timeout_s=5).user == "root"
+    fake_runpod.fail_next("get", kind="500", times=50)
+    with pytest.raises(ProviderError, match="still failing after 5 tries"):
+        p.describe(inst)
+
+
+def test_terminate_read_back_not_found_error_after_delete_is_success(fake_runpod):
+    fake_runpod.missing_pod_error = True
+    p = _provider(fake_runpod)
+    inst = p.create(_request())
+    p.terminate(inst)  # the read-back answers "pod not found": gone, not an exception
+    assert inst.state == InstanceState.TERMINATED and fake_runpod.live_instances() == []
+    assert p.describe(inst).state == InstanceState.TERMINATED
+
+
+def test_blackwell_gets_a_cuda_12_8_image_and_amd_is_refused(fake_runpod):
+    fake_runpod.gpu_types["NVIDIA B200"] = ("B200", 180, 5.99, 3.59, 8, True)
+    p = _provider(fake_runpod)
+    p.create(_request(gpu="B200"))
+    assert "cuda12.8" in fake_runpod.created()[0]["imageName"]
+    with pytest.raises(OfferUnavailable, match="CUDA-only"):
+        p.create(_request(run_id="amd", gpu="MI300X"))
+    assert len(fake_runpod.created()) == 1

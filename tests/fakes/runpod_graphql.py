@@ -12,7 +12,11 @@ HTTP 200 + `errors` (QueryError), a bad key as HTTP 401.
 State: `.pods` (id -> dict), `.mutations` (name, input) log, `.live_instances()`. Knobs: `.boot_polls`
 (pod queries with `runtime: null` before the ports appear), `.ssh_host`/`.ssh_port`, `.gpu_types`.
 Faults: `.fail_next(op, kind, times)` with op in create|terminate|get|list|gpus and kind in
-capacity|quota|auth|500; `.preempt(id)` (an interruptible pod is stopped: desiredStatus EXITED, no runtime).
+capacity|quota|auth|500|429 (429 carries `Retry-After: 0`); `.preempt(id)` (an interruptible pod is stopped:
+desiredStatus EXITED, no runtime). `.spot_floor[(secure, dataCenterId)]` sets the minimum bid per cloud/DC
+(`lowestPrice` answers the floor for the cloud and data centre asked for, the cheapest one when none is given),
+and `podRentInterruptable` refuses a bid under that floor. `.missing_pod_error` makes `pod(...)` of an unknown id
+answer a "pod not found" error instead of `pod: null` (which of the two RunPod does is unverified).
 Server and fault plumbing: tests/fakes/server.py.
 """
 
@@ -109,7 +113,7 @@ class FakeRunPod(FakeCloudAPI):
     """`.url` is the value for RUNPOD_API_BASE_URL (the SDK appends /graphql)."""
 
     default_api_key = "runpod-test-key-0123456789"
-    fault_kinds = ("capacity", "quota", "auth", "500")
+    fault_kinds = ("capacity", "quota", "auth", "500", "429")
 
     def __init__(self, api_key: str | None = None, *, ssh_host: str = "127.0.0.1", ssh_port: int = 22):
         self.ssh_port = ssh_port
@@ -123,6 +127,9 @@ class FakeRunPod(FakeCloudAPI):
             self.mutations: list[tuple[str, dict[str, Any]]] = []
             self.queries: list[str] = []
             self.boot_polls = 1
+            self.spot_floor: dict[tuple[bool, str | None], float] = {}
+            self.missing_pod_error = False
+            self.market_moves = 0.0  # added to the floor between the price query and the bid (outbid)
             self._ids = itertools.count(1)
 
     def preempt(self, pod_id: str) -> None:
@@ -151,6 +158,8 @@ class FakeRunPod(FakeCloudAPI):
                 return Response(json.dumps({"error": "Unauthorized"}), 401, content_type="application/json")
             if kind == "500":
                 return Response("<html><body>502 Bad Gateway</body></html>", 502, content_type="text/html")
+            if kind == "429":
+                return Response("Too Many Requests", 429, headers={"Retry-After": "0"}, content_type="text/plain")
             if kind is not None:
                 msg = CAPACITY_MSG if kind == "capacity" else QUOTA_MSG
                 return _gql({"data": None, "errors": [{"message": msg, "path": [op]}]})
@@ -169,17 +178,31 @@ class FakeRunPod(FakeCloudAPI):
             "communityPrice": round(price * 0.8, 2), "secureSpotPrice": spot, "communitySpotPrice": spot,
             "oneWeekPrice": price, "oneMonthPrice": price, "threeMonthPrice": price,
             "lowestPrice": lambda info, input=None: {  # noqa: A002  (GraphQL argument name)
-                "minimumBidPrice": spot, "uninterruptablePrice": price,
+                "minimumBidPrice": self._floor(gid, input or {}), "uninterruptablePrice": price,
                 "minVcpu": 8 * (input or {}).get("gpuCount", 1), "minMemory": 62 * (input or {}).get("gpuCount", 1),
                 "stockStatus": "High" if stock else None, "maxUnreservedGpuCount": max_count if stock else 0,
             },
         }
+
+    def _floor(self, gid: str, inp: dict[str, Any]) -> float | None:
+        """The minimum bid for the cloud/DC asked for; without them, the cheapest of all (as a bare query)."""
+        spot = self.gpu_types[gid][3]
+        if spot is None or not self.spot_floor:
+            return spot
+        secure, dc = inp.get("secureCloud"), inp.get("dataCenterId")
+        hits = [v for (s, d), v in self.spot_floor.items() if (secure is None or s == secure) and (dc is None or d == dc)]
+        return min(hits) if hits else spot
 
     def _deploy(self, mutation: str, inp: dict[str, Any]) -> dict[str, Any]:
         self.mutations.append((mutation, inp))
         gid = inp.get("gpuTypeId")
         if gid not in self.gpu_types:
             raise _GraphQLFault("Invalid GPU type")
+        if mutation == "podRentInterruptable":
+            secure = None if inp.get("cloudType") in (None, "ALL") else inp.get("cloudType") == "SECURE"
+            floor = self._floor(gid, {"secureCloud": secure, "dataCenterId": inp.get("dataCenterId")})
+            if floor is not None and inp["bidPerGpu"] < floor + self.market_moves:
+                raise _GraphQLFault(f"Your bid price is lower than the minimum bid price ({floor}) for this GPU.")
         if not self.gpu_types[gid][5] or inp.get("gpuCount", 1) > self.gpu_types[gid][4]:
             raise _GraphQLFault(CAPACITY_MSG)
         pid = f"pod{next(self._ids):04d}abc"
@@ -199,6 +222,8 @@ class FakeRunPod(FakeCloudAPI):
     def _pod(self, pid: str) -> dict[str, Any] | None:
         pod = self.pods.get(pid)
         if pod is None:
+            if self.missing_pod_error:
+                raise _GraphQLFault("pod not found")
             return None
         if pod["desiredStatus"] == "RUNNING" and pod["runtime"] is None:
             pod["_polls"] += 1
