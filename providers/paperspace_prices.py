@@ -20,7 +20,7 @@ from ftplan.providers.errors import ProviderError
 from ftplan.providers.paperspace import PaperspaceProvider
 
 SOURCE = "paperspace:GET /os-templates availability + shipped prices"
-BILLING_GRANULARITY_S = 3600  # hourly rates (Paperspace pricing page; not verifiable offline)
+BILLING_GRANULARITY_S = 1  # compute is metered per second (ftplan issue 21; catalogs/offers/SOURCES.md)
 GPU_MEMORY_GIB = {"A100-80GB": 80, "A100": 40, "H100": 80, "V100-32GB": 32, "V100": 16, "A6000": 48,
                   "A5000": 24, "A4000": 16, "P4000": 8, "P5000": 16, "P6000": 24, "M4000": 8, "RTX4000": 8}
 
@@ -52,13 +52,14 @@ def load_price_table(path: str | os.PathLike) -> list[dict[str, Any]]:
                 row = {"instance_type": r["instance_type"], "gpu": gpu, "gpu_count": count,
                        "gpu_memory_gib": _num(r.get("gpu_memory_gib")) or float(GPU_MEMORY_GIB.get(gpu, 0)),
                        "vcpus": _num(r.get("vcpus")), "ram_gib": _num(r.get("ram_gib")),
-                       "price_hour": _num(r.get("price_hour")), "region": r.get("region") or ""}
+                       "price_hour": _num(r.get("price_hour")), "region": r.get("region") or "",
+                       "price_date": r.get("price_date") or ""}
             else:  # SkyPilot vms.csv
                 gpu, count = r.get("AcceleratorName") or "", int(_num(r.get("AcceleratorCount")))
                 row = {"instance_type": r.get("InstanceType", ""), "gpu": gpu, "gpu_count": count,
                        "gpu_memory_gib": float(GPU_MEMORY_GIB.get(gpu, 0)), "vcpus": _num(r.get("vCPUs")),
                        "ram_gib": _num(r.get("MemoryGiB")), "price_hour": _num(r.get("Price")),
-                       "region": r.get("Region") or ""}
+                       "region": r.get("Region") or "", "price_date": ""}
             if row["gpu"] and row["gpu_count"] > 0 and row["price_hour"] > 0:
                 rows.append(row)
     return rows
@@ -80,4 +81,5 @@ def fetch_offers(base_url: str | None = None, api_key: str | None = None,
                                                         "vcpus", "ram_gib", "price_hour")},
         "spot_price_hour": None, "region": p["region"], "zone": None,
         "billing_granularity_s": BILLING_GRANULARITY_S, "source": SOURCE, "retrieved_at": today,
+        "price_date": p["price_date"],  # the shipped list's date: only availability is live
     } for p in prices if p["instance_type"] in available]

@@ -28,6 +28,9 @@ from ftplan.planner.errors import UserError  # noqa: E402
 from ftplan.planner.estimate.gpus import load_gpus, resolve_gpu  # noqa: E402
 from ftplan.planner.pricing.offers import COLUMNS, PROVIDERS, offer_key, write_offers  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import published_lists as PL  # noqa: E402
+
 # Upstream file versions (see the snapshot README); recorded in each row's `source`.
 UPSTREAM = {
     "aws": "skypilot-catalog v8/aws/vms.csv @00148f2a",
@@ -37,7 +40,7 @@ UPSTREAM = {
     "paperspace": "skypilot-catalog v6/paperspace/vms.csv @e5200541",
 }
 # Seconds a provider bills in (SOURCES.md gives the evidence; minimum charges live in provider_overheads.json).
-BILLING_GRANULARITY_S = {"aws": 1, "gcp": 1, "runpod": 1, "lambda": 60, "paperspace": 3600}
+BILLING_GRANULARITY_S = {"aws": 1, "gcp": 1, "runpod": 1, "lambda": 60, "paperspace": 1}
 
 # GCP: which host machine types carry which GPU (a2/a3/a4/g2 have them built in; n1 takes attachable GPUs).
 GCP_BUILT_IN = {
@@ -61,6 +64,10 @@ GCP_N1_MAX_VCPUS = {
 # Hosts composed with an attachable GPU: 4 and 8 vCPUs per GPU, standard and highmem shapes.
 GCP_N1_VCPUS_PER_GPU = (4, 8)
 OUTLIER_FACTOR = 1.5  # GCP GPU component vs the median of the same GPU x count across zones
+# A GCP GPU "on-demand" component this close to its own spot price, or this far below the same GPU's dearest
+# zone, is not the on-demand SKU (a flex-start/DWS or commitment SKU, about half the list price).
+NOT_ON_DEMAND_SPOT_RATIO = 1.5
+NOT_ON_DEMAND_FRACTION = 0.6
 
 
 class Report:
@@ -131,13 +138,16 @@ def spot_or_none(provider: str, price: float, spot: float | None, report: Report
 
 
 def offer(provider: str, instance_type: str, gpu: str, count: int, mem: float, vcpus, ram, price: float,
-          spot, region: str, zone: str, retrieved_at: str) -> dict:
+          spot, region: str, zone: str, retrieved_at: str, *, source: str | None = None, price_date: str = "",
+          cloud: str = "", purchase: str | None = None) -> dict:
+    if purchase is None:
+        purchase = "on-demand+spot" if spot is not None else "on-demand"
     return {
         "provider": provider, "instance_type": instance_type, "gpu": gpu, "gpu_count": count,
         "gpu_memory_gib": mem, "vcpus": vcpus, "ram_gib": ram, "price_hour": round(price, 6),
         "spot_price_hour": round(spot, 6) if spot is not None else None, "region": region, "zone": zone,
-        "billing_granularity_s": BILLING_GRANULARITY_S[provider], "source": UPSTREAM[provider],
-        "retrieved_at": retrieved_at,
+        "billing_granularity_s": BILLING_GRANULARITY_S[provider], "source": source or UPSTREAM[provider],
+        "retrieved_at": retrieved_at, "cloud": cloud, "purchase": purchase, "price_date": price_date,
     }
 
 
@@ -233,6 +243,12 @@ def import_gcp(rows: list[dict], report: Report, retrieved_at: str) -> list[dict
             shown = ", ".join(f"{reg} {p:g}" for reg, p in odd[:4]) + (" ..." if len(odd) > 4 else "")
             report.notes.append(f"GCP {name} x{cnt} GPU price off the median {med:g} $/h by >1.5x (kept): {shown}")
 
+    # The dearest per-GPU on-demand component of each GPU: a zone far below it is priced with another SKU.
+    dearest: dict[str, float] = collections.defaultdict(float)
+    for r in gpu_rows:
+        n = fnum(r["AcceleratorCount"]) or 1
+        dearest[r["AcceleratorName"]] = max(dearest[r["AcceleratorName"]], float(r["Price"]) / n)
+
     out, used_hosts = [], set()
     zero_host = set()
     for g in gpu_rows:
@@ -250,6 +266,18 @@ def import_gcp(rows: list[dict], report: Report, retrieved_at: str) -> list[dict
             continue
         gpu_price, gpu_spot = fnum(g["Price"]), fnum(g["SpotPrice"])
         mem = gpu_memory_gib(gpu, mib_per_gpu(g["GpuInfo"]))
+        source, price_date, od_sold = None, "", True
+        if gpu_price and not_on_demand_sku(gpu_price, gpu_spot, dearest[g["AcceleratorName"]] * count):
+            listed = PL.GCP_GPU_LIST.get((gpu, g["Region"]))
+            if listed is not None:
+                report.fixed[f"gcp {gpu}: GPU price is not the on-demand SKU (x{gpu_price / (listed * count):.2f} "
+                             f"of list) -> on-demand list price"] += 1
+                gpu_price = listed * count
+                source, price_date = PL.GCP_SOURCE
+            else:
+                report.fixed[f"gcp {gpu}: GPU price is not the on-demand SKU and no list price is at hand "
+                             f"-> no on-demand offer"] += 1
+                od_sold = False
         for name in names:
             h = hosts[name]
             used_hosts.add((zone, name))
@@ -265,14 +293,46 @@ def import_gcp(rows: list[dict], report: Report, retrieved_at: str) -> list[dict
                 spot = spot_or_none("gcp", price, gpu_spot + host_spot, report, f"gcp {gpu}")
             elif gpu_spot is None:
                 report.fixed[f"gcp {gpu}: no spot price for the GPU upstream -> no spot offer"] += 1
+            purchase = gcp_purchase(name, spot is not None, od_sold)
+            if purchase is None:
+                report.dropped["GCP offer sold neither on demand nor on spot here"] += 1
+                continue
             out.append(offer("gcp", name, gpu, count, mem, fnum(h["vCPUs"]), fnum(h["MemoryGiB"]), price, spot,
-                             g["Region"], zone, retrieved_at))
+                             g["Region"], zone, retrieved_at, source=source, price_date=price_date,
+                             purchase=purchase))
     for name in sorted(zero_host):
         report.notes.append(f"GCP {name} host VM is priced 0.0 upstream: its price is all in the GPU row (kept)")
     n_hosts = sum(len(h) for h in hosts_by_zone.values())
     report.notes.append(f"GCP composed offers from {len(gpu_rows)} GPU-price rows and {n_hosts} host-VM rows "
                         f"({len(used_hosts)} host rows used; the others carry no GPU we compose)")
     return out
+
+
+def not_on_demand_sku(price: float, spot: float | None, dearest: float) -> bool:
+    """Is a GCP GPU 'on-demand' component really another SKU? Google's spot GPU prices are 60-91 % off list,
+    so an on-demand figure within 1.5x of its own spot price, or below 60 % of the same GPU's dearest zone
+    (list prices differ by region far less), is a flex-start/DWS or commitment SKU (issue 21: H100 x0.44-0.49,
+    A100-80GB x0.58, A100 x0.65 of list)."""
+    if spot and price / spot < NOT_ON_DEMAND_SPOT_RATIO:
+        return True
+    return price < NOT_ON_DEMAND_FRACTION * dearest
+
+
+def gcp_purchase(machine_type: str, has_spot: bool, on_demand_sold: bool = True) -> str | None:
+    """How a GCP machine type can be bought (PL.GCP_NO_ON_DEMAND: reservation, spot or flex-start only)."""
+    modes = []
+    reserved_only = machine_type.startswith(PL.GCP_NO_ON_DEMAND)
+    if on_demand_sold and not reserved_only:
+        modes.append("on-demand")
+    if has_spot:
+        modes.append("spot")
+    if not modes:
+        return None
+    if reserved_only:
+        modes.append("flex-start")
+        if machine_type.startswith(("a4-highgpu-", "a3-ultragpu-")):
+            modes.append("reservation")
+    return "+".join(modes)
 
 
 def dedupe(rows: list[dict], report: Report) -> list[dict]:
@@ -292,7 +352,97 @@ def dedupe(rows: list[dict], report: Report) -> list[dict]:
 
 
 def sort_key(r: dict) -> tuple:
-    return (r["gpu"], r["gpu_count"], r["instance_type"], r["region"], r["zone"])
+    return (r["gpu"], r["gpu_count"], r["instance_type"], r["region"], r["zone"], r["cloud"])
+
+
+# --------------------------------------------------------------------------- this year's published lists
+
+def apply_runpod(rows: list[dict], report: Report) -> list[dict]:
+    """Secure-cloud rows at the published list (per GPU x count); community cloud as offers of its own.
+
+    A list price replaces the mid-2025 figure and its spot price (no dated 2026 spot figure: `ftplan catalog
+    refresh` reads spot live). Community rows have no data centre (RunPod places them; hosts vary, no SLA)."""
+    out, community, undated = [], {}, set()
+    for r in rows:
+        r["cloud"] = "secure"
+        listed = PL.RUNPOD_LIST.get(r["gpu"])
+        if listed and listed[0] is not None:
+            secure, _, (source, day) = listed
+            new = round(secure * r["gpu_count"], 6)
+            if abs(new - r["price_hour"]) > 1e-9:
+                report.fixed[f"runpod {r['gpu']}: secure {r['price_hour'] / r['gpu_count']:g} -> {secure:g} "
+                             "$/GPU-h (published list)"] += 1
+            if r["spot_price_hour"] is not None:
+                report.fixed["runpod: mid-2025 spot price of a re-priced type dropped (no dated figure)"] += 1
+            r.update(price_hour=new, spot_price_hour=None, source=source, price_date=day, purchase="on-demand")
+        else:
+            undated.add(r["gpu"])
+        out.append(r)
+        if listed and listed[1] is not None:
+            key = (r["gpu"], r["gpu_count"])
+            if key not in community:
+                _, comm, (source, day) = listed
+                community[key] = {**r, "instance_type": r["instance_type"].replace("_SECURE", "_COMMUNITY"),
+                                  "price_hour": round(comm * r["gpu_count"], 6), "spot_price_hour": None,
+                                  "region": "ANY", "zone": "", "cloud": "community", "source": source,
+                                  "price_date": day, "purchase": "on-demand"}
+    if undated:
+        report.notes.append(f"runpod: no dated 2026 price at hand, mid-2025 snapshot kept: {', '.join(sorted(undated))}")
+    report.fixed["runpod: community-cloud offers added (published list)"] += len(community)
+    return out + list(community.values())
+
+
+def _paperspace_base(instance_type: str) -> tuple[str, int]:
+    m = re.fullmatch(r"(.+?)x(\d+)", instance_type)
+    return (m.group(1), int(m.group(2))) if m else (instance_type, 1)
+
+
+def apply_paperspace(rows: list[dict], report: Report, retrieved_at: str) -> list[dict]:
+    """Prices from Paperspace's pricing page (multi-GPU types: n x the single price); per-second billing."""
+    source, day = PL.PAPERSPACE_SOURCE
+    region = rows[0]["region"] if rows else "East Coast (NY2)"
+    for r in rows:
+        base, n = _paperspace_base(r["instance_type"])
+        if base in PL.PAPERSPACE_LIST:
+            new = round(PL.PAPERSPACE_LIST[base] * n, 6)
+            if abs(new - r["price_hour"]) > 1e-9:
+                report.fixed[f"paperspace {r['instance_type']}: {r['price_hour']:g} -> {new:g} $/h "
+                             "(published list)"] += 1
+            r.update(price_hour=new, source=source, price_date=day)
+    have = {r["instance_type"] for r in rows}
+    for itype, gpu in PL.PAPERSPACE_NEW.items():
+        if itype in have:
+            continue
+        mem = load_gpus()[gpu].memory_gib
+        rows.append(offer("paperspace", itype, gpu, 1, mem, None, None, PL.PAPERSPACE_LIST[itype], None,
+                          region, "", retrieved_at, source=source, price_date=day))
+        report.fixed[f"paperspace {itype}: added ({gpu}, published list)"] += 1
+    return rows
+
+
+def apply_lambda(rows: list[dict], report: Report, retrieved_at: str) -> list[dict]:
+    """Check every type against Lambda's published per-GPU list; add listed types the snapshot lacks."""
+    source, day = PL.LAMBDA_SOURCE
+    for r in rows:
+        per_gpu = PL.LAMBDA_LIST.get(r["instance_type"])
+        if per_gpu is None:
+            report.notes.append(f"lambda {r['instance_type']}: not on the published list (kept, undated)")
+            continue
+        if abs(per_gpu * r["gpu_count"] - r["price_hour"]) > 0.005:
+            report.notes.append(f"lambda {r['instance_type']}: snapshot {r['price_hour']:g} != list "
+                                f"{per_gpu * r['gpu_count']:g} (list used)")
+            r["price_hour"] = round(per_gpu * r["gpu_count"], 6)
+        r.update(source=source, price_date=day)
+    regions = sorted({r["region"] for r in rows})
+    for itype, (gpu, count, vcpus, ram) in PL.LAMBDA_NEW.items():
+        if any(r["instance_type"] == itype for r in rows):
+            continue
+        mem = next((r["gpu_memory_gib"] for r in rows if r["gpu"] == gpu), load_gpus()[gpu].memory_gib)
+        for region in regions:
+            rows.append(offer("lambda", itype, gpu, count, mem, vcpus, ram, PL.LAMBDA_LIST[itype] * count, None,
+                              region, "", retrieved_at, source=source, price_date=day))
+        report.fixed[f"lambda {itype}: added ({count}x {gpu}, published list) in every listed region"] += len(regions)
+    return rows
 
 
 def import_provider(provider: str, src: Path, out_dir: Path, retrieved_at: str) -> int:
@@ -302,6 +452,12 @@ def import_provider(provider: str, src: Path, out_dir: Path, retrieved_at: str) 
         offers = import_gcp(rows, report, retrieved_at)
     else:
         offers = import_simple(provider, rows, report, retrieved_at)
+    if provider == "runpod":
+        offers = apply_runpod(dedupe(offers, report), report)
+    elif provider == "paperspace":
+        offers = apply_paperspace(offers, report, retrieved_at)
+    elif provider == "lambda":
+        offers = apply_lambda(offers, report, retrieved_at)
     offers = sorted(dedupe(offers, report), key=sort_key)
     report.dropped = collections.Counter({k: v for k, v in report.dropped.items() if v})
     out = out_dir / f"{provider}.csv"
@@ -319,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     args = ap.parse_args(argv)
     dt.date.fromisoformat(args.date)
-    assert len(COLUMNS) == 14
+    assert len(COLUMNS) == 17
     total = 0
     for provider in args.providers.split(","):
         total += import_provider(provider, args.src, args.out, args.date)

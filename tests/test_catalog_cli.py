@@ -33,17 +33,23 @@ def test_show_gives_source_age_and_origin(capsys):
     entries = {e["provider"]: e for e in json.loads(out)}
     assert set(entries) == set(O.PROVIDERS)
     for e in entries.values():
-        assert e["origin"] == "shipped" and e["offers"] > 0
-        assert e["age_days"] >= 0 and "upstream date is unknown" in e["note"]
-        assert "skypilot-catalog" in e["source"]
+        assert e["origin"] == "shipped" and e["offers"] > 0 and e["age_days"] >= 0
+        assert sum(s["rows"] for s in e["sources"]) == e["offers"]
+        # Undated rows (the SkyPilot snapshot) say that their date is the import date, not the upstream date.
+        assert ("upstream date is unknown" in e["note"]) == (e["undated"] > 0)
+    assert entries["aws"]["undated"] == entries["aws"]["offers"] and entries["aws"]["price_dates"] == []
+    assert entries["lambda"]["undated"] == 0 and entries["lambda"]["price_dates"] == ["2026-09-20", "2026-09-20"]
+    assert "lambda.ai/instances read 2026-09-20" in entries["lambda"]["source"]
     rc, out, _ = ftplan(capsys, "catalog", "show", "--regions")
     assert rc == 0 and "East Coast (NY2)" in out and "d old" in out
+    aws = out.split("\ngcp")[0]
+    assert "the upstream date is unknown" in aws and "imported 2026-12-01" in aws
 
 
 def test_old_cache_is_flagged_stale_in_show(capsys, cache_dir):
     path = write_cache(cache_dir, "aws", [[
         "aws", "g5.xlarge", "A10G", "1", "22.35", "4", "16", "1.006", "0.4", "us-east-1", "use1-az1", "1",
-        "aws pricing API", "2025-01-01T00:00:00Z"]])
+        "aws pricing API", "2025-01-01T00:00:00Z", "", "", ""]])
     rc, out, _ = ftplan(capsys, "catalog", "show", "--json")
     aws = next(e for e in json.loads(out) if e["provider"] == "aws")
     assert (aws["origin"], aws["path"], aws["offers"], aws["stale"]) == ("cache", str(path), 1, True)

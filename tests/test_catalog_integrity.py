@@ -81,9 +81,9 @@ def test_upstream_quirks_are_handled(all_rows):
     # a4 (B200) hosts are priced 0.0 upstream: the offer still carries the GPU row's price.
     b200 = [r for r in gcp if r["instance_type"] == "a4-highgpu-8g"]
     assert b200 and all(float(r["price_hour"]) > 10 for r in b200)
-    # RunPod: L40S columns were swapped upstream; on-demand must be the higher figure after import.
-    l40s = [r for r in runpod if r["gpu"] == "L40S"]
-    assert l40s and all(float(r["spot_price_hour"]) < float(r["price_hour"]) for r in l40s)
+    # RunPod: L40S columns were swapped upstream; now re-priced from the published list (1.09 $/GPU-h secure).
+    l40s = [r for r in runpod if r["gpu"] == "L40S" and r["cloud"] == "secure"]
+    assert l40s and all(float(r["price_hour"]) == pytest.approx(1.09 * int(r["gpu_count"])) for r in l40s)
     # RunPod 2x_B200_SECURE's US rows appear twice upstream: once here.
     b2 = [(r["region"], r["zone"]) for r in runpod if r["instance_type"] == "2x_B200_SECURE"]
     assert len(b2) == len(set(b2)) == 25
@@ -93,9 +93,53 @@ def test_upstream_quirks_are_handled(all_rows):
 
 
 def test_billing_granularity_per_provider(all_rows):
-    expected = {"aws": "1", "gcp": "1", "runpod": "1", "lambda": "60", "paperspace": "3600"}
+    expected = {"aws": "1", "gcp": "1", "runpod": "1", "lambda": "60", "paperspace": "1"}
     for p, rows in all_rows.items():
         assert {r["billing_granularity_s"] for r in rows} == {expected[p]}
+
+
+def test_every_row_says_where_its_price_comes_from_and_when(all_rows):
+    for p, rows in all_rows.items():
+        for r in rows:
+            assert r["source"] and O.parse_date(r["retrieved_at"])
+            # A price read from a provider's page carries that day; the SkyPilot snapshot's own date is unknown.
+            if not r["source"].startswith("skypilot-catalog"):
+                assert r["price_date"], (p, r["instance_type"], r["source"])
+                assert O.parse_date(r["price_date"]) <= O.parse_date(r["retrieved_at"])
+
+
+def test_gcp_on_demand_gpu_prices_are_list_prices_not_flex_start(all_rows):
+    """Issue 21: 59 zone rows carried a flex-start/commitment SKU (~half list). H100 on demand is ~9.8-14 $/GPU-h
+    plus the host wherever it is sold; A100 80GB us-central1 is 3.928 (GPU SKU) + 1.0996 (host)."""
+    gcp = all_rows["gcp"]
+    h100 = [r for r in gcp if r["gpu"] == "H100" and "on-demand" in r["purchase"].split("+")]
+    assert h100 and min(float(r["price_hour"]) / int(r["gpu_count"]) for r in h100) > 10.0
+    a2u = next(r for r in gcp if (r["instance_type"], r["zone"]) == ("a2-ultragpu-1g", "us-central1-a"))
+    assert float(a2u["price_hour"]) == pytest.approx(3.92808 + 1.09962)
+    assert a2u["price_date"] and "Cloud Billing Catalog" in a2u["source"]
+
+
+def test_gcp_types_sold_only_by_reservation_spot_or_flex_start_have_no_on_demand_offer(all_rows):
+    for r in all_rows["gcp"]:
+        modes = r["purchase"].split("+")
+        if r["instance_type"].startswith(("a4-highgpu-", "a3-ultragpu-", "a3-highgpu-1g", "a3-highgpu-2g",
+                                          "a3-highgpu-4g")):
+            assert "on-demand" not in modes and "flex-start" in modes, r
+        else:  # A3 Mega zones priced only with the flex-start SKU upstream: spot only (SOURCES.md)
+            assert "on-demand" in modes or (r["instance_type"] == "a3-megagpu-8g" and modes == ["spot"]), r
+    assert any(r["instance_type"] == "a3-highgpu-1g" and "spot" in r["purchase"] for r in all_rows["gcp"])
+
+
+def test_runpod_community_cloud_offers_of_their_own(all_rows):
+    rows = all_rows["runpod"]
+    assert {r["cloud"] for r in rows} == {"secure", "community"}
+    comm = {r["instance_type"]: r for r in rows if r["cloud"] == "community"}
+    h100 = comm["1x_H100-SXM_COMMUNITY"]
+    assert float(h100["price_hour"]) == pytest.approx(2.69) and h100["region"] == "ANY"
+    secure = {(r["gpu"], r["gpu_count"]): float(r["price_hour"]) for r in rows if r["cloud"] == "secure"}
+    for r in comm.values():  # community is the cheaper cloud for every type both list
+        if (r["gpu"], r["gpu_count"]) in secure:
+            assert float(r["price_hour"]) < secure[(r["gpu"], r["gpu_count"])], r["instance_type"]
 
 
 @pytest.mark.skipif(not SNAPSHOTS.is_dir(), reason="the shared catalog snapshots are not on this machine")

@@ -58,7 +58,7 @@ def test_cheapest_offer_is_the_cheapest_catalog_row_that_fits(capsys):
 
 
 def test_table_output_marks_frontier_and_lists_rejections(capsys):
-    rc, out, err = ftplan(capsys, *BASE, "--top", "5")
+    rc, out, err = ftplan(capsys, *BASE, "--top", "5", "--wide")
     assert rc == 0, err
     lines = out.splitlines()
     header = next(line for line in lines if line.lstrip().startswith("#"))
@@ -126,7 +126,8 @@ def write_cache(cache_dir: Path, provider: str, rows: list[list[str]]) -> Path:
 def good_row(**kw) -> list[str]:
     d = dict(provider="paperspace", instance_type="A100-80G", gpu="A100-80GB", gpu_count="1", gpu_memory_gib="80",
              vcpus="12", ram_gib="80", price_hour="3.18", spot_price_hour="", region="East Coast (NY2)", zone="",
-             billing_granularity_s="3600", source="test", retrieved_at="2026-11-30")
+             billing_granularity_s="3600", source="test", retrieved_at="2026-11-30", cloud="", purchase="",
+             price_date="")
     d.update(kw)
     return [d[c] for c in O.COLUMNS]
 
@@ -147,7 +148,9 @@ def test_refreshed_cache_wins_and_old_data_warns_on_every_plan(capsys, cache_dir
     data = json.loads(out)
     assert [(o["instance_type"], o["price_hour"]) for o in data["offers"]] == [("A100-80G", 0.01)]
     assert data["catalogs"] == [{"provider": "paperspace", "origin": "cache", "retrieved_at": "2020-01-01",
-                                 "age_days": data["catalogs"][0]["age_days"]}]
+                                 "age_days": data["catalogs"][0]["age_days"], "price_dates": [],
+                                 "undated_rows": 1}]
+    assert any("on-demand price(s) of unknown date" in w or "up to" in w for w in data["warnings"])
     rc, _, err = ftplan(capsys, *BASE, "--providers", "paperspace")
     assert rc == 0 and "warning: prices are older than 30 days" in err
 
@@ -160,9 +163,9 @@ def test_gpus_lists_cheapest_price_per_provider(capsys):
     # Lambda's gpu_1x_h100_pcie is 3.29 $/h in the shipped snapshot, in every region.
     assert h100["lambda"]["on_demand_per_gpu_hour"] == pytest.approx(3.29)
     assert h100["lambda"]["spot_per_gpu_hour"] is None
-    with open(O.shipped_path("runpod"), newline="") as fh:
-        l40s = [r for r in csv.DictReader(fh) if r["gpu"] == "L40S"]
-    assert entries["L40S"]["providers"]["runpod"]["spot_per_gpu_hour"] == pytest.approx(
+    with open(O.shipped_path("aws"), newline="") as fh:
+        l40s = [r for r in csv.DictReader(fh) if r["gpu"] == "L40S" and r["spot_price_hour"]]
+    assert entries["L40S"]["providers"]["aws"]["spot_per_gpu_hour"] == pytest.approx(
         min(float(r["spot_price_hour"]) / int(r["gpu_count"]) for r in l40s))
     rc, out, _ = ftplan(capsys, "gpus", "a6000")     # Lambda's A6000 is the same card as RunPod's RTXA6000
     assert rc == 0 and "RTXA6000" in out and "lambda" in out.splitlines()[0]

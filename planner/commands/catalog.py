@@ -19,7 +19,8 @@ def catalog():
 @click.option("--regions", "show_regions", is_flag=True, help="Also list each provider's regions.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(show_regions, as_json):
-    """Each provider's price source, its age and how many offers it holds."""
+    """Each provider's price sources, how old the prices are and how many offers it holds."""
+    from ftplan.planner.commands.table_fit import terminal_width, wrap
     from ftplan.planner.pricing.offers import PROVIDERS, STALE_AFTER_DAYS, active_path, read_catalog_cached
 
     entries = []
@@ -31,10 +32,12 @@ def show(show_regions, as_json):
         cat = read_catalog_cached(p, path, origin)
         entries.append({
             "provider": p, "origin": origin, "path": str(path), "offers": len(cat.rows),
-            "source": "; ".join(cat.sources), "retrieved_at": str(cat.oldest), "age_days": cat.age_days(),
+            "source": "; ".join(cat.sources), "sources": _sources(cat.rows),
+            "retrieved_at": str(cat.oldest), "age_days": cat.age_days(),
+            "price_dates": list(cat.price_dates or ()), "price_age_days": cat.price_age_days(),
+            "undated": cat.undated,
             "stale": (cat.age_days() or 0) > STALE_AFTER_DAYS,
-            "note": ("snapshot of SkyPilot's public catalog; retrieved_at is the import date, the upstream date is "
-                     "unknown" if origin == "shipped" else "fetched from the provider's API by 'ftplan catalog refresh'"),
+            "note": _note(origin, cat),
             "regions": sorted({r[9] for r in cat.rows}),
         })
     if as_json:
@@ -43,20 +46,55 @@ def show(show_regions, as_json):
                 e.pop("regions", None)
         click.echo(json.dumps(entries, indent=2))
         return
+    width = terminal_width()
     for e in entries:
         if e["origin"] == "missing":
-            click.echo(f"{e['provider']:<11} no catalog ({e['path']})")
+            click.echo(wrap(f"{e['provider']:<11} no catalog ({e['path']})", width))
             continue
         stale = f"  STALE (> {STALE_AFTER_DAYS} d): run 'ftplan catalog refresh --provider {e['provider']}'" \
             if e["stale"] else ""
-        click.echo(f"{e['provider']:<11} {e['origin']:<8} {e['offers']:>5} offers  retrieved {e['retrieved_at']} "
-                   f"({e['age_days']} d old){stale}")
-        click.echo(f"{'':<11} source: {e['source']} ({e['note']})")
-        click.echo(f"{'':<11} file: {e['path']}")
+        click.echo(wrap(f"{e['provider']:<11} {e['origin']:<8} {e['offers']:>5} offers{stale}", width))
+        click.echo(wrap(f"prices: {e['note']}", width, indent=" " * 11))
+        for src in e["sources"]:
+            when = f"price date {src['price_date']}" if src["price_date"] else \
+                f"imported {src['retrieved_at']} ({src['age_days']} d old; the upstream date is unknown)"
+            click.echo(wrap(f"source ({src['rows']} rows, {when}): {src['source']}", width, indent=" " * 11))
+        click.echo(wrap(f"file: {e['path']}", width, indent=" " * 11))
         if show_regions:
-            click.echo(f"{'':<11} regions: {', '.join(e['regions'])}")
-    click.echo("Prices are snapshots, never live quotes; a refreshed cache file takes precedence over the "
-               "shipped one.")
+            click.echo(wrap(f"regions: {', '.join(e['regions'])}", width, indent=" " * 11))
+    click.echo(wrap("Prices are snapshots, never live quotes; a refreshed cache file takes precedence over the "
+                    "shipped one. Plans warn about on-demand prices older than 60 days and spot prices older "
+                    "than 7 days (or of unknown date).", width))
+
+
+def _sources(rows: list[tuple]) -> list[dict]:
+    """Rows per (source, price date, retrieved date), largest first."""
+    import collections
+    import datetime as dt
+
+    from ftplan.planner.pricing import offers as O
+
+    count = collections.Counter((r[O.SOURCE], r[O.PRICE_DATE], r[O.RETRIEVED][:10]) for r in rows)
+    today = dt.date.today()
+    return [{"source": src, "price_date": pd or None, "retrieved_at": ret, "rows": n,
+             "age_days": (today - O.parse_date(pd or ret)).days}
+            for (src, pd, ret), n in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _note(origin: str, cat) -> str:
+    """How old the prices are, saying when only the import date (not the upstream date) is known."""
+    parts = []
+    dated = len(cat.rows) - cat.undated
+    if dated:
+        lo, hi = cat.price_dates
+        span = lo if lo == hi else f"{lo} .. {hi}"
+        parts.append(f"{dated} dated {span} (oldest {cat.price_age_days()} d old)")
+    if cat.undated:
+        what = "imported" if origin == "shipped" else "fetched"
+        parts.append(f"{cat.undated} of unknown date, {what} {cat.oldest} ({cat.age_days()} d ago): "
+                     + ("retrieved_at is the import date, the upstream date is unknown"
+                        if origin == "shipped" else "the fetch date is the price date"))
+    return "; ".join(parts)
 
 
 @catalog.command("refresh")
@@ -87,3 +125,5 @@ def refresh(providers, endpoint):
 def _print(result) -> None:
     dropped = "".join(f"; dropped {n} ({why})" for why, n in sorted(result.dropped.items()))
     click.echo(f"{result.provider}: {result.rows} offers written to {result.path}{dropped}")
+    for line in result.changes.lines():
+        click.echo(f"  {line}")

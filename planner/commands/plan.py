@@ -13,6 +13,7 @@ import math
 import click
 
 from ftplan.planner.commands import estimate as estimate_command
+from ftplan.planner.commands.table_fit import Column, render, terminal_width, wrap
 from ftplan.planner.errors import UserError
 from ftplan.planner.pricing.offers import split_csv
 
@@ -31,18 +32,9 @@ def _fmt_money(x: float) -> str:
     return f"{x:,.2f}"
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]).rstrip()
-
-
-def resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly):
-    """Validate filter flags against what exists (suggesting close names) and build optimizer.Filters."""
+def resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly, clouds=()):
+    """Validate filter flags against what exists (suggesting close names) and build optimizer.Filters.
+    `clouds`: RunPod clouds to keep ("secure", "community"); empty = both."""
     from ftplan.planner.estimate.gpus import load_gpus, resolve_gpu
     from ftplan.planner.pricing.offers import OfferTable, check_provider, suggest
     from ftplan.planner.pricing.optimizer import Filters
@@ -66,7 +58,8 @@ def resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_ho
                 raise UserError(f"unknown region '{reg}'{where}{suggest(reg, sorted(known))}; "
                                 "'ftplan catalog show --regions' lists them")
     return Filters(providers=provs, regions=regs, gpus=tuple(dict.fromkeys(names)), market=market,
-                   min_vcpus=min_vcpus, min_ram_gib=min_ram, max_hourly=max_hourly), table
+                   min_vcpus=min_vcpus, min_ram_gib=min_ram, max_hourly=max_hourly,
+                   clouds=tuple(clouds)), table
 
 
 def nothing_fits(result, request_label: str) -> UserError:
@@ -118,10 +111,14 @@ def nothing_fits(result, request_label: str) -> UserError:
               help="Checkpoint interval; a preemption loses half of it on average.")
 @click.option("--top", type=int, default=10, show_default=True, help="How many offers to list.")
 @click.option("--all-regions", is_flag=True, help="One line per place instead of one per instance type.")
+@click.option("--secure-only", is_flag=True,
+              help="Leave out RunPod community-cloud offers (third-party hosts, no SLA).")
+@click.option("--wide", is_flag=True, help="Every column, whatever the terminal width; no host-size grouping.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcpus, min_ram, preemption_rate,
-         checkpoint_minutes, top, all_regions, as_json, **estimate_kwargs):
+         checkpoint_minutes, top, all_regions, secure_only, wide, as_json, **estimate_kwargs):
     """Cheapest instance that fits, across providers, with total cost."""
+    from ftplan.planner.pricing.freshness import stale_summary
     from ftplan.planner.pricing.offers import stale_warning
     from ftplan.planner.pricing.optimizer import plan_offers
 
@@ -132,10 +129,12 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     if preemption_rate < 0 or checkpoint_minutes <= 0:
         raise UserError("--preemption-rate must be >= 0 and --checkpoint-minutes > 0")
     request = build_request(**estimate_kwargs)
-    filters, table = resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly)
+    filters, table = resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly,
+                                     ("secure",) if secure_only else ())
+    width = None if wide or as_json else terminal_width()
     warning = stale_warning(table)
     if warning:
-        click.echo(warning, err=True)
+        click.echo(wrap(warning, width), err=True)
     from ftplan.planner.runs.corrections import stored_corrections
 
     corrections = stored_corrections(request.model.name, request.method)
@@ -144,55 +143,116 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     label = f"{request.model.name} ({request.method})"
     if not len(result):
         raise nothing_fits(result, label)
-    lines = result.top(top, collapse=not all_regions)
+    # Offers that differ only by host size fold into their cheapest line unless the host was asked for.
+    group_hosts = not (wide or all_regions or min_vcpus is not None or min_ram is not None)
+    lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
     frontier = result.frontier()
+    age_lines = stale_summary(lines, table)
     if as_json:
         click.echo(json.dumps({
             "model": request.model.name, "method": request.method, "budget_usd": budget,
             "headroom": headroom, "market": market, "considered": result.considered, "feasible": len(result),
+            "secure_only": secure_only,
             "catalogs": [{"provider": f.provider, "origin": f.origin, "retrieved_at": str(f.oldest),
-                          "age_days": f.age_days()} for f in table.files],
-            "warnings": [warning] if warning else [],
+                          "age_days": f.age_days(), "price_dates": list(f.price_dates or ()),
+                          "undated_rows": f.undated} for f in table.files],
+            "warnings": ([warning] if warning else []) + age_lines,
             "corrections": [c.note() for c in corrections.values()],
             "offers": [o.to_dict() for o in lines],
             "frontier": [o.to_dict() for o in frontier],
             "rejected": [r.to_dict() for r in result.rejected],
         }, indent=2))
         return
+    for line in age_lines:
+        click.echo(wrap(line, width), err=True)
     best = lines[0]
-    click.echo(f"{label}: {len(result)} feasible prices (spot and on-demand counted apart) among "
-               f"{result.considered} offers; "
-               f"peak {best.peak_gib:.1f} GiB per GPU on the cheapest, +{headroom:.0%} margin required")
-    rows = []
-    for n, o in enumerate(lines, 1):
-        rows.append(_line(n, o))
-    shown = {(o.provider, o.instance_type, o.spot) for o in lines}
-    extra = [o for o in frontier if (o.provider, o.instance_type, o.spot) not in shown]
-    for o in extra:
-        rows.append(_line("", o))
-    headers = ["#", "provider", "instance", "GPU x n", "region", "market", "$/h", "est. h", "est. total $",
-               "headroom GiB", "frontier"]
-    click.echo(_table(headers, rows, right={0, 6, 7, 8, 9}))
+    click.echo(wrap(f"{label}: {len(result)} feasible prices (spot and on-demand counted apart) among "
+                    f"{result.considered} offers; peak {best.peak_gib:.1f} GiB per GPU on the cheapest, "
+                    f"+{headroom:.0%} margin required", width))
+    pairs = [(_line(n, o), o) for n, o in enumerate(lines, 1)]
+    shown = {o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot) for o in lines}
+    for o in frontier:
+        key = o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot)
+        if key not in shown:
+            shown.add(key)
+            pairs.append((_line("", o), o))
+    click.echo(_render_plan(pairs, width))
     for c in corrections.values():
-        click.echo(f"note: {c.note()}")
-    click.echo("* = on the cost-vs-time Pareto frontier (no other offer is both cheaper and faster); "
-               "rows without # are faster frontier offers beyond the top list.")
-    click.echo("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
-               "preemption time. Prices are catalog snapshots, not live quotes; availability is not checked.")
+        click.echo(wrap(f"note: {c.note()}", width))
+    notes = ["* = on the cost-vs-time Pareto frontier (no other offer is both cheaper and faster); rows without "
+             "# are faster frontier offers beyond the top list."]
+    if group_hosts and any(o.more_hosts for o in lines):
+        notes.append("'+N sizes': the same GPUs on bigger hosts cost more; --min-vcpus/--min-ram or --wide "
+                     "list them.")
+    if any(o.cloud == "community" for o, in [(x,) for x in lines] + [(x,) for x in frontier]):
+        notes.append("community = RunPod community cloud (third-party hosts, no SLA); --secure-only leaves it out.")
+    if any(o.suspect for o in lines):
+        notes.append("suspect spot (? after the price): at AWS's 10 % floor or far below the same type's other "
+                     "zones: an indication, not a price.")
+    notes.append("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
+                 "preemption time. Prices are catalog snapshots, not live quotes; availability is not checked.")
+    for note in notes:
+        click.echo(wrap(note, width))
     if result.rejected:
         click.echo("\nrejected (cheapest first):")
         for r in result.rejected:
             o = r.offer
-            market_ = "spot" if o["spot"] else "on-demand"
-            click.echo(f"  {o['provider']} {o['instance_type']} ({o['gpu']} x{o['gpu_count']}, {market_}, "
-                       f"${o['price_hour']:,.3f}/h): {r.reason}")
+            market_ = ("spot" if o["spot"] else "on-demand") + (", community" if o.get("cloud") == "community" else "")
+            click.echo(wrap(f"{o['provider']} {o['instance_type']} ({o['gpu']} x{o['gpu_count']}, {market_}, "
+                            f"${o['price_hour']:,.3f}/h): {r.reason}", width, indent="  "))
+
+
+# Wide: every column. Compact (when wide does not fit): provider and instance merged, the hidden host sizes as
+# "+N", RunPod community cloud named in the market column, headroom dropped first, long names cut with "~".
+WIDE_COLUMNS = [
+    Column("#", right=True), Column("provider"), Column("instance"), Column("GPU x n"), Column("region"),
+    Column("market"), Column("$/h", right=True), Column("est. h", right=True), Column("est. total $", right=True),
+    Column("headroom GiB", right=True), Column("frontier"), Column("notes"),
+]
+COMPACT_COLUMNS = [
+    Column("#", right=True), Column("offer", shrink=True, min_width=14), Column("GPUs", shrink=True, min_width=7),
+    Column("region", shrink=True, min_width=9), Column("market", shrink=True, min_width=6),
+    Column("$/h", right=True), Column("hours", right=True), Column("total $", right=True),
+    Column("free GiB", right=True, drop=1),
+]
+
+
+def _market(o) -> str:
+    if o.cloud == "community":
+        return "community spot" if o.spot else "community"
+    return "spot" if o.spot else "on-demand"
 
 
 def _line(n, o) -> list[str]:
+    """One wide row."""
     region = o.region + (f" (+{len(o.other_regions)})" if o.other_regions else "")
+    notes = []
+    if o.more_hosts:
+        notes.append(f"+{len(o.more_hosts)} sizes")
+    if o.suspect:
+        notes.append(f"suspect spot: {o.suspect}")
+    mark = "*" if o.pareto else ""
     return [str(n), o.provider, o.instance_type, f"{o.gpu} x{o.gpu_count}", region,
-            "spot" if o.spot else "on-demand", f"{o.price_hour:,.3f}", f"{o.hours:.2f}", _fmt_money(o.total_usd),
-            f"{o.headroom_gib:.1f}", "*" if o.pareto else ""]
+            _market(o), f"{o.price_hour:,.3f}", f"{o.hours:.2f}", _fmt_money(o.total_usd),
+            f"{o.headroom_gib:.1f}", mark, "; ".join(notes)]
+
+
+def _compact(row: list[str], o) -> list[str]:
+    name = o.instance_type
+    if o.provider == "runpod":  # the market column already names the cloud
+        name = name.removesuffix("_SECURE").removesuffix("_COMMUNITY")
+    offer = f"{o.provider} {name}" + (f" +{len(o.more_hosts)}" if o.more_hosts else "")
+    region = o.region + (f" +{len(o.other_regions)}" if o.other_regions else "")
+    price = row[6] + ("?" if o.suspect else "")
+    mark = "*" if o.pareto else ""  # no frontier column here: the mark rides on '#'
+    return [row[0] + mark, offer, f"{o.gpu} x{o.gpu_count}", region, row[5], price, row[7], row[8], row[9]]
+
+
+def _render_plan(pairs: list[tuple[list[str], object]], width: int | None) -> str:
+    wide = render(WIDE_COLUMNS, [r for r, _ in pairs], None)
+    if width is None or max(len(line) for line in wide.splitlines()) <= width:
+        return wide
+    return render(COMPACT_COLUMNS, [_compact(r, o) for r, o in pairs], width)
 
 
 plan.params[:0] = ESTIMATE_PARAMS

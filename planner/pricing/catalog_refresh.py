@@ -14,17 +14,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftplan.planner.errors import UserError
-from ftplan.planner.pricing.offers import PROVIDERS, cache_path, check_provider, write_offers
+from ftplan.planner.pricing.offers import COLUMNS, PROVIDERS, cache_path, check_provider, write_offers
 
 # provider -> ("module:function", name of its keyword for an API endpoint override)
 REFRESHERS: dict[str, tuple[str, str]] = {
-    "aws": ("providers.aws_prices:fetch_offers", "endpoint_url"),
-    "gcp": ("providers.gcp_prices:fetch_offers", "endpoint"),
-    "runpod": ("providers.runpod_prices:fetch_offers", "api_base_url"),
-    "lambda": ("providers.lambda_prices:fetch_offers", "base_url"),
-    "paperspace": ("providers.paperspace_prices:fetch_offers", "base_url"),
+    "aws": ("ftplan.providers.aws_prices:fetch_offers", "endpoint_url"),
+    "gcp": ("ftplan.providers.gcp_prices:fetch_offers", "endpoint"),
+    "runpod": ("ftplan.providers.runpod_prices:fetch_offers", "api_base_url"),
+    "lambda": ("ftplan.providers.lambda_prices:fetch_offers", "base_url"),
+    "paperspace": ("ftplan.providers.paperspace_prices:fetch_offers", "base_url"),
 }
 assert set(REFRESHERS) == set(PROVIDERS)
+
+
+@dataclass
+class Changes:
+    """What a refresh changed against the catalog in use before it (cache or shipped snapshot)."""
+
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moves: list[tuple[float, str]] = field(default_factory=list)  # (relative change, description), largest first
+
+    def lines(self, top: int = 3) -> list[str]:
+        out = [f"changed {self.changed} prices, {self.added} new offers, {self.removed} gone, "
+               f"{self.unchanged} unchanged"]
+        out += [f"largest move: {what}" for _, what in self.moves[:top]]
+        return out
 
 
 @dataclass
@@ -33,6 +50,35 @@ class RefreshResult:
     path: Path
     rows: int
     dropped: dict[str, int] = field(default_factory=dict)
+    changes: Changes = field(default_factory=Changes)
+
+
+def diff(before: list[tuple], after: list[dict]) -> Changes:
+    """Compare on-demand and spot prices per offer (type, GPUs, region, zone, cloud)."""
+    from ftplan.planner.pricing import offers as O
+
+    def key(t) -> tuple:
+        return (t[O.INSTANCE_TYPE], t[O.GPU], int(t[O.GPU_COUNT]), t[O.REGION], t[O.ZONE] or "", t[O.CLOUD] or "")
+
+    old = {key(r): r for r in before}
+    new = {key(tuple(row.get(c) for c in COLUMNS)): row for row in after}
+    ch = Changes(added=len(new.keys() - old.keys()), removed=len(old.keys() - new.keys()))
+    moves = []
+    for k in new.keys() & old.keys():
+        o, n = old[k], new[k]
+        moved = False
+        for label, was, now in (("on-demand", o[O.PRICE], n["price_hour"]), ("spot", o[O.SPOT], n["spot_price_hour"])):
+            if was is None or now is None or abs(float(now) - float(was)) < 1e-9:
+                continue
+            moved = True
+            rel = float(now) / float(was) - 1
+            place = f"{k[3]}/{k[4]}" if k[4] else k[3]
+            moves.append((abs(rel), f"{k[0]} {label} {place}: {float(was):.4g} -> {float(now):.4g} $/h "
+                                    f"({rel:+.0%})"))
+        ch.changed += moved
+        ch.unchanged += not moved
+    ch.moves = sorted(moves, reverse=True)
+    return ch
 
 
 def fetcher(provider: str):
@@ -57,9 +103,11 @@ def normalise(provider: str, rows: list[dict], today: str) -> tuple[list[dict], 
         dropped[reason] = dropped.get(reason, 0) + 1
 
     for raw in rows:
-        row = {k: raw.get(k) for k in (
-            "provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "vcpus", "ram_gib", "price_hour",
-            "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at")}
+        row = {k: raw.get(k) for k in COLUMNS}
+        # A live API read is dated by the fetch itself; a fetcher that passes prices through (Paperspace) says so.
+        row["price_date"] = raw["price_date"] if "price_date" in raw else today[:10]
+        row["cloud"] = row["cloud"] or ""
+        row["purchase"] = row["purchase"] or ""
         row["provider"] = row["provider"] or provider
         if row["provider"] != provider:
             drop(f"row of provider {row['provider']!r}")
@@ -81,7 +129,7 @@ def normalise(provider: str, rows: list[dict], today: str) -> tuple[list[dict], 
             continue
         row["retrieved_at"] = row["retrieved_at"] or today
         row["source"] = row["source"] or f"{provider} API"
-        key = (row["instance_type"], row["gpu"], row["gpu_count"], row["region"], row["zone"])
+        key = (row["instance_type"], row["gpu"], row["gpu_count"], row["region"], row["zone"], row["cloud"])
         if key in seen:
             drop("duplicate offer")
             continue
@@ -108,9 +156,22 @@ def refresh(provider: str, endpoint: str | None = None, **options) -> RefreshRes
     if not rows:
         raise UserError(f"refreshing {provider} returned no usable offers; the previous catalog is kept")
     path = cache_path(provider)
+    changes = _changes_against_current(provider, rows)
     try:
         n = write_offers(path, rows)
     except ValueError as exc:
         raise UserError(f"refreshing {provider} returned an invalid offer ({exc}); the previous catalog is kept"
                         ) from None
-    return RefreshResult(provider, path, n, dropped)
+    return RefreshResult(provider, path, n, dropped, changes)
+
+
+def _changes_against_current(provider: str, rows: list[dict]) -> Changes:
+    """Diff against the catalog the planner used until now; an unreadable one counts as empty."""
+    from ftplan.planner.pricing.offers import active_path, read_catalog
+
+    path, origin = active_path(provider)
+    try:
+        before = read_catalog(provider, path, origin).rows if path.is_file() else []
+    except UserError:
+        before = []
+    return diff(before, rows)

@@ -23,15 +23,48 @@ from ftplan.planner.errors import UserError
 
 PROVIDERS: tuple[str, ...] = ("aws", "gcp", "runpod", "lambda", "paperspace")
 
-COLUMNS: tuple[str, ...] = (
+# The first 14 columns are the original format (a cache written by an older ftplan still loads: the three
+# later columns then take their defaults). `cloud`: RunPod "secure"/"community", empty elsewhere.
+# `purchase`: how the offer can be bought, "+"-joined from PURCHASE_MODES; empty = on-demand, plus spot where a
+# spot price is given. `price_date`: the date of the price itself (provider page read, API fetch) where known;
+# empty = unknown (then only `retrieved_at`, the import date, is known).
+LEGACY_COLUMNS: tuple[str, ...] = (
     "provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "vcpus", "ram_gib",
     "price_hour", "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at",
 )
+COLUMNS: tuple[str, ...] = LEGACY_COLUMNS + ("cloud", "purchase", "price_date")
 # Row tuple indices (the loader keeps rows as plain tuples; see OfferTable).
 PROVIDER, INSTANCE_TYPE, GPU, GPU_COUNT, GPU_MEM, VCPUS, RAM, PRICE, SPOT, REGION, ZONE, GRANULARITY, SOURCE, \
-    RETRIEVED = range(len(COLUMNS))
+    RETRIEVED, CLOUD, PURCHASE, PRICE_DATE = range(len(COLUMNS))
+_DEFAULTS = ("", "", "")  # cloud, purchase, price_date of a legacy row
 
-STALE_AFTER_DAYS = 30
+PURCHASE_MODES = ("on-demand", "spot", "flex-start", "reservation")
+CLOUDS = ("secure", "community")
+
+STALE_AFTER_DAYS = 30          # any catalog: the general "refresh me" warning
+ON_DEMAND_STALE_DAYS = 60      # an on-demand price older than this is flagged in plans
+SPOT_STALE_DAYS = 7            # spot prices move hourly: older than a week is an indication only
+
+
+def on_demand_ok(row: tuple) -> bool:
+    """May this offer be bought on demand? (A4 / A3 Ultra / A3 High 1-4g on GCP: no, reservation/spot/flex only.)"""
+    p = row[PURCHASE] if len(row) > PURCHASE else ""
+    return not p or "on-demand" in p.split("+")
+
+
+def spot_ok(row: tuple) -> bool:
+    if row[SPOT] is None:
+        return False
+    p = row[PURCHASE] if len(row) > PURCHASE else ""
+    return not p or "spot" in p.split("+")
+
+
+def price_day(row: tuple) -> tuple[dt.date, bool]:
+    """(date, known): the price's own date where the row has one, else its import date (known=False)."""
+    pd = row[PRICE_DATE] if len(row) > PRICE_DATE else ""
+    if pd:
+        return parse_date(pd), True
+    return parse_date(row[RETRIEVED]), False
 
 
 def cache_root() -> Path:
@@ -115,6 +148,29 @@ def _build_offer_model():
         billing_granularity_s: int = Field(ge=1, le=86_400)
         source: str = Field(min_length=1)
         retrieved_at: str
+        cloud: str = ""
+        purchase: str = ""
+        price_date: str = ""
+
+        @field_validator("cloud", "purchase", "price_date", mode="before")
+        @classmethod
+        def _none_is_empty(cls, v):
+            return "" if v is None else v
+
+        @field_validator("cloud")
+        @classmethod
+        def _known_cloud(cls, v: str) -> str:
+            if v and v not in CLOUDS:
+                raise ValueError(f"cloud must be empty or one of {CLOUDS}, got {v!r}")
+            return v
+
+        @field_validator("purchase")
+        @classmethod
+        def _known_purchase(cls, v: str) -> str:
+            bad = [m for m in v.split("+") if v and m not in PURCHASE_MODES]
+            if bad:
+                raise ValueError(f"purchase modes must come from {PURCHASE_MODES}, got {bad}")
+            return v
 
         @field_validator("vcpus", "ram_gib", "spot_price_hour", mode="before")
         @classmethod
@@ -137,6 +193,13 @@ def _build_offer_model():
         @classmethod
         def _iso_date(cls, v: str) -> str:
             parse_date(v)
+            return v
+
+        @field_validator("price_date")
+        @classmethod
+        def _iso_date_or_empty(cls, v: str) -> str:
+            if v:
+                parse_date(v)
             return v
 
         @model_validator(mode="after")
@@ -175,8 +238,9 @@ def validate_rows(rows: list[dict]) -> list[dict]:
 
 
 def offer_key(row: dict) -> tuple:
-    """What makes an offer unique: the same type at the same place for the same GPUs."""
-    return (row["provider"], row["instance_type"], row["gpu"], int(row["gpu_count"]), row["region"], row["zone"])
+    """What makes an offer unique: the same type at the same place for the same GPUs (and RunPod cloud)."""
+    return (row["provider"], row["instance_type"], row["gpu"], int(row["gpu_count"]), row["region"], row["zone"],
+            row.get("cloud") or "")
 
 
 def write_offers(path: Path, rows: list[dict]) -> int:
@@ -188,7 +252,7 @@ def write_offers(path: Path, rows: list[dict]) -> int:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow([_fmt(row[c]) for c in COLUMNS])
+            writer.writerow([_fmt(row.get(c)) for c in COLUMNS])
     os.replace(tmp, path)
     return len(rows)
 
@@ -218,12 +282,20 @@ class CatalogFile:
     origin: str                     # "cache" | "shipped"
     rows: list[tuple] = field(default_factory=list)
     sources: tuple[str, ...] = ()
-    oldest: dt.date | None = None   # oldest retrieved_at in the file
+    oldest: dt.date | None = None   # oldest retrieved_at in the file (the import or fetch date)
+    price_dates: tuple[str, str] | None = None  # (oldest, newest) price_date where rows carry one
+    undated: int = 0                # rows without a price_date (their upstream date is unknown)
 
     def age_days(self, today: dt.date | None = None) -> int | None:
         if self.oldest is None:
             return None
         return ((today or dt.date.today()) - self.oldest).days
+
+    def price_age_days(self, today: dt.date | None = None) -> int | None:
+        """Age of the oldest dated price; None when no row carries a price date."""
+        if not self.price_dates:
+            return None
+        return ((today or dt.date.today()) - parse_date(self.price_dates[0])).days
 
 
 def _num(text: str, what: str, where: str, *, positive: bool = True, optional: bool = False) -> float | None:
@@ -256,9 +328,12 @@ def read_catalog(provider: str, path: Path, origin: str = "file") -> CatalogFile
     with fh:
         reader = csv.reader(fh)
         header = next(reader, None)
-        if header is None or tuple(header) != COLUMNS:
+        if header is None or tuple(header) not in (COLUMNS, LEGACY_COLUMNS):
             raise UserError(f"corrupt catalog {path}:1: the header must be {','.join(COLUMNS)}; {_FIX}")
-        ncol = len(COLUMNS)
+        ncol = len(header)
+        legacy = ncol == len(LEGACY_COLUMNS)
+        price_dates: set[str] = set()
+        undated = 0
         for line, rec in enumerate(reader, 2):
             where = f"{path}:{line}"
             if len(rec) != ncol:
@@ -275,14 +350,26 @@ def read_catalog(provider: str, path: Path, origin: str = "file") -> CatalogFile
             if spot is not None and spot > price:
                 raise UserError(f"corrupt catalog row {where}: spot price {rec[8]} above on-demand {rec[7]}; {_FIX}")
             gran = _num(rec[11], "billing_granularity_s", where)
+            extra = _DEFAULTS if legacy else (rec[14], rec[15], rec[16])
+            if extra[2]:
+                price_dates.add(extra[2])
+            else:
+                undated += 1
             rows.append((
                 rec[0], rec[1], rec[2], int(count), _num(rec[4], "gpu_memory_gib", where),
                 _num(rec[5], "vcpus", where, optional=True), _num(rec[6], "ram_gib", where, optional=True),
-                price, spot, rec[9], rec[10], int(gran), rec[12], rec[13],
+                price, spot, rec[9], rec[10], int(gran), rec[12], rec[13], *extra,
             ))
             sources.add(rec[12])
             dates.add(rec[13])
     cat.sources = tuple(sorted(sources))
+    cat.undated = undated
+    if price_dates:
+        try:
+            ordered = sorted(parse_date(d).isoformat() for d in price_dates)
+        except ValueError as exc:
+            raise UserError(f"corrupt catalog {path}: price_date: {exc}; {_FIX}") from None
+        cat.price_dates = (ordered[0], ordered[-1])
     if dates:
         try:
             cat.oldest = min(parse_date(d) for d in dates)
@@ -302,7 +389,7 @@ def load_catalogs(providers: tuple[str, ...] | list[str] | None = None) -> list[
     return out
 
 
-_PARSED_VERSION = 1
+_PARSED_VERSION = 2
 
 
 def read_catalog_cached(provider: str, path: Path, origin: str) -> CatalogFile:
@@ -319,16 +406,18 @@ def read_catalog_cached(provider: str, path: Path, origin: str) -> CatalogFile:
     try:
         data = marshal.loads(memo.read_bytes())
         if data[0] == stamp:
-            _, rows, sources, oldest = data
+            _, rows, sources, oldest, price_dates, undated = data
             return CatalogFile(provider, path, origin, rows, tuple(sources),
-                               dt.date.fromisoformat(oldest) if oldest else None)
+                               dt.date.fromisoformat(oldest) if oldest else None,
+                               tuple(price_dates) if price_dates else None, undated)
     except (OSError, ValueError, EOFError, TypeError, IndexError):
         pass
     cat = read_catalog(provider, path, origin)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(marshal.dumps((stamp, cat.rows, list(cat.sources), str(cat.oldest or ""))))
+        tmp.write_bytes(marshal.dumps((stamp, cat.rows, list(cat.sources), str(cat.oldest or ""),
+                                       list(cat.price_dates or ()), cat.undated)))
         os.replace(tmp, memo)
     except OSError:
         pass
@@ -339,7 +428,10 @@ class OfferTable:
     """All offers as plain tuples (COLUMNS order), plus the files they came from."""
 
     def __init__(self, rows: list[tuple], files: list[CatalogFile] | None = None):
-        self.rows = rows
+        n = len(COLUMNS)
+        # Rows built by hand (tests, benchmarks) may stop at the legacy 14 fields: pad with the defaults.
+        self.rows = rows if all(len(r) == n for r in rows) else [
+            r if len(r) == n else (*r, *_DEFAULTS[len(r) - len(LEGACY_COLUMNS):]) for r in rows]
         self.files = files or []
 
     def __len__(self) -> int:

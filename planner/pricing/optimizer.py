@@ -91,6 +91,7 @@ class Filters:
     min_vcpus: float | None = None
     min_ram_gib: float | None = None
     max_hourly: float | None = None   # $/h cap on the instance price
+    clouds: tuple[str, ...] = ()      # RunPod "secure"/"community"; empty = both (other providers have none)
 
 
 @dataclass
@@ -138,14 +139,28 @@ class RankedOffer:
     preemption_h: float
     pareto: bool = False
     other_regions: list[str] = field(default_factory=list)
+    cloud: str = ""             # RunPod "secure" | "community"; "" elsewhere
+    purchase: str = ""
+    price_date: str = ""        # the price's own date where known
+    retrieved_at: str = ""      # when it was imported or fetched
+    suspect: str = ""           # why a spot price looks unreal ("at the 10 % floor", ...), else ""
+    more_hosts: list[str] = field(default_factory=list)  # same GPUs, bigger hosts, folded into this line
+    row: int = -1               # index in the offer table
 
     def key(self) -> tuple:
         """Offers of one type and market are one line in tables: the cheapest place, with the others listed."""
         return (self.provider, self.instance_type, self.gpu, self.gpu_count, self.spot)
 
+    def hardware_key(self) -> tuple:
+        """Offers that differ only by host size (vCPUs, RAM) share this key: same GPUs, market and cloud."""
+        return (self.provider, self.gpu, self.gpu_count, self.gpu_memory_gib, self.spot, self.cloud)
+
+    def market(self) -> str:
+        m = "spot" if self.spot else "on-demand"
+        return f"{m}, {self.cloud}" if self.cloud == "community" else m
+
     def label(self) -> str:
-        market = "spot" if self.spot else "on-demand"
-        return f"{self.provider} {self.instance_type} ({self.gpu} x{self.gpu_count}, {market}, {self.region})"
+        return f"{self.provider} {self.instance_type} ({self.gpu} x{self.gpu_count}, {self.market()}, {self.region})"
 
     def to_dict(self) -> dict:
         return {
@@ -155,9 +170,11 @@ class RankedOffer:
             "price_hour": self.price_hour, "hours": round(self.hours, 4), "train_hours": round(self.train_hours, 4),
             "billed_hours": round(self.billed_hours, 4), "total_usd": round(self.total_usd, 4),
             "peak_gib": round(self.peak_gib, 2), "headroom_gib": round(self.headroom_gib, 2),
-            "strategy": self.strategy, "pareto": self.pareto,
-            "overheads": {"provision_min": self.provision_min, "setup_min": self.setup_min,
-                          "pull_min": self.pull_min, "preemption_h": round(self.preemption_h, 4)},
+            "strategy": self.strategy, "pareto": self.pareto, "cloud": self.cloud or None,
+            "purchase": self.purchase or None, "price_date": self.price_date or None,
+            "retrieved_at": self.retrieved_at, "suspect_spot": self.suspect or None, "more_hosts": self.more_hosts,
+            "overheads": {"provision_min": round(self.provision_min, 2), "setup_min": round(self.setup_min, 2),
+                          "pull_min": round(self.pull_min, 2), "preemption_h": round(self.preemption_h, 4)},
             "other_regions": self.other_regions,
         }
 
@@ -192,6 +209,7 @@ class _Group:
     count: int
     mem: float
     granularity: int
+    all_rows: list[int] = field(default_factory=list)
     od_rows: list[int] = field(default_factory=list)
     od_prices: list[float] = field(default_factory=list)
     spot_rows: list[int] = field(default_factory=list)
@@ -262,6 +280,8 @@ class PlanResult:
             headroom_gib=ev.capacity_gib - need.peak_gib, strategy=need.strategy,
             provision_min=ov.provision_min, setup_min=ov.setup_min, pull_min=ov.pull_min,
             preemption_h=ev.hours_spot - ev.hours_od if spot else 0.0,
+            cloud=r[O.CLOUD], purchase=r[O.PURCHASE], price_date=r[O.PRICE_DATE], retrieved_at=r[O.RETRIEVED],
+            suspect=suspect_spot(self.table).get(i, "") if spot else "", row=i,
         )
 
     def iter_offers(self):
@@ -288,22 +308,38 @@ class PlanResult:
                 best_h = hours
         return points
 
-    def top(self, n: int = 10, collapse: bool = True) -> list[RankedOffer]:
+    def top(self, n: int = 10, collapse: bool = True, group_hosts: bool = False) -> list[RankedOffer]:
         """The best `n` lines for display; with `collapse`, one line per provider/type/market (its cheapest
-        place), listing the other regions where the same type is also feasible."""
+        place), listing the other regions where the same type is also feasible. With `group_hosts`, offers
+        that differ only by host size (g6.xlarge ... g6.8xlarge: one L4 each) fold into their cheapest line,
+        the others listed in `more_hosts`."""
         lines: list[RankedOffer] = []
         seen: set[tuple] = set()
+        by_hw: dict[tuple, RankedOffer] = {}
         frontier = self.frontier_points()
+        after = 0
         for item in self.iter_ranked():
             if len(lines) >= n:
-                break
+                after += 1  # past the top: only counting the hidden host sizes of the shown lines
+                if not group_hosts or after > 3000:
+                    break
             o = self.materialize(item)
             if collapse:
                 if o.key() in seen:
                     continue
                 seen.add(o.key())
+            if group_hosts:
+                head = by_hw.get(o.hardware_key())
+                if head is not None:
+                    if o.instance_type != head.instance_type and o.instance_type not in head.more_hosts:
+                        head.more_hosts.append(o.instance_type)
+                    continue
+            if len(lines) >= n:
+                continue
+            if collapse:
                 o.other_regions = self._other_regions(o, item[4])
             o.pareto = (item[0], item[1]) in frontier
+            by_hw[o.hardware_key()] = o
             lines.append(o)
         return lines
 
@@ -345,10 +381,13 @@ def group_rows(table: OfferTable) -> list[_Group]:
         grp = index.get(key)
         if grp is None:
             grp = index[key] = _Group(*key)
-        grp.od_rows.append(i)
-        if r[O.SPOT] is not None:
+        grp.all_rows.append(i)
+        if O.on_demand_ok(r):  # GCP A4 / A3 Ultra / A3 High 1-4g: reservation, spot or flex-start only
+            grp.od_rows.append(i)
+        if O.spot_ok(r):
             grp.spot_rows.append(i)
     for grp in index.values():
+        grp.all_rows.sort(key=lambda i: rows[i][O.PRICE])
         grp.od_rows.sort(key=lambda i: rows[i][O.PRICE])
         grp.od_prices = [rows[i][O.PRICE] for i in grp.od_rows]
         grp.spot_rows.sort(key=lambda i: rows[i][O.SPOT])
@@ -358,10 +397,20 @@ def group_rows(table: OfferTable) -> list[_Group]:
     return groups
 
 
+def suspect_spot(table: OfferTable) -> dict[int, str]:
+    """Row index -> why its spot price looks unreal (cached on the table). See freshness.suspect_spot_rows."""
+    cached = getattr(table, "_suspect", None)
+    if cached is None:
+        from ftplan.planner.pricing.freshness import suspect_spot_rows
+
+        cached = table._suspect = suspect_spot_rows(table.rows)
+    return cached
+
+
 def _offer_brief(r: tuple, spot: bool, total: float | None = None) -> dict:
     d = {"provider": r[O.PROVIDER], "instance_type": r[O.INSTANCE_TYPE], "gpu": r[O.GPU],
          "gpu_count": r[O.GPU_COUNT], "region": r[O.REGION], "zone": r[O.ZONE], "spot": spot,
-         "price_hour": r[O.SPOT] if spot else r[O.PRICE]}
+         "price_hour": r[O.SPOT] if spot else r[O.PRICE], "cloud": r[O.CLOUD] or None}
     if total is not None:
         d["total_usd"] = round(total, 4)
     return d
@@ -396,14 +445,17 @@ def rank(
     groups = group_rows(table)
     providers, gpus, regions = set(f.providers), set(f.gpus), set(f.regions)
     min_vcpus, min_ram = f.min_vcpus, f.min_ram_gib
+    clouds = set(f.clouds)
     max_hourly = f.max_hourly if f.max_hourly is not None else math.inf
     cap = budget if budget is not None else math.inf
     markets = [spot for spot, on in ((False, f.market != "spot"), (True, f.market != "on-demand")) if on]
     margin = 1.0 + cost.headroom
-    row_filter = bool(regions) or min_vcpus is not None or min_ram is not None
+    row_filter = bool(regions) or bool(clouds) or min_vcpus is not None or min_ram is not None
 
     def row_ok(r: tuple) -> bool:
         if regions and r[O.REGION] not in regions:
+            return False
+        if clouds and r[O.CLOUD] and r[O.CLOUD] not in clouds:
             return False
         if min_vcpus is not None and (r[O.VCPUS] is None or r[O.VCPUS] < min_vcpus):
             return False
@@ -430,19 +482,23 @@ def rank(
         capacity = min(grp.mem, need.usable_gib) if need.usable_gib else grp.mem
         ev = evals[g] = _GroupEval(need, capacity)
         if need.reason is not None or need.peak_gib * margin > capacity:
-            idx = [i for i in grp.od_rows if row_ok(rows[i])] if row_filter else grp.od_rows
+            idx = [i for i in grp.all_rows if row_ok(rows[i])] if row_filter else grp.all_rows
             considered += len(idx)
-            if idx:
-                group_rejects.append((rows[idx[0]][O.PRICE], g, idx[0]))
+            # The cheapest of this group in a market the user asked for (--spot: never an on-demand offer).
+            for spot in markets:
+                cand = [i for i in (grp.spot_rows if spot else grp.od_rows) if not row_filter or row_ok(rows[i])]
+                if cand:
+                    group_rejects.append((rows[cand[0]][O.SPOT if spot else O.PRICE], g, cand[0], spot))
+                    break
             continue
         ev.hours_od = ov.fixed_h + need.train_hours
         ev.hours_spot = ev.hours_od + cost.spot_extra_h(need.train_hours, ov)
         ev.billed_od = billed_hours(ev.hours_od, grp.granularity, ov.min_billed_s)
         ev.billed_spot = billed_hours(ev.hours_spot, grp.granularity, ov.min_billed_s)
         if row_filter:
-            considered += sum(1 for i in grp.od_rows if row_ok(rows[i]))
+            considered += sum(1 for i in grp.all_rows if row_ok(rows[i]))
         else:
-            considered += len(grp.od_rows)
+            considered += len(grp.all_rows)
         for spot in markets:
             idx, prices = (grp.spot_rows, grp.spot_prices) if spot else (grp.od_rows, grp.od_prices)
             if row_filter:
@@ -481,7 +537,7 @@ def _rejections(rows, groups, evals, group_rejects, over, hourly, headroom, budg
     group_rejects.sort()
     by_kind: dict[str, list[Rejected]] = {"memory": [], "gpu": []}
     seen: set[tuple] = set()
-    for _price, g, i in group_rejects:
+    for _price, g, i, spot in group_rejects:
         grp, ev = groups[g], evals[g]
         kind = "gpu" if ev.need.reason is not None else "memory"
         key = (kind, grp.gpu, grp.count if kind == "memory" else 0)
@@ -489,12 +545,12 @@ def _rejections(rows, groups, evals, group_rejects, over, hourly, headroom, budg
             continue
         seen.add(key)
         if kind == "gpu":
-            by_kind[kind].append(Rejected(_offer_brief(rows[i], False), "gpu", ev.need.reason))
+            by_kind[kind].append(Rejected(_offer_brief(rows[i], spot), "gpu", ev.need.reason))
             continue
         want = ev.need.peak_gib * (1 + headroom)
         short = want - ev.capacity_gib
         by_kind[kind].append(Rejected(
-            _offer_brief(rows[i], False), "memory",
+            _offer_brief(rows[i], spot), "memory",
             f"needs {want:.1f} GiB per GPU ({ev.need.peak_gib:.1f} GiB peak + {headroom:.0%} margin), "
             f"{grp.gpu} has {ev.capacity_gib:.1f}: short by {short:.1f} GiB",
             short_gib=short))
