@@ -145,19 +145,37 @@ def upload_tree(folder: str, url: str) -> int:
 def download_tree(url: str, dest: str) -> dict[str, dict]:
     """Fetch a manifest-complete upload into `dest`, verifying every file; raises ValueError on a mismatch.
 
-    Paths come from the manifest, which is data from the machine: anything absolute or climbing out of
-    `dest` is refused."""
+    Files land in a staging folder beside `dest` that replaces it only once every file verified, so a
+    failed or tampered fetch never costs an earlier good copy. Paths come from the manifest, which is data
+    from the machine: anything absolute or climbing out of `dest` is refused."""
+    import shutil
+    import tempfile
+
     store, prefix = store_for(url)
     manifest = json.loads(store.get(f"{prefix}/{MANIFEST}" if prefix else MANIFEST))
     if not isinstance(manifest, dict):
         raise ValueError("bucket manifest is not a JSON object")
-    root = os.path.realpath(dest)
+    final = os.path.realpath(dest)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(final))
+    try:
+        _fetch_verified(store, prefix, manifest, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return manifest
+
+
+def _fetch_verified(store, prefix: str, manifest: dict, root: str) -> None:
+    root = os.path.realpath(root)
     for rel, meta in manifest.items():
         target = os.path.realpath(os.path.join(root, rel))
         if os.path.isabs(rel) or not target.startswith(root + os.sep):
             raise ValueError(f"unsafe path in bucket manifest: {rel!r}")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         store.get_to(f"{prefix}/{rel}" if prefix else rel, target)
-        if sha256_file(target) != meta.get("sha256"):
+        if not isinstance(meta, dict) or sha256_file(target) != meta.get("sha256"):
             raise ValueError(f"{rel} does not match the bucket manifest's sha256")
-    return manifest

@@ -203,3 +203,55 @@ def test_bad_price_is_refused_at_start(tmp_path):
     proc = subprocess.run([sys.executable, str(WATCHDOG), "--run-dir", str(run), "--price-hour", "0"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--price-hour must be a positive number" in proc.stderr
+
+
+def test_ftplan_pull_fetches_the_bucket_upload_verified(tmp_path, s3):
+    """The case users fear, its last step: the watchdog uploaded, the laptop never came back; `ftplan pull`."""
+    sys.path.insert(0, str(ROOT / "remote_job"))
+    import job_bucket
+
+    from ftplan.planner.runs.store import Store
+
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    job_bucket.upload_tree(str(out), "s3://runs/r-77/final")
+    store_path = tmp_path / "runs.sqlite3"
+    store = Store(store_path)
+    store.create_run("r-77", config_json={"bucket": "s3://runs"}, artifacts_dir=str(tmp_path / "art"))
+    store.close()
+    cli = [sys.executable, "-m", "ftplan.planner.cli"]
+    ok = subprocess.run([*cli, "pull", "r-77", "--store", str(store_path)], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, **s3})
+    assert ok.returncode == 0, ok.stderr
+    assert "sha256 verified" in ok.stdout
+    got = tmp_path / "art" / "bucket" / "adapter" / "adapter_model.safetensors"
+    assert got.read_bytes() == (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    # Tampered upload: one line, exit 2, no traceback.
+    import boto3
+
+    boto3.client("s3").put_object(Bucket="runs", Key="r-77/final/adapter/adapter_model.safetensors", Body=b"x")
+    bad = subprocess.run([*cli, "pull", "r-77", "--store", str(store_path), "--dest", str(tmp_path / "d2")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, **s3})
+    assert bad.returncode == 2 and "failed verification" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run([*cli, "pull", "nope", "--store", str(store_path)], capture_output=True, text=True,
+                             timeout=60)
+    assert unknown.returncode == 2 and "ftplan runs" in unknown.stderr
+
+
+def test_a_tampered_fetch_keeps_the_earlier_good_copy(tmp_path, s3):
+    sys.path.insert(0, str(ROOT / "remote_job"))
+    import boto3
+    import job_bucket
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"good")
+    job_bucket.upload_tree(str(src), "s3://runs/t/final")
+    dest = tmp_path / "dest"
+    job_bucket.download_tree("s3://runs/t/final", str(dest))
+    boto3.client("s3").put_object(Bucket="runs", Key="t/final/a.bin", Body=b"evil")
+    with pytest.raises(ValueError, match="sha256"):
+        job_bucket.download_tree("s3://runs/t/final", str(dest))
+    assert (dest / "a.bin").read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".partial-")] == []
