@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("ftplan.planner.commands.launch:attach", "Re-attach to a live run."),
     "runs": ("ftplan.planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
     "report": ("ftplan.planner.commands.report:report", "Report of one run, or totals by provider or month."),
+    "pull": ("ftplan.planner.commands.pull:pull", "Fetch a run's artifacts from its bucket, sha256 verified."),
     "gc": ("ftplan.planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
     "check": ("ftplan.planner.commands.check:check", "Which providers are usable here: extra, credential, a read-only call."),
 }
