@@ -35,6 +35,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # packed rows only: restart at 0 for each record
 
 
 # ---------------------------------------------------------------- reading
@@ -233,18 +234,24 @@ def fit_to_length(examples: Iterable[Example], seq_len: int, fmt: str) -> tuple[
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
-    """Concatenate examples into full seq_len rows (labels keep their -100s), the tail row kept short."""
+    """Put whole records into rows of at most seq_len tokens (next-fit), without contaminating them.
+
+    Each record keeps its own position ids (0, 1, ...), from which the model builds a block-diagonal
+    causal mask (job_loss.model_inputs), and its first token is not a target: in a row it would be
+    predicted from the previous record's last token. So a packed row's loss is the token-weighted sum
+    of its records' losses run alone. A record is never split across rows (it would lose its context).
+    """
     rows: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    row = Example([], [], [])
     for ex in examples:
-        ids.extend(ex.input_ids)
-        labels.extend(ex.labels)
-        while len(ids) >= seq_len:
-            rows.append(Example(ids[:seq_len], labels[:seq_len]))
-            ids, labels = ids[seq_len:], labels[seq_len:]
-    if len(ids) > 1 and any(label != IGNORE for label in labels[1:]):
-        rows.append(Example(ids, labels))
+        if row.input_ids and len(row.input_ids) + len(ex.input_ids) > seq_len:
+            rows.append(row)
+            row = Example([], [], [])
+        row.input_ids.extend(ex.input_ids[:seq_len])
+        row.labels.extend([IGNORE, *ex.labels[1:seq_len]])
+        row.position_ids.extend(range(min(len(ex.input_ids), seq_len)))
+    if row.input_ids:
+        rows.append(row)
     return rows
 
 
@@ -263,19 +270,31 @@ def split(examples: list[Example], eval_fraction: float, max_eval: int, seed: in
 
 
 def collate(batch: list[Example], pad_id: int):
-    """Right-pad to the longest row: input pad_id, attention 0, label -100."""
+    """Right-pad to the longest row: input pad_id, attention 0, label -100.
+
+    Packed rows also get position_ids; the padding after them counts 0, 1, ... as a record of its own,
+    so it is a separate block of the packed attention mask (and has no labels).
+    """
     import torch
 
     width = max(len(ex.input_ids) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = any(ex.position_ids is not None for ex in batch)
+    positions = torch.zeros((len(batch), width), dtype=torch.long) if packed else None
     for row, ex in enumerate(batch):
         n = len(ex.input_ids)
         ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[row, :n] = torch.tensor(ex.position_ids if ex.position_ids is not None else range(n))
+            positions[row, n:] = torch.arange(width - n)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        out["position_ids"] = positions
+    return out
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:

@@ -23,7 +23,7 @@ JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS"
 
 
 def ship(runner: SSHRunner, tmp_path: Path, run_id: str, **overrides) -> None:
-    config = job_config("qlora", run_id=run_id, seq_len=64, **overrides)
+    config = job_config("qlora", run_id=run_id, **{"seq_len": 64, **overrides})
     dataset = write_dataset(tmp_path / "train.jsonl", "alpaca", 40)
     bundle = build_bundle(config, dataset, tmp_path / f"{run_id}.tar.gz")
     runner.upload_bundle(bundle, run_id)
@@ -54,12 +54,13 @@ def step_of(runner: SSHRunner, run_id: str) -> int:
 
 def test_qlora_adapter_comes_back_and_changes_the_model(make_runner, tmp_path):
     runner = make_runner()
-    ship(runner, tmp_path, "e2e-qlora", max_steps=3, checkpoint_every_steps=10)
+    ship(runner, tmp_path, "e2e-qlora", max_steps=3, checkpoint_every_steps=10, packing=True, seq_len=192)
     runner.start("e2e-qlora", remote_python=sys.executable, env=JOB_ENV, deadline_s=3600, shutdown="dry-run")
     assert finish(runner, "e2e-qlora") == 0
     summary = runner.read_json("e2e-qlora", "out/summary.json")
     assert summary["status"] == "succeeded" and summary["steps"] == 3
     assert summary["model"]["quant_type"] == "nf4" and summary["model"]["linear4bit_modules"] > 0
+    assert summary["data"]["train_rows"] < summary["data"]["records"] - 4 and summary["loss"] == "chunked"  # packed
 
     local = tmp_path / "artifacts"
     adapter = runner.pull("e2e-qlora", "out/adapter", local)

@@ -131,15 +131,17 @@ def test_padding_gets_label_minus_100_even_when_pad_is_eos(plain_tok):
     assert batch["labels"][0, :n].tolist() == short.labels
 
 
-def test_packing_fills_rows_and_keeps_the_masks(tok):
-    examples = [job_data.encode_alpaca(tok, r, True) for r in records_in_format("alpaca", 20)]
-    rows = job_data.pack(examples, 64)
-    assert all(len(r.input_ids) == 64 for r in rows[:-1])
-    n_trained = sum(lab != IGNORE for ex in examples for lab in ex.labels)
-    n_packed = sum(lab != IGNORE for r in rows for lab in r.labels)
-    assert n_trained - 64 <= n_packed <= n_trained  # only the short tail may be dropped
-    assert [t for r in rows for t in r.input_ids] == [t for ex in examples for t in ex.input_ids][: sum(
-        len(r.input_ids) for r in rows)]
+def test_packing_packs_train_rows_only_and_gives_them_positions(tmp_path, tok):
+    path = write_dataset(tmp_path / "d.jsonl", "alpaca", n=20)
+    plain = job_data.load_dataset(str(path), "auto", tok, 256, False, 0.2, 10, seed=1)
+    packed = job_data.load_dataset(str(path), "auto", tok, 256, True, 0.2, 10, seed=1)
+    assert packed["eval"] == plain["eval"] and all(ex.position_ids is None for ex in packed["eval"])
+    rows = packed["train"]
+    assert len(rows) < len(plain["train"]) and all(len(r.input_ids) <= 256 for r in rows)
+    assert sum(r.position_ids.count(0) for r in rows) == len(plain["train"])  # one start per record
+    assert sum(len(r.input_ids) for r in rows) == sum(len(ex.input_ids) for ex in plain["train"])
+    batch = job_data.collate(rows[:2], tok.pad_token_id)
+    assert batch["position_ids"].shape == batch["input_ids"].shape
 
 
 def test_responses_cut_off_by_seq_len_are_dropped(tok):
