@@ -9,6 +9,14 @@ Machine shapes mapped (machine type -> series, vCPUs, RAM GiB, GPU, count), docu
 n1-standard-{4,8,16,32} with T4, n1-standard-{8,16,32,64} with V100 (GPUs attached to N1);
 g2-standard-* (L4), a2-highgpu-* (A100 40GB), a2-ultragpu-* (A100-80GB), a3-highgpu-* (H100) carry their GPUs.
 The API key travels in the `X-Goog-Api-Key` header, never in the URL, so it cannot leak through an error text.
+
+Which SKU is which (`sku_kind`): the catalog lists several prices for the same GPU in the same region, and
+some of them carry usageType "OnDemand" although they are not what an on-demand VM pays: flex-start
+("... attached to DWS Defined Duration VMs ...", "DWS Defined Duration A2 Core ...", "DWS Flex Start ..."),
+about half the list price; reservation placeholders ("Reserved Nvidia Tesla A100 80GB GPU in Virginia", often
+0.0) and Calendar Mode; commitments ("Commitment v1: ... for 1 Year", usageType Commit1Yr). Only the plain
+"Nvidia ... GPU running in <geo>" SKU is on-demand, and only "... attached to Spot Preemptible VMs ..." /
+"Spot Preemptible ..." is spot (issue 21: importing a flex-start SKU made GCP's H100 look 2x cheaper).
 """
 
 from __future__ import annotations
@@ -56,6 +64,28 @@ _GPU_NAMES = {"T4": "T4", "V100": "V100", "L4": "L4", "A100": "A100", "A100 80GB
               "H100": "H100"}
 _HOST_SKU = re.compile(r"^(?:Spot Preemptible )?(?P<series>N1 Predefined|A2|A3|G2) Instance (?P<part>Core|Ram) "
                        r"running in ")
+# Machine types Google sells only through reservations, Spot or Flex-start (cloud.google.com/compute/docs/gpus,
+# 2026-04-06): their on-demand composition is kept out of the purchase modes.
+SPOT_OR_FLEX_ONLY = ("a3-highgpu-1g", "a3-highgpu-2g", "a3-highgpu-4g")
+
+
+def sku_kind(description: str, usage_type: str) -> str | None:
+    """'on-demand', 'spot', 'flex-start', 'reservation' or 'commitment' for a Compute Engine SKU; None if unknown.
+
+    Decided by the description first: flex-start and reservation SKUs share usageType OnDemand with the real
+    on-demand SKU."""
+    d = description.lower()
+    if usage_type.startswith("Commit") or d.startswith("commitment"):
+        return "commitment"
+    if "dws" in d or "flex start" in d or "flex-start" in d:
+        return "flex-start"
+    if d.startswith("reserved") or "calendar mode" in d:
+        return "reservation"
+    if usage_type == "Preemptible" or "spot preemptible" in d:
+        return "spot" if usage_type == "Preemptible" else None
+    if usage_type == "OnDemand" and not d.startswith(("capacity optimized",)):
+        return "on-demand"
+    return None
 
 
 def fetch_offers(
@@ -104,10 +134,10 @@ def fetch_offers(
 
 def _collect(sku: dict[str, Any], prices: dict[tuple[str, str, str], float]) -> None:
     category = sku.get("category", {})
-    usage = {"OnDemand": "od", "Preemptible": "spot"}.get(category.get("usageType", ""))
+    desc = sku.get("description", "")
+    usage = {"on-demand": "od", "spot": "spot"}.get(sku_kind(desc, category.get("usageType", "")) or "")
     if usage is None or category.get("resourceFamily") != "Compute":
         return
-    desc = sku.get("description", "")
     if category.get("resourceGroup") == "GPU":
         m = _GPU_SKU.match(desc)
         if not m:
@@ -150,14 +180,22 @@ def _compose(prices, regions: list[str] | None, retrieved: str, source: str) -> 
             on_demand = _total(prices, region, "od", *shape)
             if on_demand is None:
                 continue
+            spot = _total(prices, region, "spot", *shape)
             rows.append({
                 "provider": "gcp", "instance_type": machine_type, "gpu": gpu, "gpu_count": count,
                 "gpu_memory_gib": GPU_MEMORY_GIB[gpu], "vcpus": float(vcpus), "ram_gib": float(ram),
-                "price_hour": on_demand, "spot_price_hour": _total(prices, region, "spot", *shape), "region": region, "zone": None,
+                "price_hour": on_demand, "spot_price_hour": spot, "region": region, "zone": None,
                 "billing_granularity_s": BILLING_GRANULARITY_S, "source": source, "retrieved_at": retrieved,
+                "purchase": _purchase(machine_type, spot),
             })
     log.info("gcp prices: %d GPU offers in %d regions", len(rows), len({r["region"] for r in rows}))
     return rows
+
+
+def _purchase(machine_type: str, spot: float | None) -> str:
+    if machine_type in SPOT_OR_FLEX_ONLY:
+        return "spot+flex-start"
+    return "on-demand+spot" if spot is not None else "on-demand"
 
 
 def _total(prices, region: str, usage: str, series: str, vcpus: int, ram: float, gpu: str, count: int) -> float | None:

@@ -108,7 +108,7 @@ def billing():
 
 def test_gcp_offers_compose_host_and_gpu_skus(billing):
     rows = gcp_prices.fetch_offers(api_key=billing.api_key, endpoint=billing.endpoint)
-    assert all(set(r) == ROW_KEYS for r in rows)
+    assert all(set(r) == ROW_KEYS | {"purchase"} for r in rows)
     got = by_key(rows)
     # SkyPilot snapshot, us-central1-a: n1-standard-8 host 0.38 + T4 0.35; spot 0.10446 + 0.175.
     t4 = got[("n1-standard-8", "us-central1")]
@@ -151,3 +151,40 @@ def test_gcp_bad_or_missing_api_key(billing, monkeypatch):
 def test_gcp_unreachable_catalog_is_a_provider_error():
     with pytest.raises(ProviderError, match="unreachable"):
         gcp_prices.fetch_offers(api_key="k" * 10, endpoint="http://127.0.0.1:9", timeout_s=2)
+
+
+# Real Compute Engine SKU descriptions of each kind (as the Cloud Billing Catalog spells them; the flex-start and
+# reservation ones carry usageType "OnDemand" like the real on-demand SKU).
+SKU_KINDS = [
+    ("Nvidia H100 80GB GPU running in Americas", "OnDemand", "on-demand"),
+    ("Nvidia Tesla A100 80GB GPU running in EMEA", "OnDemand", "on-demand"),
+    ("Nvidia L4 GPU running in APAC", "OnDemand", "on-demand"),
+    ("Nvidia Tesla A100 GPU attached to Spot Preemptible VMs running in Americas", "Preemptible", "spot"),
+    ("Spot Preemptible A2 Instance Core running in Americas", "Preemptible", "spot"),
+    ("Nvidia Tesla A100 80GB GPU attached to DWS Defined Duration VMs running in Americas", "OnDemand", "flex-start"),
+    ("DWS Defined Duration A2 Core running in Americas", "OnDemand", "flex-start"),
+    ("DWS Defined Duration V6e running in Columbus", "OnDemand", "flex-start"),
+    ("Reserved Nvidia Tesla A100 80GB GPU in Virginia", "OnDemand", "reservation"),
+    ("Reserved V6e TPU in Columbus in Calendar Mode", "OnDemand", "reservation"),
+    ("Commitment v1: Nvidia H100 80GB GPU running in Americas for 1 Year", "Commit1Yr", "commitment"),
+    ("Commitment v1: Nvidia L4 GPU in Iowa for 3 Years", "Commit3Yr", "commitment"),
+    ("Capacity Optimized TpuV6e running in Columbus", "OnDemand", None),
+]
+
+
+@pytest.mark.parametrize(("description", "usage", "kind"), SKU_KINDS)
+def test_gcp_sku_kind_from_real_descriptions(description, usage, kind):
+    assert gcp_prices.sku_kind(description, usage) == kind
+
+
+def test_gcp_flex_start_and_reserved_skus_never_price_an_on_demand_offer(billing):
+    """The fake lists a DWS (flex-start) A100 SKU at half price and a $0 reservation after the on-demand one."""
+    a2 = by_key(gcp_prices.fetch_offers(api_key=billing.api_key, endpoint=billing.endpoint))[
+        ("a2-highgpu-1g", "us-central1")]
+    assert a2["price_hour"] == pytest.approx(3.67339, abs=1e-4)
+    assert a2["purchase"] == "on-demand+spot"
+
+
+def test_gcp_shapes_sold_only_by_spot_or_flex_start_carry_no_on_demand_purchase():
+    assert gcp_prices._purchase("a3-highgpu-1g", 3.2) == "spot+flex-start"
+    assert gcp_prices._purchase("a3-highgpu-8g", None) == "on-demand"

@@ -161,7 +161,7 @@ def test_api_key_never_leaks(fake_runpod, monkeypatch, caplog):
 
 
 ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "vcpus", "ram_gib", "price_hour",
-            "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at"}
+            "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at", "cloud", "purchase"}
 
 
 def test_price_fetcher(fake_runpod):
@@ -172,7 +172,8 @@ def test_price_fetcher(fake_runpod):
     assert all(set(r) == ROW_KEYS for r in rows)
     by_type = {r["instance_type"]: r for r in rows}
     # maxGpuCount 2 for the 4090: no 4x/8x rows; prices are per GPU-hour times the count.
-    assert {t for t in by_type if "RTX4090" in t} == {"1x_RTX4090_SECURE", "2x_RTX4090_SECURE"}
+    assert {t for t in by_type if "RTX4090" in t and t.endswith("_SECURE")} == {"1x_RTX4090_SECURE",
+                                                                                  "2x_RTX4090_SECURE"}
     two = by_type["2x_RTX4090_SECURE"]
     assert (two["gpu"], two["gpu_count"], two["gpu_memory_gib"]) == ("RTX4090", 2, 24.0)
     assert two["price_hour"] == pytest.approx(1.38) and two["spot_price_hour"] == pytest.approx(0.68)

@@ -85,6 +85,13 @@ def default_skus() -> list[dict]:
         sku("984A-1F29-3A41", "Nvidia Tesla P4 GPU running in Americas", "GPU", "OnDemand", AMERICAS, 0.6),
         sku("9DE9-9092-B3BC", "Network Internet Egress from Americas to Americas", "PremiumInternetEgress",
             "OnDemand", AMERICAS, 0.12, unit="GiBy", family="Network"),
+        # Same GPU, same region, usageType OnDemand, yet not on-demand: flex-start (DWS) at about half the list
+        # price and a $0 reservation placeholder (real description shapes; issue 21).
+        sku("B7A1-5C2D-DWS1", "Nvidia Tesla A100 GPU attached to DWS Defined Duration VMs running in Americas",
+            "GPU", "OnDemand", ["us-central1"], 1.466954),
+        sku("B7A1-5C2D-DWS2", "DWS Defined Duration A2 Core running in Americas", "CPU", "OnDemand",
+            ["us-central1"], 0.0158),
+        sku("B7A1-5C2D-RSV1", "Reserved Nvidia Tesla A100 GPU in Iowa", "GPU", "OnDemand", ["us-central1"], 0.0),
     ]
 
 
