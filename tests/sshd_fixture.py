@@ -2,7 +2,8 @@
 
 Debian's openssh-server, started by absolute path in the foreground (`sshd -D -e -f cfg`) so the
 test owns its PID, on a free high port, with its own host key, a client ed25519 key in its own
-authorized_keys, and `SetEnv FTPLAN_NO_SHUTDOWN=1` so no test can ever arm a real shutdown.
+authorized_keys, and `SetEnv FTPLAN_NO_SHUTDOWN=1` so no test can ever arm a real shutdown (and `FTPLAN_NO_GPU_CHECK=1`: the
+stand-in "GPU machines" of the tests have no nvidia-smi).
 Readiness = the `SSH-2.0-` banner, not a bare TCP connect.
 
 Fixtures: `sshd` (one server per test session/xdist worker), `sshd_factory` (extra private servers,
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +70,7 @@ class SSHD:
         self.host_key = keygen(self.dir / "host_ed25519")
         self.client_key = keygen(self.dir / "client_ed25519")
         (self.dir / "authorized_keys").write_text((self.dir / "client_ed25519.pub").read_text())
+        self.env = "FTPLAN_NO_SHUTDOWN=1 FTPLAN_NO_GPU_CHECK=1"  # SetEnv of every session
         self.config = self.dir / "sshd_config"
         self.log_path = self.dir / "sshd.log"
         self.proc: subprocess.Popen | None = None
@@ -76,7 +81,7 @@ class SSHD:
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "StrictModes no\nUsePAM no\nMaxStartups 100:30:200\nSubsystem sftp internal-sftp\n"
-            "SetEnv FTPLAN_NO_SHUTDOWN=1\n"
+            f"SetEnv {self.env}\n"
         )
 
     def start(self) -> SSHD:
@@ -114,6 +119,107 @@ class SSHD:
             "-i", str(self.client_key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
         ]
+
+
+class TcpProxy:
+    """A TCP relay in front of a server, to break the network on purpose (a real sshd stays behind it).
+
+    `blackhole()`: the connections open now go silent both ways (packets "lost": the kernel still ACKs,
+    like a NAT or firewall that dropped the flow) while new connections are relayed normally;
+    `blackhole(new_too=True)`: new connections are accepted but never relayed either (a dead machine).
+    `reset_on_next_send()`: the next bytes the client sends on any open connection are answered with a
+    TCP reset (RST) of that connection, once. `connections` counts accepted connections."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.host, self.port = self.listener.getsockname()
+        self.connections = 0
+        self._pairs: list[tuple[socket.socket, socket.socket, dict]] = []
+        self._new_black = False
+        self._reset_armed = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            state = {"black": self._new_black}
+            if state["black"]:
+                self._pairs.append((client, client, state))
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._pairs.append((client, upstream, state))
+            threading.Thread(target=self._relay, args=(client, upstream, state), daemon=True).start()
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, state: dict) -> None:
+        try:
+            while not self._closed:
+                if state["black"]:
+                    time.sleep(0.05)
+                    continue
+                ready, _, _ = select.select([client, upstream], [], [], 0.05)
+                for sock in ready:
+                    if state["black"]:
+                        break
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        return self._close(client, upstream)
+                    if sock is client and self._reset_armed:
+                        self._reset_armed = False
+                        return self._close(client, upstream, rst=True)
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            self._close(client, upstream)
+
+    @staticmethod
+    def _close(*socks: socket.socket, rst: bool = False) -> None:
+        for sock in socks:
+            try:
+                if rst:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            except OSError:
+                pass
+
+    def blackhole(self, *, new_too: bool = False) -> None:
+        for _, _, state in self._pairs:
+            state["black"] = True
+        self._new_black = new_too
+
+    def reset_on_next_send(self) -> None:
+        self._reset_armed = True
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for client, upstream, _ in self._pairs:
+            self._close(client, upstream)
+
+
+@pytest.fixture
+def tcp_proxy():
+    """Make TcpProxy relays (closed at the end of the test)."""
+    made: list[TcpProxy] = []
+
+    def make(server) -> TcpProxy:
+        made.append(TcpProxy(server.host, server.port))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")

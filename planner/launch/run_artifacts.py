@@ -8,11 +8,14 @@ state machine reads as phases and this file as "what is on disk and how it got t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ftplan.planner.launch.launch_plan import InstanceLost
 from ftplan.planner.launch.teardown import scrubbed as _scrub
+from ftplan.planner.remote.ssh_options import SALVAGE_S
 
 
 class ArtifactSteps:
@@ -61,11 +64,27 @@ class ArtifactSteps:
             self._pull(rel)
         self.store.add_event(self.run_id, "pulled", f"{len(self.pulled)} files", phase="pulling")
 
+    def _runner_reached(self) -> bool:
+        """Whether SSH ever got in: a machine never reached has nothing to salvage, kill or clean."""
+        return self.runner is not None and bool(getattr(self.runner, "ever_connected", True))
+
+    @contextmanager
+    def _ssh_bounded(self) -> Iterator[None]:
+        """Teardown's SSH work within a bound: on a machine that stopped answering, one short reconnect
+        attempt and then every call fails at once, so terminate follows within seconds (not 3 x 300 s)."""
+        bounded = getattr(self.runner, "bounded", None)
+        if bounded is None:
+            yield
+            return
+        with bounded(SALVAGE_S):
+            yield
+
     def _salvage(self) -> None:
         """Best effort on failure/cancel: what the job wrote so far. A job that is still running keeps
         rewriting its files (a checksummed pull would race with it), so then the JSON status files are
-        read as they are, the log is tailed, and only the newest checkpoint is pulled."""
-        if self.runner is None:
+        read as they are, the log is tailed, and only the newest checkpoint is pulled. Nothing when the
+        machine was never reached; call it inside `_ssh_bounded()`."""
+        if not self._runner_reached():
             return
         if self.job_finished:
             for rel in ("out", "train.log"):

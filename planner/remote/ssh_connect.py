@@ -324,6 +324,8 @@ def _stage_message(target: Target, budget_s: float, spent: float, attempts: int,
                    first_answer: float | None) -> str:
     """Which stage never came: TCP, sshd's banner, or a login."""
     where = f"{target.host}:{target.port}"
+    if target.refused_is_fatal and last == "connection refused":
+        return f"nothing listens on {where}: is sshd running there (and on that port)?"
     head = f"could not connect to {target.where} within {budget_s:.0f}s"
     tail = f"({attempts} attempt{'s' * (attempts > 1)} in {spent:.0f}s; last: {last})"
     if not tcp_ok:
