@@ -146,6 +146,10 @@ def launch(config: str | Path | None = None, *, provider: str | None = None, hos
     from ftplan.planner.launch.launch_plan import build_plan, plan_summary
     from ftplan.planner.launch.project_config import load_project, with_overrides
 
+    if provider is not None:
+        from ftplan.planner.launch.project_config import check_provider_names
+
+        check_provider_names([provider], "provider")
     cfg = load_project(config, required=config is not None)
     for name, value in (("budget", budget), ("max_steps", max_steps), ("sync_every", sync_every),
                         ("ssh_port", ssh_port)):
