@@ -112,3 +112,17 @@ def test_python_api_example_runs(tmp_path):
     script.write_text(_block("## Python API", "python"))
     out = _run(f"{sys.executable} {script}", work, env, {0})
     assert "GiB, fits: True" in out and "ft-example succeeded" in out
+
+
+def test_documented_shell_completion_completes_commands_and_options(tmp_path):
+    """`eval "$(_FTPLAN_COMPLETE=bash_source ftplan)"` defines the completion; asking it completes names."""
+    env = _env(tmp_path)
+    source = subprocess.run(["ftplan"], env={**env, "_FTPLAN_COMPLETE": "bash_source"}, capture_output=True,
+                            text=True, check=True).stdout
+    assert "complete " in source and "_FTPLAN_COMPLETE=bash_complete" in source
+    ask = {**env, "_FTPLAN_COMPLETE": "bash_complete", "COMP_WORDS": "ftplan es", "COMP_CWORD": "1"}
+    out = subprocess.run(["ftplan"], env=ask, capture_output=True, text=True, check=True).stdout
+    assert "plain,estimate" in out.splitlines()
+    ask.update(COMP_WORDS="ftplan report --b", COMP_CWORD="2")
+    out = subprocess.run(["ftplan"], env=ask, capture_output=True, text=True, check=True).stdout
+    assert "plain,--by" in out.splitlines()
