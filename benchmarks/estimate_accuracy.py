@@ -37,10 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ftplan.planner.estimate.architecture import ModelSpec  # noqa: E402
 from ftplan.planner.estimate.estimator import EstimateRequest, estimate  # noqa: E402
 from ftplan.planner.estimate.gpus import resolve_gpu  # noqa: E402
 from ftplan.planner.estimate.memory import litgpt_previous_step_input_bytes  # noqa: E402
-from ftplan.planner.estimate.architecture import ModelSpec  # noqa: E402
 from ftplan.planner.estimate.models import from_hf_config  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "calibration" / "published-measurements.csv"
@@ -237,7 +237,8 @@ def map_row(r: dict) -> Mapped | str:
         optimizer=optimizer, precision=precision, offload=offload, grad_checkpointing=ckpt, attention=attn,
         zero=zero if (zero or n > 1) else None, double_quant=("dq" in r["quantization"].lower()
                                                               or "double" in r["quantization"].lower()),
-        lora_dropout=0.1 if src == "S11" else 0.05, framework=framework)
+        lora_dropout=0.1 if src == "S11" else 0.05, framework=framework,
+        loss_upcast=src != "S07")  # Qwen v1's remote code computes the loss on bf16 logits
     measured, quantity, context = None, "allocated", 0.0
     if r["peak_mem"]:
         value = float(r["peak_mem"])
@@ -332,6 +333,32 @@ def _rel(pred: float, meas: float) -> float:
     return (pred - meas) / meas
 
 
+def leave_one_source_out(mem_rows, tps_rows, quiet: bool) -> tuple[list[float], list[float]]:
+    """For each source: refit every fitted constant (scripts/fit_throughput.fit) on the OTHER sources' rows,
+    then score this source's rows with them. Returns the pooled absolute errors (memory, throughput)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fit_throughput
+
+    mem_err, tps_err = [], []
+    sources = sorted({m.row["source_id"] for m in mem_rows + tps_rows})
+    if not quiet:
+        print("\n# leave-one-source-out (constants refitted without the source, then its rows scored)")
+        print("source  mem_rows  mem_median  mem_max  tps_rows  tps_median")
+    for src in sources:
+        consts = fit_throughput.fit([m for m in mem_rows if m.row["source_id"] != src],
+                                    [m for m in tps_rows if m.row["source_id"] != src], log=lambda _msg: None)
+        with fit_throughput.constants(consts):
+            me = [abs(_rel(predicted_mem(m), m.measured_mem_gib)) for m in mem_rows if m.row["source_id"] == src]
+            te = [abs(_rel(predicted_tps(m), m.measured_tps)) for m in tps_rows if m.row["source_id"] == src]
+        mem_err += me
+        tps_err += te
+        if not quiet:
+            print(f"{src:<7} {len(me):>8} {statistics.median(me) if me else float('nan'):>11.3f} "
+                  f"{max(me) if me else float('nan'):>8.3f} {len(te):>9} "
+                  f"{statistics.median(te) if te else float('nan'):>11.3f}")
+    return mem_err, tps_err
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[argv.index("--csv") + 1]) if "--csv" in argv else DEFAULT_CSV
     quiet = "--quiet" in argv
@@ -374,6 +401,7 @@ def main(argv: list[str]) -> int:
         print("\n# skipped rows")
         for rid, model, why in skipped:
             print(f"{rid:>4} {model[:30]:<30} {why}")
+    loso_mem, loso_tps = leave_one_source_out(mem_rows, tps_rows, quiet)
     print(f"\nmemory_rows: {len(mem_rows)}")
     print(f"throughput_rows: {len(tps_rows)}")
     print(f"fits_rows: {len(fit_rows)}")
@@ -385,6 +413,9 @@ def main(argv: list[str]) -> int:
     print(f"memory_median_abs_err: {statistics.median(mem_err):.3f}")
     print(f"memory_max_abs_err: {max(mem_err):.3f}")
     print(f"throughput_median_abs_err: {statistics.median(tps_err):.3f}")
+    print(f"loso_memory_median_abs_err: {statistics.median(loso_mem):.3f}")
+    print(f"loso_memory_max_abs_err: {max(loso_mem):.3f}")
+    print(f"loso_throughput_median_abs_err: {statistics.median(loso_tps):.3f}")
     return 0
 
 

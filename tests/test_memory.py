@@ -133,10 +133,33 @@ def test_activations_follow_checkpointing_attention_and_length(big):
     assert no_ckpt == pytest.approx(2 * half, rel=0.05)
 
 
-def test_logits_scale_with_vocabulary_and_tokens(big):
-    mem = estimate_memory(EstimateRequest(model=big, method="qlora", seq_len=8192, batch_size=2))
-    # 2 x 8192 x 128256 elements at 12 bytes (bf16 logits, fp32 log-softmax, its gradient, bf16 grad).
-    assert mem.logits == pytest.approx(2 * 8192 * 128256 * 12 / GIB, rel=1e-6)
+def test_logits_scale_with_vocabulary_tokens_and_loss(big):
+    elements = 2 * 8192 * 128256
+    req = EstimateRequest(model=big, method="qlora", seq_len=8192, batch_size=2)
+    # Standard: bf16 logits + 4 fp32 tensors (saved log-softmax, nll's dense gradient, exp(), its result).
+    assert estimate_memory(req).logits == pytest.approx(elements * 18 / GIB, rel=1e-6)
+    # A model that does not upcast (Qwen v1's own code) keeps all six in bf16.
+    assert estimate_memory(replace(req, loss_upcast=False)).logits == pytest.approx(elements * 12 / GIB, rel=1e-6)
+    # Chunked: bf16 logits + every chunk's fp32 log-softmax; fused never holds the logits.
+    assert estimate_memory(replace(req, loss="chunked")).logits == pytest.approx(elements * 6 / GIB, rel=1e-6)
+    fused = estimate_memory(replace(req, loss="fused")).logits
+    assert fused < estimate_memory(replace(req, loss="chunked")).logits / 10
+
+
+def test_standard_loss_saves_fp32_log_softmax_of_every_logit(tiny_spec):
+    """What HF's loss keeps for the backward pass, counted on real tensors: the fp32 log-softmax (4 bytes per
+    logit element) besides the 16-bit logits; the estimate's other 12 bytes are the backward's temporaries."""
+    import torch
+
+    model = _hf_model(tiny_spec, torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 16))
+    hidden = model.model(input_ids=ids).last_hidden_state.detach().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = model.lm_head(hidden)
+        model.loss_function(logits=logits, labels=ids, vocab_size=512)
+    fp32 = {t.data_ptr(): t for t in saved if t.dtype == torch.float32 and t.numel() == logits.numel()}
+    assert sum(t.numel() * t.element_size() for t in fp32.values()) == 4 * logits.numel()
 
 
 def test_sharding_and_offload(big):

@@ -43,7 +43,8 @@ def test_attention_term_grows_with_sequence_length(model):
     f2k = flops_per_token(EstimateRequest(model=model, method="lora", seq_len=2048))
     f32k = flops_per_token(EstimateRequest(model=model, method="lora", seq_len=32768))
     attn_fwd = 2 * (32768 - 2048) * 32 * 128 * 32  # causal: 2 x seq x d per layer, forward
-    assert f32k - f2k == pytest.approx(3 * attn_fwd, rel=0.01)  # forward + activation backward + recompute
+    # forward + backward (dQ, dK, dV, dP and the fused kernel's recomputed scores: 2.5 x) + checkpoint recompute
+    assert f32k - f2k == pytest.approx(4.5 * attn_fwd, rel=0.01)
 
 
 def test_faster_gpus_are_faster_and_no_bf16_cards_use_fp16(model):
@@ -54,12 +55,17 @@ def test_faster_gpus_are_faster_and_no_bf16_cards_use_fp16(model):
     assert any("no bf16" in n for n in t4.notes)
 
 
-def test_several_gpus_scale_sublinearly(model):
-    req = EstimateRequest(model=model, method="lora", seq_len=2048)
+def test_several_gpus_wait_only_for_communication_longer_than_compute(model):
     gpu = resolve_gpu("A100-80GB-SXM")
-    one, four = tokens_per_second(req, gpu, 1), tokens_per_second(req, gpu, 4)
-    assert 3.0 * one < four < 4 * one
-    assert scaling_efficiency(req, resolve_gpu("L4"), 4) < scaling_efficiency(req, gpu, 4)  # PCIe vs NVLink
+    # LoRA under DDP all-reduces a few MB of adapter gradients: hidden behind the compute.
+    lora = EstimateRequest(model=model, method="lora", seq_len=2048)
+    assert tokens_per_second(lora, gpu, 4) == pytest.approx(4 * tokens_per_second(lora, gpu, 1), rel=0.01)
+    # ZeRO-3 full fine-tune of 7B at 2k tokens over NVLink: no per-GPU loss (as measured on 8 GPUs).
+    full = EstimateRequest(model=model, method="full", seq_len=2048)
+    assert scaling_efficiency(full, gpu, 8) == pytest.approx(1.0)
+    # Short steps over PCIe wait for the weight all-gathers; NVLink does not.
+    short = replace(full, seq_len=256)
+    assert scaling_efficiency(short, resolve_gpu("L4"), 8) < 0.7 < scaling_efficiency(short, gpu, 8)
 
 
 def test_hours_follow_tokens_and_epochs(model):
@@ -86,8 +92,10 @@ def test_optimizer_step_is_amortised_over_gradient_accumulation(model):
     gpu = resolve_gpu("A100-80GB")
     req = EstimateRequest(model=model, method="full", seq_len=256, grad_accum=1)
     p = model.params_total()
-    # fp32 master read+write, fp32 grad read, two fp32 Adam states read+write, bf16 copy written.
-    assert optimizer_step_bytes(req) == pytest.approx(p * (8 + 4 + 16 + 2))
+    # foreach AdamW: one pass per operation (20 fp32 words per parameter) + gradient clipping (3 words);
+    # fused AdamW reads param, grad and both states once and writes three (7 words).
+    assert optimizer_step_bytes(req) == pytest.approx(p * 4 * (20 + 3))
+    assert optimizer_step_bytes(replace(req, fused_optimizer=True)) == pytest.approx(p * 4 * (7 + 3))
     t1 = req.seq_len / tokens_per_second(req, gpu)
     t8 = 8 * req.seq_len / tokens_per_second(replace(req, grad_accum=8), gpu)
     step = optimizer_step_bytes(req) / (gpu.mem_bandwidth_gbs * 1e9)

@@ -127,6 +127,14 @@ def count_dataset_tokens(path: str | Path, vocab_size: int, tokenizer_file: Path
                          max_seq_len: int | None = None) -> tuple[int, int, str]:
     """(tokens, records, how) for a JSONL or JSON-array file; each record is truncated to max_seq_len
     as a trainer would."""
+    tokens, records, how, _longest = dataset_lengths(path, vocab_size, tokenizer_file, max_seq_len)
+    return tokens, records, how
+
+
+def dataset_lengths(path: str | Path, vocab_size: int, tokenizer_file: Path | None = None,
+                    max_seq_len: int | None = None) -> tuple[int, int, str, int]:
+    """(tokens, records, how, longest record) after truncation to max_seq_len: the longest record is the
+    sequence length of the micro-batch that peaks when samples are padded rather than packed."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -134,7 +142,7 @@ def count_dataset_tokens(path: str | Path, vocab_size: int, tokenizer_file: Path
         raise UserError(f"cannot read dataset {path}: {exc.strerror or exc}; pass a readable JSONL file") from None
     tok = _load_tokenizer(tokenizer_file)
     ratio = bytes_per_token(vocab_size)
-    tokens = records = 0
+    tokens = records = longest = 0
     with fh:
         for lineno, record in _records(path, fh):
             texts = _texts(record, path, lineno)
@@ -143,9 +151,11 @@ def count_dataset_tokens(path: str | Path, vocab_size: int, tokenizer_file: Path
             else:
                 n = int(round(sum(len(t.encode()) for t in texts) / ratio))
             n += TEMPLATE_TOKENS_PER_MESSAGE * len(texts)
-            tokens += min(n, max_seq_len) if max_seq_len else n
+            n = min(n, max_seq_len) if max_seq_len else n
+            tokens += n
+            longest = max(longest, n)
             records += 1
     if records == 0:
         raise UserError(f"dataset {path} has no records; pass a JSONL file with one record per line")
     how = f"tokenizer {tokenizer_file.name}" if tok is not None else f"~{ratio} bytes/token"
-    return tokens, records, how
+    return tokens, records, how, longest

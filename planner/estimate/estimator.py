@@ -14,7 +14,6 @@ from ftplan.planner.estimate.memory import MemoryEstimate, estimate_memory, trai
 from ftplan.planner.estimate.request import EstimateRequest
 from ftplan.planner.estimate.throughput import tokens_per_second
 
-
 if TYPE_CHECKING:  # pragma: no cover
     from ftplan.planner.estimate.gpus import GPU
 
@@ -29,6 +28,8 @@ class Estimate:
     training_tokens: int | None
     hours: float | None
     notes: list[str] = field(default_factory=list)
+    precision: str | None = None  # what was estimated: fp16-mixed on a GPU without bf16
+
 
     def as_dict(self) -> dict:
         return {
@@ -36,6 +37,7 @@ class Estimate:
             "headroom_gib": round(self.headroom_gib, 2), "memory_gib": self.memory.as_dict(),
             "throughput_tokens_per_s": round(self.tokens_per_s, 1), "training_tokens": self.training_tokens,
             "hours": None if self.hours is None else round(self.hours, 3), "notes": self.notes,
+            "precision": self.precision, "memory_figures_gib": self.memory.figures(),
         }
 
 
@@ -48,20 +50,23 @@ def training_tokens(req: EstimateRequest) -> int | None:
 def estimate(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> Estimate:
     if gpu_count <= 0:
         raise UserError(f"--gpus must be a positive number, got {gpu_count}")
+    fallback = req.precision.startswith("bf16") and not gpu.supports_bf16
+    if fallback:
+        # What a job on this card runs: fp16 autocast with fp32 masters (plan needs --precision fp16-mixed).
+        req = replace(req, precision="fp16-mixed")
     mem = estimate_memory(req, gpu_count)
     notes = list(mem.notes)
     usable = gpu.usable_gib
     fits = mem.total <= usable
-    prec = req.precision
-    if prec.startswith("bf16") and not gpu.supports_bf16:
-        notes.append(f"{gpu.name} has no bf16: the job runs in fp16 (use --precision fp16-mixed)")
+    if fallback:
+        notes.append(f"{gpu.name} has no bf16: estimated as fp16-mixed (plan needs --precision fp16-mixed)")
     if req.method == "qlora" and gpu.vendor != "NVIDIA":
         notes.append(f"bitsandbytes 4-bit support on {gpu.vendor} GPUs is experimental")
     tps = tokens_per_second(req, gpu, gpu_count)
     tokens = training_tokens(req)
     hours = None if tokens is None else tokens / tps / 3600
     return Estimate(gpu=gpu, gpu_count=gpu_count, memory=mem, fits=fits, headroom_gib=usable - mem.total,
-                    tokens_per_s=tps, training_tokens=tokens, hours=hours, notes=notes)
+                    tokens_per_s=tps, training_tokens=tokens, hours=hours, notes=notes, precision=req.precision)
 
 
 @dataclass

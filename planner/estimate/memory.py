@@ -87,6 +87,12 @@ class MemoryEstimate:
         """What torch.cuda.max_memory_reserved() would report."""
         return self.total - self.cuda_context
 
+    def figures(self) -> dict[str, float]:
+        """The three numbers users compare with: torch's allocated and reserved peaks, and the device total
+        nvidia-smi shows (reserved + CUDA context), which is what must fit."""
+        return {"allocated": round(self.allocated, 3), "reserved": round(self.reserved, 3),
+                "device": round(self.total, 3)}
+
     def as_dict(self) -> dict[str, float]:
         d = {c: round(getattr(self, c), 3) for c in COMPONENTS}
         d["total"] = round(self.total, 3)
@@ -153,13 +159,30 @@ def trainable_params(req: EstimateRequest) -> int:
         k = min(req.freeze_trainable_layers, m.num_layers)
         return k * m.params_per_block()
     if req.method in ("lora", "qlora"):
-        return m.lora_params(req.lora_r, req.lora_targets)
+        n = m.lora_params(req.lora_r, req.lora_targets)
+        if req.dora:  # one magnitude per output feature of every adapted module (peft's lora_magnitude_vector)
+            n += m.num_layers * sum(x.out_features * x.count for x in _lora_modules(m, req.lora_targets))
+        return n + modules_to_save_params(req)
     if req.method == "prompt":
-        return req.num_virtual_tokens * m.hidden_size
+        return req.num_virtual_tokens * m.hidden_size + modules_to_save_params(req)
     if req.method == "prefix":
         # P-tuning v2 / peft prefix tuning: a key and a value vector per layer per virtual token.
-        return req.num_virtual_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim
+        return req.num_virtual_tokens * m.num_layers * 2 * m.num_kv_heads * m.head_dim + modules_to_save_params(req)
     raise ValueError(req.method)
+
+
+def modules_to_save_params(req: EstimateRequest) -> int:
+    """Parameters of the modules peft trains in full beside the adapters (`modules_to_save`): a trained copy
+    of the input embedding and/or the output head (a copy of the embedding when the two are tied)."""
+    if req.method not in ("lora", "qlora", "prompt", "prefix"):
+        return 0
+    m = req.model
+    n = 0
+    if "embed_tokens" in req.modules_to_save:
+        n += m.vocab_size * m.hidden_size
+    if "lm_head" in req.modules_to_save and not m.is_encoder:
+        n += m.vocab_size * m.hidden_size + (m.vocab_size if m.lm_head_bias else 0)
+    return n
 
 
 def _quantized_params(model: ModelSpec) -> int:
@@ -229,17 +252,18 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
     kv = m.num_kv_heads * m.head_dim
     inter = m.intermediate_size * (m.experts_per_token if m.num_experts > 1 else 1)
     # RMSNorm upcasts its input to fp32 (HF, LitGPT); autocast runs layer_norm in fp32 as well.
-    norm_bytes = 4 if (m.norm == "rmsnorm" or _mixed(req.precision)) else c
+    norm_bytes = 4 if (m.norm == "rmsnorm" or _mixed(req.precision)) and not req.compile else c
     norm = norm_bytes * h * (1 if m.parallel_block else 2)
     # transformers' SDPA/eager paths repeat k and v to every query head (repeat_kv copies) and keep the
     # copies; flash-attention reads the grouped k/v, and LitGPT's expand() is a view.
     kv_saved = q if (req.framework == "hf" and req.attention != "flash") else kv
     attn = c * (q + 2 * kv_saved) + c * q
     if _eager_attention(req):
-        attn += m.num_heads * req.seq_len * (4 + c)  # fp32 softmax + the 16-bit copy the PV matmul keeps
+        attn += m.num_heads * req.step_seq_len * (4 + c)  # fp32 softmax + the 16-bit copy the PV matmul keeps
         if m.hf_extra.get("attn_logit_softcapping"):
-            attn += m.num_heads * req.seq_len * c  # tanh keeps its output
-    mlp = c * (3 * inter if m.gated_mlp else inter)
+            attn += m.num_heads * req.step_seq_len * c  # tanh keeps its output
+    # SwiGLU keeps gate, up and act(gate); a compiled graph fuses act * up and keeps only gate and up.
+    mlp = c * ((2 if req.compile else 3) * inter if m.gated_mlp else inter)
 
     # Which weight groups have trained weights (need their inputs saved)?
     if req.method == "full" or req.method == "freeze":
@@ -268,9 +292,12 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
         saved_inputs = c * (h * attn_in + (0 if m.parallel_block else h * mlp_in) + inter * down_in)
     lora_extra = 0.0
     for x in lora:
-        lora_extra += c * req.lora_r * x.count
+        copies = m.experts_per_token if x.expert else x.count  # a token passes through top-k experts only
+        lora_extra += c * req.lora_r * copies
         if req.lora_dropout > 0:
-            lora_extra += (c + 1) * x.in_features * x.count  # dropout output + bool mask, per adapted module
+            lora_extra += (c + 1) * x.in_features * copies  # dropout output + bool mask, per adapted module
+        if req.dora:
+            lora_extra += 2 * c * x.out_features * copies  # base and LoRA outputs, both scaled by the magnitude
     per_layer = norm + attn + mlp + saved_inputs + lora_extra
     working = c * (2 * inter + 2 * h)  # gradients flowing through the block being back-propagated
     return per_layer, working
@@ -279,7 +306,7 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
 def activation_bytes(req: EstimateRequest, shard: int = 1) -> float:
     """Activation bytes at the backward peak for one micro-batch on one GPU."""
     m = req.model
-    tokens = req.batch_size * (req.seq_len + (req.num_virtual_tokens if req.method == "prompt" else 0))
+    tokens = req.batch_size * (req.step_seq_len + (req.num_virtual_tokens if req.method == "prompt" else 0))
     per_layer, working = _act_bytes_per_token_layer(req)
     k = fitted_constants()["memory"]["activation_working_set"]
     layers = m.num_layers
@@ -288,25 +315,44 @@ def activation_bytes(req: EstimateRequest, shard: int = 1) -> float:
     # The residual stream is fp32 when the weights it comes from are (fp32 masters, LitGPT's fp32 base).
     hidden_dtype = 4 if (_mixed(req.precision) and (req.method == "full" or _fp32_base(req))) \
         or req.precision == "fp32" else 2
+    # Activation offloading keeps what is saved for backward in CPU RAM: on the GPU only the block being
+    # computed and the one being prefetched.
+    resident = min(layers, 2) if req.activation_offload else layers
     if req.grad_checkpointing:
         # Each block keeps its input; one block at a time is recomputed and back-propagated.
-        act = tokens * (layers * hidden_dtype * m.hidden_size + per_layer + k * working)
+        act = tokens * (resident * hidden_dtype * m.hidden_size + per_layer + k * working)
     else:
-        act = tokens * (layers * per_layer + k * working)
+        act = tokens * (resident * per_layer + k * working)
+    if req.dora and req.method in ("lora", "qlora"):
+        # DoRA's weight norm: W + scale * B @ A of the module being run, in fp32 (two full-size temporaries).
+        act += 8 * max(x.in_features * x.out_features for x in _lora_modules(m, req.lora_targets))
     # Final norm input (fp32 in HF) + embedding output.
     act += tokens * m.hidden_size * (4 + hidden_dtype)
     return act + _litgpt_previous_step_inputs(req, tokens)
 
 
 def logits_bytes(req: EstimateRequest) -> float:
-    """bf16 logits, the fp32 log-softmax the loss keeps, and its gradient: batch x seq x vocab.
+    """The vocabulary-sized tensors of the output head and the loss, per token x vocab element.
 
+    - standard (HF `ForCausalLMLoss`): the 16-bit logits, and in the backward of the fp32 cross-entropy the
+      saved fp32 log-softmax, the dense fp32 gradient nll_loss returns, log-softmax's exp() temporary and the
+      fp32 gradient it produces (4 x 4 bytes): 18 bytes per element in bf16 (about 17 measured); a model
+      whose own code does not upcast keeps all of them in the compute dtype (`loss_upcast=False`);
+    - chunked (torchtune's CEWithChunkedOutputLoss): the 16-bit logits and the fp32 log-softmax of every
+      chunk; the upcast copies and gradients exist one chunk at a time;
+    - fused (Liger / unsloth linear cross-entropy): no logits; one chunk of hidden-size rows at a time.
     Encoders (classification heads) have no vocabulary-sized output.
     """
     if req.model.is_encoder:
         return 0.0
     c = _compute_bytes(req.precision)
-    per = 2 * c + 8
+    tokens = req.batch_size * req.step_seq_len
+    if req.loss == "fused":
+        return tokens * req.model.hidden_size * (4 + 4 + c)
+    if req.loss == "standard":
+        per = c + 16 if req.loss_upcast else 6 * c  # without the upcast: logits, shifted copy, 4 loss tensors
+    else:
+        per = c + 4
     if req.framework == "litgpt":
         # LitGPT computes the head in 128-token chunks (`model(input_ids, lm_head_chunk_size=128)`) and the
         # loss per chunk without upcasting (`chunked_cross_entropy`): the logits and the log-softmax that
@@ -314,7 +360,7 @@ def logits_bytes(req: EstimateRequest) -> float:
         per = 2 * c
     if req.model.hf_extra.get("final_logit_softcapping"):
         per += c  # tanh(logits / cap) * cap: tanh keeps its output for the backward pass
-    return req.batch_size * req.seq_len * req.model.vocab_size * per
+    return tokens * req.model.vocab_size * per
 
 
 # ---- QLoRA base weights ---------------------------------------------------------------------------
@@ -345,20 +391,25 @@ def _qlora_weight_bytes(req: EstimateRequest) -> float:
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
-def _as_loaded(req: EstimateRequest) -> EstimateRequest:
+def as_loaded(req: EstimateRequest) -> EstimateRequest:
     """The model as the framework holds it. LitGPT's GPT has its own lm_head and never ties it: its checkpoint
     converter copies the embedding into `lm_head.weight` for tied checkpoints (Gemma, Llama 3.2), so the
-    head is a second vocab x hidden matrix (trained, with gradients and states, in a full fine-tune)."""
+    head is a second vocab x hidden matrix (trained, with gradients and states, in a full fine-tune).
+    MoE experts are per-expert nn.Linear under transformers 4 (quantized, adapted by all-linear) and fused
+    3-D parameters under transformers 5 (16-bit, not adapted)."""
     m = req.model
     if req.framework == "litgpt" and m.tie_word_embeddings and not m.is_encoder:
-        return replace(req, model=m.model_copy({"tie_word_embeddings": False}))
+        req = replace(req, model=m.model_copy({"tie_word_embeddings": False}))
+    per_expert = req.transformers_major == 4 and req.framework == "hf"
+    if req.model.num_experts > 1 and req.model.moe_experts_linear != per_expert:
+        req = replace(req, model=req.model.model_copy({"moe_experts_linear": per_expert}))
     return req
 
 
 
 def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
     """Peak memory per GPU, by component, for `req` on `gpu_count` GPUs (DDP / ZeRO / FSDP)."""
-    req = _as_loaded(req)
+    req = as_loaded(req)
     m = req.model
     notes: list[str] = []
     p_total = m.params_total()
@@ -386,12 +437,19 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
     # Trainable tensors beyond the base weights: adapters / virtual tokens in master precision, and the
     # 16-bit copy autocast keeps of every trained fp32 weight for the backward pass.
     trainable = 0.0
+    # modules_to_save copies keep the base's 16-bit dtype (peft upcasts only the adapters), and so do their
+    # gradients and AdamW states.
+    p_save = modules_to_save_params(req)
+    p_adapt = p_train - p_save
     if req.method in ("lora", "qlora", "prompt", "prefix"):
-        trainable = p_train * _master_bytes(prec)
+        trainable = p_adapt * _master_bytes(prec) + p_save * _frozen_bytes(prec)
     if _mixed(prec) and req.method in ("full", "freeze"):
         trainable += p_train * 2
-    gradients = p_train * _master_bytes(prec)
-    optimizer = optimizer_state_bytes(opt, prec, m, p_train, req.method)
+    gradients = p_adapt * _master_bytes(prec) + p_save * _frozen_bytes(prec)
+    optimizer = optimizer_state_bytes(opt, prec, m, p_adapt, req.method)
+    if p_save:
+        optimizer += optimizer_state_bytes(opt, "bf16-true" if _frozen_bytes(prec) == 2 else "fp32", m, p_save,
+                                           req.method)
 
     # Sharding over GPUs: ZeRO-1 optimizer, ZeRO-2 + gradients, ZeRO-3/FSDP + weights.
     if n > 1 and zero >= 1:
@@ -420,7 +478,7 @@ def estimate_memory(req: EstimateRequest, gpu_count: int = 1) -> MemoryEstimate:
     # matters when that is bigger than the activations, which are gone by then.
     # The 16-bit autocast copies, activations and logits are freed by then, so the step peak exceeds
     # the backward peak only when that temporary is bigger than all three together.
-    if opt == "adamw" and req.offload == "none":
+    if opt == "adamw" and req.offload == "none" and not req.fused_optimizer:
         step_temp = optimizer / 2  # one state-sized temporary
         optimizer += max(0.0, step_temp - (trainable * (req.method in ("full", "freeze")) + activations + logits))
 

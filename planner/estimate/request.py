@@ -28,6 +28,24 @@ FRAMEWORKS = ("hf", "litgpt")
 LOSSES = ("standard", "chunked", "fused")
 
 
+def launch_transformers_major() -> int:
+    """The transformers major version `ftplan launch` installs (the job's pinned requirements)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("ftplan.remote_job")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "requirements.txt").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^transformers\s*[=~<>]=?\s*(\d+)", text, re.M)
+        if m:
+            return int(m.group(1))
+    return 5
+
+
 @dataclass
 class EstimateRequest:
     model: ModelSpec
@@ -52,6 +70,9 @@ class EstimateRequest:
     epochs: float = 1.0
     framework: str = "hf"
     loss: str = "standard"
+    # transformers' own models upcast the logits to fp32 before the loss; remote-code models that do not
+    # (Qwen v1's modeling_qwen.py) keep the whole cross-entropy in the compute dtype.
+    loss_upcast: bool = True
     activation_offload: bool = False  # checkpointed block inputs kept in CPU RAM (torchtune, axolotl)
     packing: bool = True  # sequences packed to seq_len; False: padded to the batch's longest sample
     peak_seq_len: int | None = None  # the longest micro-batch's length when unpacked (default seq_len)

@@ -1,17 +1,19 @@
 """Training throughput: FLOPs per token by method, the GPU's dense peak, and fitted utilisation.
 
-time per micro-batch = FLOPs / (utilisation x peak) + per-block launch overhead + the optimizer step's
-memory traffic / bandwidth amortised over grad_accum micro-batches, where utilisation and
-the overhead are fitted per method to the published measurements (`catalogs/throughput.json`, written
-by `scripts/fit_throughput.py`). Several GPUs multiply by a scaling efficiency per parallelism.
+time per micro-batch = max(GPU time, CPU dispatch time) + the optimizer step's memory traffic / bandwidth
+amortised over grad_accum micro-batches. GPU time = FLOPs / (utilisation x peak) (+ QLoRA's
+dequantization traffic); CPU dispatch time = kernels launched x seconds per launch: launches are
+asynchronous, so a small step is bound by whichever of the two is longer, never their sum. Utilisation
+and seconds per launch are the two fitted constants, one each for every method (`catalogs/throughput.json`,
+written by `scripts/fit_throughput.py`). Several GPUs wait for the collectives that do not fit behind
+the compute (`communication_seconds`, from the interconnect's bandwidth: no fitted constant).
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
-from ftplan.planner.estimate.memory import _quantized_params, fitted_constants, trainable_params
+from ftplan.planner.estimate.memory import _quantized_params, as_loaded, fitted_constants, trainable_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from ftplan.planner.estimate.gpus import GPU
@@ -26,6 +28,10 @@ def _matmul_params(req: EstimateRequest) -> tuple[float, float]:
         for x in m.linear_modules())
     head = 0 if m.is_encoder else m.vocab_size * m.hidden_size
     return float(blocks), float(head)
+
+
+def _eager(req: EstimateRequest) -> bool:
+    return req.attention == "eager"
 
 
 def flops_per_token(req: EstimateRequest) -> float:
@@ -44,72 +50,137 @@ def flops_per_token(req: EstimateRequest) -> float:
     seq = req.seq_len + (req.num_virtual_tokens if req.method in ("prompt", "prefix") else 0)
     attn = 4 * causal * seq * m.num_heads * m.head_dim * m.num_layers
     fwd_blocks = 2 * blocks + attn
+    if req.method == "prompt":  # the virtual tokens pass through every block with the real ones
+        fwd_blocks *= (req.seq_len + req.num_virtual_tokens) / req.seq_len
     fwd = fwd_blocks + 2 * head
+    # Attention has no weights, but its backward differentiates both matmuls with respect to both inputs
+    # (dQ, dK, dV, dP: 2 x forward) and fused kernels recompute the scores (+0.5 x) for every method.
+    attn_bwd = (2.0 if _eager(req) else 2.5) * attn
     if req.method == "full":
-        bwd = 2 * fwd
+        bwd = 2 * (fwd - attn) + attn_bwd
     elif req.method == "freeze":
         k = min(req.freeze_trainable_layers, m.num_layers) / m.num_layers
-        bwd = 2 * k * fwd_blocks + 2 * head
+        bwd = 2 * k * (fwd_blocks - attn) + k * attn_bwd + 2 * head
     else:
-        bwd = fwd
+        bwd = fwd - attn + attn_bwd
         if req.method in ("lora", "qlora"):
             fwd += 2 * trainable_params(req)
             bwd += 4 * trainable_params(req)
+        if "lm_head" in req.modules_to_save:
+            bwd += 2 * head  # the trained head's weight gradient
     recompute = fwd_blocks if req.grad_checkpointing else 0.0
     if req.method == "freeze" and req.grad_checkpointing:
         recompute *= min(req.freeze_trainable_layers, m.num_layers) / m.num_layers
     return fwd + bwd + recompute
 
 
-def _method_key(req: EstimateRequest) -> str:
-    return {"freeze": "full", "prefix": "lora", "prompt": "lora"}.get(req.method, req.method)
+def kernel_launches(req: EstimateRequest) -> float:
+    """Kernels one micro-batch launches (eager PyTorch, HF modules), counted per block from the architecture:
+    each Linear, the norm's upcast/variance/rsqrt/scale ops, rotary embeddings, attention, the MLP's
+    activation and gating, the residual adds; the backward launches about 1.5 kernels per forward op;
+    a LoRA module adds dropout, A, B, scaling and the add (DoRA the weight norm too); checkpointing runs
+    the forward twice. `torch.compile` fuses the elementwise chains (about a third remain)."""
+    m = req.model
+    linears = len(m.linear_modules())
+    norm_ops = m.norms_per_block * (6 if m.norm == "rmsnorm" else 1)
+    attn_ops = (8 if m.position_embedding == "rope" else 0) + 6 + (4 if req.attention == "eager" else 1)
+    mlp_ops = 3 if m.gated_mlp else 1
+    fwd = linears + norm_ops + attn_ops + mlp_ops + 2
+    if req.method in ("lora", "qlora"):
+        from ftplan.planner.estimate.memory import _lora_modules
+
+        fwd += len(_lora_modules(m, req.lora_targets)) * (5 + (4 if req.dora else 0))
+    if req.method == "qlora":
+        fwd += linears  # dequantize before each 4-bit matmul
+    per_block = fwd * (2.5 + (1 if req.grad_checkpointing else 0))
+    launches = per_block * m.num_layers + 20  # embedding, final norm, head, loss
+    return launches / 3 if req.compile else launches
 
 
 def utilisation(req: EstimateRequest, gpu: GPU) -> tuple[float, float]:
-    """(fraction of dense peak the matmuls reach, seconds of launch overhead per block per micro-batch)."""
+    """(fraction of dense peak the matmuls reach, CPU seconds per kernel launch).
+
+    One fitted value each for every method: methods differ by their modelled FLOPs, launches,
+    dequantization and optimizer traffic."""
     table = fitted_constants()["throughput"]
-    u = table["utilisation"][_method_key(req)]
-    u *= table["gpu_factor"].get(gpu.architecture, 1.0)
-    return u, table["overhead_s_per_block"][_method_key(req)]
+    u = table["utilisation"] * table["gpu_factor"].get(gpu.architecture, 1.0)
+    return u, table["seconds_per_launch"]
+
+
+def communication_seconds(req: EstimateRequest, gpu: GPU, gpu_count: int) -> float:
+    """Seconds per micro-batch one GPU spends on collectives (ring algorithms, (n-1)/n of the data each way)
+    over the card's interconnect (gpus.json: bidirectional GB/s, half of it each way).
+
+    ZeRO-3/FSDP all-gathers the 16-bit weights for the forward and again for the backward and
+    reduce-scatters the gradients every micro-batch; DDP and ZeRO-1/2 all-reduce the gradients (twice the
+    data) once per optimizer step, i.e. amortised over grad_accum micro-batches."""
+    if gpu_count <= 1:
+        return 0.0
+    ring = (gpu_count - 1) / gpu_count
+    bw = gpu.interconnect_gbs / 2 * 1e9
+    grad_bytes = 2 if req.precision in ("bf16-true", "fp16-mixed") or req.resolved_zero(gpu_count) >= 1 else 4
+    train = trainable_params(req)
+    if req.resolved_zero(gpu_count) >= 3:
+        quant = _quantized_params(req.model) if req.method == "qlora" else 0  # gathered as NF4 (FSDP-QLoRA)
+        weight_bytes = 2 * (req.model.params_total() - quant) + 0.5 * quant
+        return ring * (2 * weight_bytes + train * grad_bytes) / bw
+    return ring * 2 * train * grad_bytes / bw / req.grad_accum
 
 
 def scaling_efficiency(req: EstimateRequest, gpu: GPU, gpu_count: int) -> float:
-    """Throughput of n GPUs divided by n x one GPU's: gradient all-reduce (DDP/ZeRO-1/2) or weight
-    all-gathers (ZeRO-3/FSDP) that are not hidden behind compute; worse without NVLink."""
+    """Throughput of n GPUs divided by n x one GPU's: collectives overlap the compute (NCCL streams,
+    FSDP/ZeRO-3 prefetch), so a GPU waits only for the part of the communication longer than its step."""
     if gpu_count <= 1:
         return 1.0
-    table = fitted_constants()["throughput"]["scaling"]
-    zero = req.resolved_zero(gpu_count)
-    loss = table["zero3_loss_per_doubling"] if zero >= 3 else table["ddp_loss_per_doubling"]
-    if "nvlink" not in gpu.interconnect.lower() and "infinity" not in gpu.interconnect.lower():
-        loss *= table["pcie_penalty"]
-    return max(0.2, (1 - loss) ** math.log2(gpu_count))
+    step = _step_seconds(req, gpu, gpu_count)
+    return step / max(step, communication_seconds(req, gpu, gpu_count))
 
 
 def optimizer_step_bytes(req: EstimateRequest, gpu_count: int = 1) -> float:
-    """Bytes one GPU reads and writes in one optimizer step: a memory-bound pass over its share of the
-    trained parameters (param, grad, states read; param, states written; + the 16-bit copy under *-mixed)."""
+    """Bytes one GPU reads and writes in one optimizer step over its share of the trained parameters (memory-
+    bound), gradient clipping included (the norm reads every gradient, the scale rewrites them).
+
+    Fused AdamW (and bitsandbytes' 8-bit kernels) read param, grad and states once and write param and
+    states once. torch's default foreach AdamW runs one pass per operation: weight decay (r/w p), lerp of
+    m (r m, g; w m), mul + addcmul of v (r/w v twice, r g), sqrt, divide and add eps on a temporary
+    (3 x r/w), addcdiv into p (r p, m, tmp; w p): 20 words per parameter instead of 7."""
     opt = req.resolved_optimizer
     w = 2 if req.precision == "bf16-true" else 4
-    state = {"adamw": 2 * w, "adamw8bit": 2, "paged_adamw8bit": 2, "sgd": 0, "adafactor": 0.1 * w}[opt]
-    per_param = 2 * w + w + 2 * state + (2 if req.precision in ("bf16-mixed", "fp16-mixed") else 0)
+    clip = 3 * w
+    if opt == "adamw":
+        per_param = (7 if req.fused_optimizer else 20) * w
+    elif opt in ("adamw8bit", "paged_adamw8bit"):
+        per_param = 3 * w + 2 * 2  # fused 8-bit kernel: r/w param, r grad, r/w two uint8 states
+    elif opt == "adafactor":
+        per_param = 6 * w  # factored second moment: update, rms and the param passes, no first moment
+    else:
+        per_param = 3 * w
+    per_param += clip
     n = gpu_count if (gpu_count > 1 and req.resolved_zero(gpu_count) >= 1) else 1
     return trainable_params(req) * per_param / n
 
 
-def tokens_per_second(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> float:
-    """Training tokens per second over all GPUs."""
+def _step_seconds(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> float:
+    """Seconds of one micro-batch on one GPU, without communication."""
+    req = as_loaded(req)
     peak = gpu.peak_tflops(req.precision) * 1e12
     u, overhead = utilisation(req, gpu)
     tokens = req.batch_size * req.seq_len
-    step = tokens * flops_per_token(req) / (u * peak) + overhead * req.model.num_layers
+    step = tokens * flops_per_token(req) / (u * peak)
     if req.method == "qlora":
         # Dequantising every 4-bit weight once per forward (and per recomputation/backward) is memory-bound.
         passes = 3 if req.grad_checkpointing else 2
         step += passes * _quantized_params(req.model) * 2.5 / (gpu.mem_bandwidth_gbs * 1e9)
+    step = max(step, kernel_launches(req) * overhead)
     if req.offload == "none":
         # The optimizer step runs once per grad_accum micro-batches (memory-bound; on the CPU when offloaded).
         step += optimizer_step_bytes(req, gpu_count) / (gpu.mem_bandwidth_gbs * 1e9) / req.grad_accum
     else:
         step *= fitted_constants()["throughput"]["offload_slowdown"][req.offload]
-    return gpu_count * scaling_efficiency(req, gpu, gpu_count) * tokens / step
+    return step
+
+
+def tokens_per_second(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> float:
+    """Training tokens per second over all GPUs."""
+    tokens = req.batch_size * req.seq_len
+    return gpu_count * scaling_efficiency(req, gpu, gpu_count) * tokens / _step_seconds(req, gpu, gpu_count)
