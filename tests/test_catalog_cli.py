@@ -63,6 +63,9 @@ def test_refresh_lambda_from_its_api_and_plan_uses_it(capsys, cache_dir, fake_la
     assert rc == 0, err
     path = cache_dir / "catalogs" / "lambda.csv"
     assert f"lambda: 4 offers written to {path}" in out
+    # What changed against the shipped catalog: 4 re-priced offers, the other regions' rows gone, largest moves.
+    assert "changed 4 prices, 0 new offers, 387 gone, 0 unchanged" in out
+    assert "largest move: gpu_1x_a10 on-demand us-east-1: 1.29 -> 0.75 $/h (-42%)" in out
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == O.COLUMNS
@@ -101,3 +104,25 @@ def test_registry_names_a_fetcher_for_every_provider():
     assert set(REFRESHERS) == set(O.PROVIDERS)
     for provider in ("lambda", "paperspace"):  # the two without an optional SDK import at module level
         assert callable(fetcher(provider))
+
+
+def test_refresh_runpod_reads_both_clouds_and_spot(capsys, cache_dir, monkeypatch):
+    """RunPod's gpuTypes as the runpod SDK sends the query, answered by the fake GraphQL server."""
+    from fakes import runpod_graphql
+
+    fake = runpod_graphql.FakeRunPod.fresh()
+    monkeypatch.setenv("RUNPOD_API_KEY", fake.api_key)
+    rc, out, err = ftplan(capsys, "catalog", "refresh", "--provider", "runpod", "--endpoint", fake.url)
+    assert rc == 0, err
+    assert "largest move:" in out
+    with open(cache_dir / "catalogs" / "runpod.csv", newline="") as fh:
+        rows = {r["instance_type"]: r for r in csv.DictReader(fh)}
+    sec, com = rows["1x_H100-SXM_SECURE"], rows["1x_H100-SXM_COMMUNITY"]
+    assert (sec["cloud"], com["cloud"]) == ("secure", "community")
+    assert float(sec["price_hour"]) == pytest.approx(2.99) and float(com["price_hour"]) == pytest.approx(2.39)
+    assert float(sec["spot_price_hour"]) == pytest.approx(2.69)
+    assert com["spot_price_hour"] == ""  # the fake's community spot (2.69) is no discount on 2.39: no spot offer
+    assert float(rows["1x_RTX4090_COMMUNITY"]["spot_price_hour"]) == pytest.approx(0.34)
+    assert sec["price_date"] == datetime.date.today().isoformat()  # a live read is dated by the fetch
+    data = json.loads(ftplan(capsys, *BASE, "--providers", "runpod", "--json", "--top", "30")[1])
+    assert {o["cloud"] for o in data["offers"]} == {"secure", "community"} and data["warnings"] == []
