@@ -21,27 +21,23 @@ from ftplan.results import (
     RunSummary,
 )
 
-_ESTIMATE_DEFAULTS: dict[str, Any] = {
-    "seq_len": 2048, "batch_size": 1, "grad_accum": 1, "lora_r": 16, "lora_targets": "all-linear",
-    "optimizer": None, "precision": "bf16-mixed", "offload": "none", "grad_checkpointing": True,
-    "attention": "sdpa", "framework": "hf", "zero": None, "dataset": None, "dataset_tokens": None, "epochs": 1.0,
-}
-
 
 def _request(model: str, method: str, options: dict[str, Any]):
     """The EstimateRequest the CLI would build for the same flags (one code path: its own helper)."""
+    from ftplan.planner.commands.estimate import _DEFAULTS
     from ftplan.planner.commands.estimate import _request as cli_request
     from ftplan.planner.errors import UserError
 
-    unknown = set(options) - set(_ESTIMATE_DEFAULTS)
+    known = {**_DEFAULTS, "dataset": None, "dataset_tokens": None, "from_config": None}
+    unknown = set(options) - set(known)
     if unknown:
-        raise UserError(f"unknown estimate option(s) {', '.join(sorted(unknown))}; "
-                        f"known: {', '.join(_ESTIMATE_DEFAULTS)}")
-    opts = {**_ESTIMATE_DEFAULTS, **options, "method": method}
-    if opts["dataset"] is not None:
-        opts["dataset"] = str(opts["dataset"])
+        raise UserError(f"unknown estimate option(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+    opts = {**known, **options, "method": method}
+    for name in ("dataset", "from_config"):
+        if opts[name] is not None:
+            opts[name] = str(opts[name])
     for name in ("seq_len", "batch_size", "grad_accum", "lora_r", "dataset_tokens", "epochs"):
-        if opts[name] is not None and not opts[name] > 0:
+        if opts.get(name) is not None and not opts[name] > 0:
             raise UserError(f"{name} must be a positive number, got {opts[name]}")
     return cli_request(model, opts)
 
@@ -51,9 +47,9 @@ def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, 
     """Peak memory per GPU, fits or not, tokens/s and hours: `ftplan estimate` as a function.
 
     `model` is a catalog name/alias, a Hugging Face id or a local config.json; `method` one of full,
-    freeze, lora, qlora, prompt, prefix. `options` are the CLI's flags with underscores: seq_len,
-    batch_size, grad_accum, lora_r, lora_targets, optimizer, precision, offload, grad_checkpointing,
-    attention, framework, zero, dataset (a file), dataset_tokens, epochs. Without `gpu` every GPU type
+    freeze, lora, qlora, prompt, prefix. `options` are the flags of `ftplan estimate --help` with underscores
+    (seq_len, batch_size, grad_accum, lora_r, lora_targets, optimizer, precision, offload, attention, zero,
+    packing, loss, dataset (a file), dataset_tokens, epochs, from_config, ...). Without `gpu` every GPU type
     is estimated; with it, `would_fit` says what would fit when it does not. `corrected` applies what
     finished runs measured (the default run store), as the CLI does for a single GPU.
     """
@@ -89,16 +85,19 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
          headroom: float = 0.10, providers: str | Iterable[str] | None = None,
          regions: str | Iterable[str] | None = None, gpu: str | Iterable[str] | None = None, market: str = "any",
          min_vcpus: float | None = None, min_ram: float | None = None, preemption_rate: float = 0.1,
-         checkpoint_minutes: float = 30.0, top: int = 10, all_regions: bool = False,
-         **options: Any) -> PlanResult:
+         checkpoint_minutes: float = 30.0, top: int = 10, all_regions: bool = False, secure_only: bool = False,
+         group_hosts: bool | None = None, **options: Any) -> PlanResult:
     """The cheapest instances that hold the job, across providers, with the run's total: `ftplan plan`.
 
     Takes every `estimate` option plus the plan's filters (`providers`, `regions`, `gpu` as a name, a
     comma-separated string or a list; `market` any|spot|on-demand). `top` offers are listed, as in the
-    CLI table; raises `UserError` when nothing fits (the message names the cheapest way out).
+    CLI table, offers that differ only in host size folded into their cheapest (`group_hosts`, default: unless
+    `all_regions`, `min_vcpus` or `min_ram` asks for the host); `secure_only` keeps RunPod's secure cloud.
+    Raises `UserError` when nothing fits (the message names the cheapest way out).
     """
     from ftplan.planner.commands.plan import nothing_fits, resolve_filters
     from ftplan.planner.errors import UserError
+    from ftplan.planner.pricing.freshness import stale_summary
     from ftplan.planner.pricing.offers import stale_warning
     from ftplan.planner.pricing.optimizer import MARKETS, plan_offers
     from ftplan.planner.runs.corrections import stored_corrections
@@ -113,19 +112,24 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
         raise UserError("preemption_rate must be >= 0 and checkpoint_minutes > 0")
     request, _how = _request(model, method, options)
     filters, table = resolve_filters(_csv(providers), _csv(regions), _csv(gpu), market, min_vcpus, min_ram,
-                                     max_hourly)
+                                     max_hourly, ("secure",) if secure_only else ())
     warning = stale_warning(table)
     corrections = stored_corrections(request.model.name, request.method)
     result = plan_offers(request, filters, budget, headroom=headroom, preemption_rate=preemption_rate,
                          checkpoint_min=checkpoint_minutes, table=table, corrections=corrections)
     if not len(result):
         raise nothing_fits(result, f"{request.model.name} ({request.method})")
+    if group_hosts is None:
+        group_hosts = not (all_regions or min_vcpus is not None or min_ram is not None)
+    lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
     return PlanResult(
         model=request.model.name, method=request.method, budget_usd=budget, headroom=headroom, market=market,
-        considered=result.considered, feasible=len(result), offers=result.top(top, collapse=not all_regions),
+        considered=result.considered, feasible=len(result), offers=lines, secure_only=secure_only,
         frontier=result.frontier(), rejected=list(result.rejected),
-        catalogs=[CatalogInfo(f.provider, f.origin, str(f.oldest), f.age_days()) for f in table.files],
-        warnings=[warning] if warning else [], corrections=[c.note() for c in corrections.values()])
+        catalogs=[CatalogInfo(f.provider, f.origin, str(f.oldest), f.age_days(), list(f.price_dates or ()),
+                              f.undated) for f in table.files],
+        warnings=([warning] if warning else []) + stale_summary(lines, table),
+        corrections=[c.note() for c in corrections.values()])
 
 
 def launch(config: str | Path | None = None, *, provider: str | None = None, host: str | None = None,

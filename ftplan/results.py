@@ -110,6 +110,8 @@ class CatalogInfo:
     origin: str
     retrieved_at: str
     age_days: float | None
+    price_dates: list[str] = field(default_factory=list)   # the data's own dates, where rows carry one
+    undated_rows: int = 0
 
 
 @dataclass
@@ -129,6 +131,7 @@ class PlanResult:
     catalogs: list[CatalogInfo] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     corrections: list[str] = field(default_factory=list)
+    secure_only: bool = False
 
     @property
     def best(self) -> RankedOffer:
@@ -139,8 +142,10 @@ class PlanResult:
         return {
             "model": self.model, "method": self.method, "budget_usd": self.budget_usd, "headroom": self.headroom,
             "market": self.market, "considered": self.considered, "feasible": self.feasible,
+            "secure_only": self.secure_only,
             "catalogs": [{"provider": c.provider, "origin": c.origin, "retrieved_at": c.retrieved_at,
-                          "age_days": c.age_days} for c in self.catalogs],
+                          "age_days": c.age_days, "price_dates": list(c.price_dates), "undated_rows": c.undated_rows}
+                         for c in self.catalogs],
             "warnings": list(self.warnings), "corrections": list(self.corrections),
             "offers": [o.to_dict() for o in self.offers],
             "frontier": [o.to_dict() for o in self.frontier],

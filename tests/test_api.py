@@ -63,9 +63,9 @@ def test_estimate_one_gpu_equals_the_cli_json_and_says_what_would_fit():
 
 
 def test_estimate_counts_a_dataset_file_like_the_cli():
-    result = ftplan.estimate(model="tiny-llama", method="qlora", gpu="T4", dataset=EXAMPLE)
+    result = ftplan.estimate(model="tiny-llama", method="qlora", gpu="T4", dataset=EXAMPLE, seq_len=512)
     cli = _cli_json("estimate", "--model", "tiny-llama", "--method", "qlora", "--gpu", "T4", "--dataset",
-                    str(EXAMPLE), "--json")
+                    str(EXAMPLE), "--seq-len", "512", "--json")
     assert result.to_dict() == cli and result.training_tokens > 0 and "records" in result.dataset
 
 
