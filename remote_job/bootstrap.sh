@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # ftplan bootstrap: runs inside the unpacked run dir on the GPU machine.
 #
-#   bash bootstrap.sh [--remote-python PATH] [--deadline-s N] [--shutdown arm|dry-run|off]
+#   bash bootstrap.sh [--remote-python PATH] [--deadline-s N] [--shutdown arm|dry-run|off] [--plan]
 #
 # The SSH runner starts it detached (setsid nohup ... >> train.log 2>&1 < /dev/null &) so a dropped
 # connection does not kill training. It
 #   1. writes its PID (= process group id) to ./pid and, whatever happens, ./exit_code at the end;
-#   2. arms `shutdown -h +MIN` at the run's deadline so the machine ends itself even if the launcher
-#      dies (--shutdown off or FTPLAN_NO_SHUTDOWN=1: never; dry-run: only log the command);
+#   2. arms the run's deadline so the machine ends itself even if the launcher dies: `shutdown -h +MIN`
+#      on VMs; `runpodctl stop pod $RUNPOD_POD_ID` on RunPod (a container cannot shut down); when neither
+#      works, a watchdog that stops the job (--shutdown off or FTPLAN_NO_SHUTDOWN=1: never; dry-run: log);
 #   3. loads ./secrets.env (0600) into the environment; secrets never appear on a command line;
-#   4. picks Python: --remote-python, else a venv (reusing the image's CUDA torch via
-#      --system-site-packages when there is one) with requirements.txt installed;
+#   4. picks Python: --remote-python, else a venv built by uv (pip as the fallback; no python3-venv
+#      needed) on the image's Python found through a login shell (conda, /opt), with the image's torch
+#      when it is a CUDA build >= 2.6 that sees the GPU, else the PyTorch CUDA wheel matched to the
+#      driver and GPU (job/torch_select.py); `--plan` prints that decision as JSON and installs nothing;
 #   5. runs `job/train.py --config job.json` and exits with its status.
 set -uo pipefail
 
@@ -22,44 +25,134 @@ log() { printf '[ftplan-bootstrap %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 REMOTE_PYTHON=""
 DEADLINE_S=""
 SHUTDOWN_MODE="arm"
+PLAN_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --remote-python) REMOTE_PYTHON="${2:?--remote-python needs a path}"; shift 2 ;;
     --deadline-s) DEADLINE_S="${2:?--deadline-s needs seconds}"; shift 2 ;;
     --shutdown) SHUTDOWN_MODE="${2:?--shutdown needs arm, dry-run or off}"; shift 2 ;;
+    --plan) PLAN_ONLY=1; shift ;;
     *) log "unknown argument: $1"; echo 2 > exit_code; exit 2 ;;
   esac
 done
 
+# --- RunPod: the pod id is in PID 1's environment, which a non-interactive SSH session may not get --------
+RUNPOD_ID="${RUNPOD_POD_ID:-}"
+if [ -z "$RUNPOD_ID" ] && [ -r /etc/rp_environment ]; then
+  RUNPOD_ID="$(sed -n 's/^\(export \)\{0,1\}RUNPOD_POD_ID=["'\'']\{0,1\}\([A-Za-z0-9_-]*\).*/\2/p' /etc/rp_environment | head -n1)"
+fi
+deadline_method() {
+  if [ -z "$DEADLINE_S" ] || [ "${FTPLAN_NO_SHUTDOWN:-0}" = "1" ] || [ "$SHUTDOWN_MODE" = "off" ]; then echo none
+  elif [ -n "$RUNPOD_ID" ]; then echo runpodctl
+  else echo shutdown
+  fi
+}
+
+# --- 4a. the image's interpreters, found as a login shell finds them (conda, /opt/pytorch, /usr) -------------
+# FTPLAN_PYTHON_PATHS (colon-separated) replaces the well-known locations checked besides PATH.
+find_pythons() {
+  { bash -lc 'command -v python3; command -v python' 2>/dev/null
+    command -v python3 python 2>/dev/null
+    local IFS=:
+    for p in ${FTPLAN_PYTHON_PATHS:-/opt/conda/bin/python:/opt/pytorch/bin/python3:/usr/local/bin/python3:/usr/bin/python3}; do
+      [ -x "$p" ] && echo "$p"
+    done; } | awk 'NF && !seen[$0]++'
+}
+
+# Probe each interpreter (torch import + CUDA init: bounded) and ask torch_select.py for the plan.
+make_plan() {
+  PY0=""
+  local n=0 py probes=()
+  while IFS= read -r py; do
+    n=$((n + 1))
+    if timeout 180 "$py" job/torch_select.py probe > ".probe-$n.json" 2>/dev/null; then
+      probes+=(".probe-$n.json")
+      [ -n "$PY0" ] || PY0="$py"
+    fi
+  done < <(find_pythons)
+  [ -n "$PY0" ] || return 1
+  local uv_flag=()
+  command -v uv >/dev/null 2>&1 && uv_flag=(--uv-on-path)
+  "$PY0" job/torch_select.py plan "${uv_flag[@]}" "--deadline=$(deadline_method)" "${probes[@]}"
+}
+
+json_get() { "$PY0" -c 'import json, sys
+v = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."):
+    v = v.get(k) if isinstance(v, dict) else None
+if isinstance(v, list):
+    print("\n".join(map(str, v)))
+else:
+    print("" if v is None else (str(v).lower() if isinstance(v, bool) else v))' "$1" "$2"; }
+
+if [ "$PLAN_ONLY" = "1" ]; then
+  make_plan || { echo '{"error": "no python3 found on this machine; install python3"}'; exit 3; }
+  exit 0
+fi
+
 echo $$ > pid
 rm -f exit_code
+WATCHDOG_PID=""
+TRAIN_PID=""
 # exit_code is written atomically on every exit path, including a TERM from `kill`.
-trap 'rc=$?; echo "$rc" > exit_code.tmp && mv -f exit_code.tmp exit_code' EXIT
-trap 'exit 143' TERM
-trap 'exit 130' INT
+trap 'rc=$?; [ -n "$WATCHDOG_PID" ] && kill -- "-$WATCHDOG_PID" 2>/dev/null; echo "$rc" > exit_code.tmp && mv -f exit_code.tmp exit_code' EXIT
+# A TERM (launcher, watchdog) reaches the job, which checkpoints; we exit once it has.
+on_signal() { [ -n "$TRAIN_PID" ] && kill -TERM "$TRAIN_PID" 2>/dev/null && wait "$TRAIN_PID"; exit "$1"; }
+trap 'on_signal 143' TERM
+trap 'on_signal 130' INT
 log "run dir $RUN_DIR, pid $$"
 
 # --- 2. on-instance deadline ---------------------------------------------------------------
+arm_watchdog() {
+  # The machine keeps billing, but the job stops: the launcher or `ftplan gc` must end the machine.
+  command -v setsid >/dev/null 2>&1 || { log "no setsid: no watchdog either"; return 0; }
+  setsid bash -c "sleep $DEADLINE_S; kill -TERM $$ 2>/dev/null; sleep 60; kill -KILL -- -$$ 2>/dev/null" \
+    >/dev/null 2>&1 < /dev/null &
+  WATCHDOG_PID=$!
+  echo "watchdog: TERM the job after ${DEADLINE_S}s" > deadline.watchdog
+  log "watchdog armed: the job stops after ${DEADLINE_S}s (the machine itself is not stopped)"
+}
+
 arm_deadline() {
   [ -n "$DEADLINE_S" ] || { log "no deadline requested"; return 0; }
   case "$DEADLINE_S" in *[!0-9]*) log "deadline '$DEADLINE_S' is not a number of seconds; not armed"; return 0 ;; esac
   local minutes=$(( (DEADLINE_S + 59) / 60 ))
   [ "$minutes" -ge 1 ] || minutes=1
-  local cmd="shutdown -h +$minutes"
-  [ "$(id -u)" -eq 0 ] || cmd="sudo -n $cmd"
+  local method cmd
+  method="$(deadline_method)"
+  if [ "$method" = "runpodctl" ]; then
+    cmd="runpodctl stop pod $RUNPOD_ID"
+  else
+    cmd="shutdown -h +$minutes"
+    [ "$(id -u)" -eq 0 ] || cmd="sudo -n $cmd"
+  fi
   if [ "$SHUTDOWN_MODE" = "dry-run" ]; then
     log "deadline dry-run: would run: $cmd"
     return 0
   fi
-  if [ "${FTPLAN_NO_SHUTDOWN:-0}" = "1" ] || [ "$SHUTDOWN_MODE" != "arm" ]; then
+  if [ "$method" = "none" ]; then
     log "deadline not armed (shutdown disabled: --shutdown $SHUTDOWN_MODE, FTPLAN_NO_SHUTDOWN=${FTPLAN_NO_SHUTDOWN:-unset})"
+    return 0
+  fi
+  if [ "$method" = "runpodctl" ]; then
+    # A container has no init to shut down: RunPod's own CLI (its pod API key is in the pod's env) stops
+    # the pod at the deadline, from a timer in its own session that outlives this script.
+    if command -v runpodctl >/dev/null 2>&1 && command -v setsid >/dev/null 2>&1; then
+      setsid bash -c "sleep $DEADLINE_S; $cmd" >/dev/null 2>&1 < /dev/null &
+      echo "$cmd (in ${DEADLINE_S}s)" > deadline.armed
+      log "deadline armed: $cmd after ${DEADLINE_S}s (RunPod container: no shutdown)"
+      return 0
+    fi
+    log "could not arm the deadline (RunPod pod $RUNPOD_ID without runpodctl); continuing with a watchdog"
+    arm_watchdog
     return 0
   fi
   if $cmd >/dev/null 2>&1; then
     echo "$cmd" > deadline.armed
     log "deadline armed: $cmd (${DEADLINE_S}s)"
   else
-    log "could not arm the deadline ($cmd failed: no sudo or no shutdown here); continuing without it"
+    log "could not arm the deadline ($cmd failed: no sudo or no shutdown here); continuing with a watchdog"
+    arm_watchdog
   fi
 }
 arm_deadline
@@ -75,6 +168,30 @@ fi
 
 # --- 4. Python -------------------------------------------------------------------------------
 export PYTHONUNBUFFERED=1
+
+fail_setup() {  # a summary the launcher shows, then exit
+  local code="$1"; shift
+  log "$*"
+  mkdir -p out
+  if [ -n "${PY0:-}" ]; then
+    "$PY0" -c 'import json, sys; json.dump({"status": "failed", "error": sys.argv[1], "steps": 0, "phase": "bootstrap"},
+      open("out/summary.json", "w"))' "$*" 2>/dev/null
+  fi
+  exit "$code"
+}
+
+get_uv() {  # prints the uv binary, or nothing
+  if command -v uv >/dev/null 2>&1; then command -v uv; return; fi
+  [ -x "$RUN_DIR/.tools/bin/uv" ] && { echo "$RUN_DIR/.tools/bin/uv"; return; }
+  [ -x "$RUN_DIR/.tools/uv" ] && { echo "$RUN_DIR/.tools/uv"; return; }
+  if "$PY0" -m pip --version >/dev/null 2>&1 \
+     && "$PY0" -m pip install -q --disable-pip-version-check --target "$RUN_DIR/.tools" uv >&2 \
+     && [ -x "$RUN_DIR/.tools/bin/uv" ]; then
+    echo "$RUN_DIR/.tools/bin/uv"; return
+  fi
+  "$PY0" job/torch_select.py fetch-uv "$RUN_DIR/.tools" 2>/dev/null | tail -n1
+}
+
 if [ -n "$REMOTE_PYTHON" ]; then
   PY="$REMOTE_PYTHON"
   log "using the given Python: $PY"
@@ -83,17 +200,49 @@ else
   if [ -f "$VENV/.ftplan-ready" ]; then
     log "reusing $VENV"
   else
-    REQS=requirements.txt
-    if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-      log "the image's torch sees CUDA: venv with --system-site-packages, torch kept"
-      python3 -m venv --system-site-packages "$VENV" || { log "python3 -m venv failed (install python3-venv)"; exit 3; }
-      grep -v -E '^[[:space:]]*torch([[:space:]]*[<>=!~;[]|[[:space:]]*$)' requirements.txt > .requirements-no-torch.txt
-      REQS=.requirements-no-torch.txt
+    t0=$(date +%s)
+    make_plan > bootstrap-plan.json || fail_setup 3 "no python3 found on this machine; install python3"
+    log "plan: $(tr -d '\n' < bootstrap-plan.json | tr -s ' ')"
+    err="$(json_get bootstrap-plan.json error)"
+    [ -z "$err" ] || fail_setup 5 "cannot pick a torch for this machine: $err"
+    REUSE="$(json_get bootstrap-plan.json reuse_image_torch)"
+    VENV_PY="$(json_get bootstrap-plan.json venv.python)"
+    TORCH_SPEC="$(json_get bootstrap-plan.json torch.spec)"
+    TORCH_INDEX="$(json_get bootstrap-plan.json torch.index_url)"
+    log "torch: $(json_get bootstrap-plan.json reason)"
+    UV="$(get_uv)"
+    SEED=()
+    [ "$REUSE" = "true" ] && SEED=(--seed)  # pip in the venv: it sees the image's torch through a .pth, uv would not
+    rm -rf "$VENV"
+    if [ -n "$UV" ] && "$UV" venv -q "${SEED[@]}" --python "$VENV_PY" "$VENV"; then
+      log "venv by uv ($UV) on $VENV_PY"
+      vinstall() { "$UV" pip install -q --python "$VENV/bin/python" "$@"; }
     else
-      log "no CUDA-ready torch in the image: fresh venv"
-      python3 -m venv "$VENV" || { log "python3 -m venv failed (install python3-venv)"; exit 3; }
+      log "uv unavailable; python -m venv + pip"
+      "$VENV_PY" -m venv "$VENV" \
+        || fail_setup 3 "cannot create a venv: no uv (PyPI unreachable?) and no python3-venv (apt-get install python3-venv)"
+      vinstall() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
     fi
-    "$VENV/bin/python" -m pip install -r "$REQS" || { log "pip install -r $REQS failed"; exit 4; }
+    REQS=requirements.txt
+    if [ "$REUSE" = "true" ]; then
+      # The image's torch stays: its site-packages go on the venv's path after the venv's own (a .pth file;
+      # works when the image's Python is itself a venv, e.g. /opt/pytorch), and pip keeps torch pinned.
+      SITE_DIR="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+      json_get bootstrap-plan.json venv.image_site_paths > "$SITE_DIR/_ftplan_image_site.pth"
+      grep -v -E '^[[:space:]]*torch([[:space:]]*[<>=!~;[]|[[:space:]]*$)' requirements.txt > .requirements-no-torch.txt
+      "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > .torch-constraint.txt \
+        || fail_setup 4 "the image's torch does not import from the venv"
+      REQS=.requirements-no-torch.txt
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c .torch-constraint.txt -r "$REQS" \
+        || fail_setup 4 "pip install -r $REQS failed"
+    else
+      if [ -n "$TORCH_SPEC" ]; then
+        log "installing $TORCH_SPEC from $TORCH_INDEX"
+        vinstall --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC" || fail_setup 4 "installing $TORCH_SPEC failed"
+      fi
+      vinstall -r "$REQS" || fail_setup 4 "installing -r $REQS failed"
+    fi
+    log "environment ready in $(( $(date +%s) - t0 ))s: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "sees GPU:", torch.cuda.is_available())' 2>&1 | tail -n1)"
     touch "$VENV/.ftplan-ready"
   fi
   PY="$VENV/bin/python"
@@ -101,7 +250,9 @@ fi
 
 # --- 5. train --------------------------------------------------------------------------------
 log "starting: $PY job/train.py --config job.json"
-"$PY" job/train.py --config job.json
+"$PY" job/train.py --config job.json &
+TRAIN_PID=$!
+wait "$TRAIN_PID"
 rc=$?
 log "training exited with status $rc"
 exit "$rc"

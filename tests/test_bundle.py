@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,8 @@ def sandbox_path(tmp_path: Path) -> str:
     """A PATH with only the tools bootstrap needs: no `shutdown`, no `sudo`, so nothing can power off."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool in ("bash", "date", "dirname", "id", "mv", "rm", "grep", "touch", "cat", "python3"):
+    for tool in ("bash", "date", "dirname", "id", "mv", "rm", "grep", "touch", "cat", "python3", "awk", "sed", "head",
+                 "tail", "tr", "timeout", "sleep", "setsid", "mkdir"):
         found = shutil.which(tool, path="/usr/local/bin:/usr/bin:/bin")
         if found and not (bin_dir / tool).exists():
             (bin_dir / tool).symlink_to(found)
@@ -269,8 +271,44 @@ def test_bootstrap_cannot_arm_without_shutdown_and_still_trains(run_dir, tmp_pat
     rc, log = bootstrap(run_dir, tmp_path, "--remote-python", sys.executable, "--deadline-s", "600")
     assert rc == 0
     assert "could not arm the deadline" in log and "job ran" in log
+    # the fallback: a watchdog stops the job at the deadline; it ends with the job, so nothing lingers
+    assert "watchdog armed" in log and (run_dir / "deadline.watchdog").exists()
     assert not (run_dir / "deadline.armed").exists()
     assert int((run_dir / "pid").read_text()) > 1
+
+
+def test_the_watchdog_stops_a_job_that_outlives_the_deadline(run_dir, tmp_path):
+    (run_dir / "job" / "train.py").write_text("import time\nprint('job ran', flush=True)\ntime.sleep(120)\n")
+    rc, log = bootstrap(run_dir, tmp_path, "--remote-python", sys.executable, "--deadline-s", "2")
+    assert rc == 143 and "job ran" in log, log  # TERM from the watchdog, not the 120 s sleep's end
+
+
+def test_runpod_pods_arm_runpodctl_instead_of_shutdown(run_dir, tmp_path):
+    """A RunPod container cannot shut down: `runpodctl stop pod <id>` at the deadline, from inside the pod."""
+    calls = tmp_path / "runpodctl.calls"
+    fake = tmp_path / "bin" / "runpodctl"
+    sandbox_path(tmp_path)
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {calls}\n")
+    fake.chmod(0o755)
+    rc, log = bootstrap(run_dir, tmp_path, "--remote-python", sys.executable, "--deadline-s", "600",
+                        "--shutdown", "dry-run", RUNPOD_POD_ID="pod42")
+    assert rc == 0 and "would run: runpodctl stop pod pod42" in log and "shutdown -h" not in log
+    rc, log = bootstrap(run_dir, tmp_path, "--remote-python", sys.executable, "--deadline-s", "1",
+                        RUNPOD_POD_ID="pod42")
+    assert rc == 0 and "deadline armed: runpodctl stop pod pod42" in log
+    assert (run_dir / "deadline.armed").read_text().startswith("runpodctl stop pod pod42")
+    # the timer outlives the job (the launcher may be gone): it calls runpodctl once the deadline passes
+    for _ in range(100):
+        if calls.exists():
+            break
+        time.sleep(0.1)
+    assert calls.read_text().split() == ["stop", "pod", "pod42"]
+
+
+def test_runpod_id_is_read_from_the_pod_environment_file_too(run_dir, tmp_path):
+    """Not testable without writing /etc/rp_environment; the env-var path is covered above."""
+    text = (run_dir / "bootstrap.sh").read_text()
+    assert "/etc/rp_environment" in text
 
 
 def test_ftplan_no_shutdown_disables_the_deadline(run_dir, tmp_path):
@@ -283,15 +321,25 @@ def test_bootstrap_rejects_an_unknown_flag(run_dir, tmp_path):
     assert rc == 2 and "unknown argument: --frobnicate" in log
 
 
-def test_bootstrap_builds_a_venv_when_no_python_is_given(run_dir, tmp_path):
-    """Without --remote-python: a fresh venv (this machine's python3 has no CUDA torch) + requirements."""
+def test_bootstrap_builds_a_venv_reusing_the_images_torch(run_dir, tmp_path):
+    """Without --remote-python, no GPU, offline: the image's python with torch >= 2.6 (this venv's) is found,
+    a venv is built without uv (unreachable) and sees that torch through a .pth file; requirements install."""
     if subprocess.run(["python3", "-c", "import ensurepip"], capture_output=True).returncode != 0:
         pytest.skip("system python3 has no venv/ensurepip module")
+    bin_dir = Path(sandbox_path(tmp_path))
+    image_py = tmp_path / "image" / "python3"
+    image_py.parent.mkdir()
+    image_py.write_text(f"#!/bin/bash\nexec {sys.executable} \"$@\"\n")
+    image_py.chmod(0o755)
     (run_dir / "requirements.txt").write_text("# nothing to install offline\n")
-    rc, log = bootstrap(run_dir, tmp_path, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    (run_dir / "job" / "train.py").write_text("import torch\nprint('job ran with torch', torch.__version__)\n")
+    rc, log = bootstrap(run_dir, tmp_path, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                        FTPLAN_PYTHON_PATHS=str(image_py), PATH=f"{bin_dir}")
     assert rc == 0, log
-    assert "no CUDA-ready torch in the image: fresh venv" in log
-    assert f"starting: {run_dir}/.venv/bin/python job/train.py" in log and "job ran" in log
+    plan = json.loads((run_dir / "bootstrap-plan.json").read_text())
+    assert plan["reuse_image_torch"] and plan["gpu_count"] == 0 and plan["venv"]["python"] == sys.executable
+    assert "uv unavailable; python -m venv + pip" in log
+    assert f"starting: {run_dir}/.venv/bin/python job/train.py" in log and "job ran with torch" in log
     assert (run_dir / ".venv" / ".ftplan-ready").exists()
     rc, log = bootstrap(run_dir, tmp_path)  # a second start (resume) reuses it
     assert rc == 0 and "reusing" in log
