@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ftplan.results import (
-    CatalogInfo,
     EstimateResult,
     FitHint,
     LaunchPreview,
@@ -122,14 +121,9 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
     if group_hosts is None:
         group_hosts = not (all_regions or min_vcpus is not None or min_ram is not None)
     lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
-    return PlanResult(
-        model=request.model.name, method=request.method, budget_usd=budget, headroom=headroom, market=market,
-        considered=result.considered, feasible=len(result), offers=lines, secure_only=secure_only,
-        frontier=result.frontier(), rejected=list(result.rejected),
-        catalogs=[CatalogInfo(f.provider, f.origin, str(f.oldest), f.age_days(), list(f.price_dates or ()),
-                              f.undated) for f in table.files],
-        warnings=([warning] if warning else []) + stale_summary(lines, table),
-        corrections=[c.note() for c in corrections.values()])
+    return PlanResult.build(request, result, table, lines, budget=budget, headroom=headroom, market=market,
+                            secure_only=secure_only, corrections=corrections,
+                            warnings=([warning] if warning else []) + stale_summary(lines, table))
 
 
 def launch(config: str | Path | None = None, *, provider: str | None = None, host: str | None = None,

@@ -137,6 +137,19 @@ class PlanResult:
     def best(self) -> RankedOffer:
         return self.offers[0]
 
+    @classmethod
+    def build(cls, request: Any, result: Any, table: Any, lines: list[RankedOffer], *, budget: float | None,
+              headroom: float, market: str, secure_only: bool, warnings: list[str],
+              corrections: dict[str, Any]) -> PlanResult:
+        """From what `ftplan plan` computed (the optimizer's result, the offer table, the lines it shows)."""
+        return cls(
+            model=request.model.name, method=request.method, budget_usd=budget, headroom=headroom, market=market,
+            considered=result.considered, feasible=len(result), offers=lines, secure_only=secure_only,
+            frontier=result.frontier(), rejected=list(result.rejected),
+            catalogs=[CatalogInfo(f.provider, f.origin, str(f.oldest), f.age_days(), list(f.price_dates or ()),
+                                  f.undated) for f in table.files],
+            warnings=warnings, corrections=[c.note() for c in corrections.values()])
+
     def to_dict(self) -> dict[str, Any]:
         """Exactly what `ftplan plan ... --json` prints for the same arguments."""
         return {

@@ -300,25 +300,20 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
         gpu = resolve_gpu(gpu_name)
         est = _corrected(run_estimate(req, gpu, gpu_count), req)
         suggestions = [] if est.fits else smallest_fit(req, gpu, gpu_count)
-        if as_json:
-            out = {"model": req.model.name, "method": req.method, "params_total": est.memory.params_total,
-                   "params_trainable": est.memory.params_trainable, **est.as_dict(),
-                   "would_fit": [{"kind": s.kind, "text": s.text} for s in suggestions]}
-            if how:
-                out["dataset"] = how
-            click.echo(json.dumps(out))
+        if as_json:  # the JSON is ftplan.estimate()'s result, so the CLI and the API cannot drift apart
+            from ftplan.results import EstimateResult, FitHint
+
+            click.echo(json.dumps(EstimateResult(
+                model=req.model.name, method=req.method, gpu_count=gpu_count, rows=[est], single_gpu=True,
+                would_fit=[FitHint(s.kind, s.text) for s in suggestions], dataset=how).to_dict()))
         else:
             _print_detail(req, est, suggestions, how)
         return
     rows = [run_estimate(req, g, gpu_count) for g in table_gpus()]
     if as_json:
-        first = rows[0].memory
-        out = {"model": req.model.name, "method": req.method, "params_total": first.params_total,
-               "params_trainable": first.params_trainable, "gpu_count": gpu_count,
-               "memory_gib": first.as_dict(), "training_tokens": rows[0].training_tokens,
-               "gpus": [{"gpu": e.gpu.name, "fits": e.fits, "headroom_gib": round(e.headroom_gib, 2),
-                         "memory_gib": e.memory.as_dict(), "throughput_tokens_per_s": round(e.tokens_per_s, 1),
-                         "hours": None if e.hours is None else round(e.hours, 3)} for e in rows]}
-        click.echo(json.dumps(out))
+        from ftplan.results import EstimateResult
+
+        click.echo(json.dumps(EstimateResult(model=req.model.name, method=req.method, gpu_count=gpu_count, rows=rows,
+                                             dataset=how).to_dict()))
     else:
         _print_table(req, rows)

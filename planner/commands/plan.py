@@ -148,20 +148,12 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
     frontier = result.frontier()
     age_lines = stale_summary(lines, table)
-    if as_json:
-        click.echo(json.dumps({
-            "model": request.model.name, "method": request.method, "budget_usd": budget,
-            "headroom": headroom, "market": market, "considered": result.considered, "feasible": len(result),
-            "secure_only": secure_only,
-            "catalogs": [{"provider": f.provider, "origin": f.origin, "retrieved_at": str(f.oldest),
-                          "age_days": f.age_days(), "price_dates": list(f.price_dates or ()),
-                          "undated_rows": f.undated} for f in table.files],
-            "warnings": ([warning] if warning else []) + age_lines,
-            "corrections": [c.note() for c in corrections.values()],
-            "offers": [o.to_dict() for o in lines],
-            "frontier": [o.to_dict() for o in frontier],
-            "rejected": [r.to_dict() for r in result.rejected],
-        }, indent=2))
+    if as_json:  # the JSON is ftplan.plan()'s result, so the CLI and the API cannot drift apart
+        from ftplan.results import PlanResult
+
+        click.echo(json.dumps(PlanResult.build(
+            request, result, table, lines, budget=budget, headroom=headroom, market=market, secure_only=secure_only,
+            warnings=([warning] if warning else []) + age_lines, corrections=corrections).to_dict(), indent=2))
         return
     for line in age_lines:
         click.echo(wrap(line, width), err=True)
