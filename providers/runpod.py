@@ -44,6 +44,7 @@ from typing import Any
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
     ProviderError,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 CREDENTIAL_ENV = "RUNPOD_API_KEY"
 CREDENTIAL_URL = "https://www.runpod.io/console/user/settings"
+BILLING_URL = "https://www.runpod.io/console/user/billing"
 NAME_PREFIX = "ftplan-"
 RUN_ENV = "FTPLAN_RUN_ID"
 STORE_ENV = "FTPLAN_STORE_ID"
@@ -194,8 +196,10 @@ class RunPodProvider(Provider):
         if "bid" in text and any(w in text for w in ("low", "minimum", "outbid")):  # wording unverified
             return CapacityError(detail, provider=self.name)
         # Balance/limit texts are not documented; these words cover what RunPod users report.
-        if any(w in text for w in ("balance", "funds", "quota", "spend limit", "limit reached")):
-            return QuotaError(detail, provider=self.name)
+        if any(w in text for w in ("balance", "funds", "credit")):
+            return BillingError(f"{detail}; add funds at {BILLING_URL}", provider=self.name)
+        if any(w in text for w in ("quota", "spend limit", "limit reached")):
+            return QuotaError(f"{detail}; raise the account's spend/GPU limit at {BILLING_URL}", provider=self.name)
         return ProviderError(detail, provider=self.name)
 
     # -- create ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fakes import runpod_graphql
 from ftplan.providers.base import InstanceRequest, InstanceState, get_provider
 from ftplan.providers.errors import (
     AuthError,
+    BillingError,
     CapacityError,
     InstanceGone,
     OfferUnavailable,
@@ -89,11 +90,15 @@ def test_spot_goes_through_rent_interruptable_with_a_bid(fake_runpod):
     assert fake_runpod.pods == {}
 
 
-@pytest.mark.parametrize(("kind", "exc"), [("capacity", CapacityError), ("quota", QuotaError),
-                                           ("auth", AuthError), ("500", ProviderError)])
-def test_create_errors_map(fake_runpod, kind, exc):
+@pytest.mark.parametrize(("kind", "exc", "advice"), [
+    ("capacity", CapacityError, "no longer any instances"),
+    ("quota", BillingError, "runpod.io/console/user/billing"),  # "balance is too low ... add funds"
+    ("auth", AuthError, "RUNPOD_API_KEY"),
+    ("500", ProviderError, "runpod"),
+])
+def test_create_errors_map(fake_runpod, kind, exc, advice):
     fake_runpod.fail_next("create", kind=kind)
-    with pytest.raises(exc):
+    with pytest.raises(exc, match=advice):
         _provider(fake_runpod).create(_request())
     assert fake_runpod.pods == {}
 
@@ -245,3 +250,8 @@ def test_blackwell_gets_a_cuda_12_8_image_and_amd_is_refused(fake_runpod):
     with pytest.raises(OfferUnavailable, match="CUDA-only"):
         p.create(_request(run_id="amd", gpu="MI300X"))
     assert len(fake_runpod.created()) == 1
+
+
+def test_spend_limit_is_quota_naming_the_page():
+    err = RunPodProvider(api_key="x")._map_query_error("Spend limit reached for this account.", "create pod")
+    assert type(err) is QuotaError and "runpod.io/console/user/billing" in str(err)
