@@ -3,7 +3,7 @@
 Usage (repo root; ftplan need not be installed; benchmarks/gpu_calibration.sh first checks the libraries):
     python3 benchmarks/gpu_calibration.py --out DIR [--quick] [--models llama3.1-8b,mistral-7b]
         [--methods qlora,lora] [--settings 1x512,1x2048,4x1024] [--steps 6] [--budget-s 480] [--gpu NAME]
-        [--work-dir DIR] [--plan-only]
+        [--work-dir DIR] [--plan-only] [--baseline-settings 1x2048,4x1024 | --no-baseline]
 
 For each model (random weights built from the catalog's config.json, no hub), method and (batch x seq_len)
 it runs `remote_job/train.py` exactly as a rented box does, reads `out/summary.json` and `out/metrics.jsonl`,
@@ -19,6 +19,11 @@ no checkpoints: only what the estimate covers is timed.
 
 Runs go cheapest first; a run that would not finish inside `--budget-s` is skipped and listed. The script
 ends with `key: value` lines (runs, memory/throughput median abs error of the estimator on these runs).
+
+Baseline: right after the job's QLoRA run of the first model at each of --baseline-settings, the plain
+transformers Trainer + peft recipe (benchmarks/gpu_baseline.py) trains the same base on the same rows;
+`job_vs_baseline_tokens_per_s` (job / baseline, higher is better) and `job_vs_baseline_peak_mem` (job /
+baseline, lower is better) give the median over those pairs, each pair listed after it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 JOB_DIR = ROOT / "remote_job"
 TRAIN_SCRIPT = JOB_DIR / "train.py"
+BASELINE_SCRIPT = Path(__file__).resolve().parent / "gpu_baseline.py"
+DEFAULT_BASELINE_SETTINGS = "1x2048,4x1024"
+BASELINE_SLOWDOWN = 1.5  # budget guess for a baseline run: the job's run time times this
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the planner from the checkout, installed or not
 
@@ -108,6 +116,8 @@ class Run:
     steps: int
     predicted: dict | None = None        # the estimator's figures for this configuration
     result: dict = field(default_factory=dict)
+    wants_baseline: bool = False
+    baseline: dict | None = None         # gpu_baseline.py's result for the same configuration
 
     @property
     def run_id(self) -> str:
@@ -338,7 +348,8 @@ def csv_row(n: int, run: Run, source_id: str, gpu_row: dict, vers: dict) -> dict
              f"{s.get('steps')} steps; tokens/s over the last {r['window_steps']} (first ones are warm-up); "
              f"whole-session tokens/s {s.get('tokens_per_s')}",
              f"peak reserved {s.get('peak_mem_reserved_gib')} GiB; peaks cover the whole process incl. loading",
-             f"attention {r['build'].get('attn_implementation')}; default CUDA allocator settings"]
+             f"attention {r['build'].get('attn_implementation')}; default CUDA allocator settings",
+             f"loss {s.get('loss', 'standard')} (remote_job/job_loss.py)"]
     if r.get("rows_not_full"):
         notes.append(r["rows_not_full"])
     row = dict.fromkeys(COLUMNS, "")
@@ -479,6 +490,52 @@ class Session:
             self.speed_ratios.append(tps / run.predicted["tokens_per_s"])
 
 
+    def execute_baseline(self, run: Run, base: Path) -> None:
+        """The plain Trainer + peft recipe on the same base, rows and steps (benchmarks/gpu_baseline.py)."""
+        run_dir = self.work / "baselines" / run.run_id
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        spec = {"base": str(base), "dataset": str(self.dataset), "method": run.method, "batch": run.batch,
+                "seq_len": run.seq_len, "steps": run.steps, "warmup_steps": self.args.warmup_steps,
+                "lora": dict(LORA), "work": str(run_dir / "trainer"), "result": str(run_dir / "result.json")}
+        (run_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        log = run_dir / "baseline.log"
+        print(f"baseline {run.run_id} (transformers Trainer + peft, {run.steps} steps) ...", flush=True)
+        rc, wall = run_process([sys.executable, str(BASELINE_SCRIPT), "--spec", str(run_dir / "spec.json")],
+                               run_dir, log, self.left(), job_env(self.device_hint))
+        keep = self.out / "runs" / run.run_id
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, keep / "baseline.log")
+        result = run_dir / "result.json"
+        if rc == 0 and result.exists():
+            run.baseline = {**json.loads(result.read_text(encoding="utf-8")), "wall_s": round(wall, 1)}
+        else:
+            run.baseline = {"error": f"rc {rc}" + (" (stopped at the budget deadline)" if rc is None else ""),
+                            "wall_s": round(wall, 1)}
+            print(f"baseline {run.run_id} failed: {run.baseline['error']}\n{tail(log)}", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def job_vs_baseline(run: Run) -> tuple[float, float] | None:
+    """(job tokens/s / baseline tokens/s, job peak / baseline peak), or None without both measurements."""
+    b = run.baseline or {}
+    job_tps, job_peak = run.result.get("tokens_per_s"), run.result.get("summary", {}).get("peak_mem_allocated_gib")
+    if not (b.get("tokens_per_s") and b.get("peak_mem_allocated_gib") and job_tps and job_peak):
+        return None
+    return job_tps / b["tokens_per_s"], job_peak / b["peak_mem_allocated_gib"]
+
+
+def baseline_line(run: Run) -> str:
+    b, s = run.baseline, run.result["summary"]
+    ratios = job_vs_baseline(run)
+    if ratios is None:
+        return f"baseline {run.run_id}: {b.get('error', 'no measurement')}"
+    return (f"baseline {run.run_id}: tokens/s {b['tokens_per_s']:.0f} (job {run.result['tokens_per_s']:.0f}, "
+            f"x{ratios[0]:.2f}) | peak allocated {b['peak_mem_allocated_gib']:.2f} GiB (job "
+            f"{s['peak_mem_allocated_gib']:.2f}, x{ratios[1]:.2f}) | job loss {s.get('loss', '?')}, "
+            f"optimizer {s.get('optimizer', '?')}")
+
+
 def fmt_err(pred: float | None, meas: float | None) -> str:
     if pred is None or not meas:
         return "n/a"
@@ -515,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default=None, help="GPU table name for the estimate (default: the device's)")
     parser.add_argument("--work-dir", default=None, help="bases and run folders (default: a temp dir, removed)")
     parser.add_argument("--plan-only", action="store_true", help="print the run order and predicted seconds; run nothing")
+    parser.add_argument("--baseline-settings", default=DEFAULT_BASELINE_SETTINGS,
+                        help="BATCHxSEQ_LEN of the first model's QLoRA runs that also get the Trainer+peft baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+peft baseline runs")
     parser.add_argument("--build-base", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build_base:
@@ -549,10 +609,13 @@ def calibrate(args) -> int:
     if args.quick:
         args.steps, args.warmup_steps = 2, 1
         models, methods, settings = [tiny_model()], ["qlora"], [(1, 128)]
+        baseline_settings = [(1, 128)]
     else:
         models = resolve_models(parse_list(args.models, None, "models"))
         methods = parse_list(args.methods, ("qlora", "lora"), "methods")
         settings = parse_settings(args.settings)
+        baseline_settings = parse_settings(args.baseline_settings)
+    args.baseline_settings = [] if args.no_baseline else baseline_settings
     if args.gpu:
         from ftplan.planner.estimate.gpus import resolve_gpu
 
@@ -578,6 +641,9 @@ def _calibrate(session: Session, models: list[ModelUnderTest], methods: list[str
     session.work.mkdir(parents=True, exist_ok=True)
     synthetic_alpaca(session.dataset, max(s for _, s in settings))
     runs = [Run(m, meth, b, s, args.steps) for m in models for meth in methods for b, s in settings]
+    for run in runs:
+        run.wants_baseline = (run.model is models[0] and run.method == "qlora"
+                              and (run.batch, run.seq_len) in args.baseline_settings)
     # The estimator's GPU: --gpu, else the device's own name once a base is built; until then the
     # reference (H200, the lent machine) only orders the runs.
     ref_gpu = args.gpu or "H200"
@@ -591,12 +657,13 @@ def _calibrate(session: Session, models: list[ModelUnderTest], methods: list[str
         t = 0.0
         for run in runs:
             built = set(session.bases)
-            step = session.predicted_build_s(run.model) + session.predicted_run_s(run)
+            step = session.predicted_build_s(run.model) + session.predicted_run_s(run) * (
+                1 + BASELINE_SLOWDOWN * run.wants_baseline)
             session.bases.setdefault(run.model.key, Path())
             t += step
             mark = "" if t <= args.budget_s - DEADLINE_MARGIN_S else "  (past the budget: would be skipped)"
             print(f"{run.run_id}: ~{step:.0f}s{' incl. building the base' if run.model.key not in built else ''}"
-                  f", cumulative ~{t:.0f}s{mark}")
+                  f"{' with the baseline' if run.wants_baseline else ''}, cumulative ~{t:.0f}s{mark}")
         session.bases.clear()
         return 0
     done: list[Run] = []
@@ -644,6 +711,13 @@ def _calibrate(session: Session, models: list[ModelUnderTest], methods: list[str
         run.predicted = predict(run, estimate_gpu, estimator_precision(s.get("precision")))
         done.append(run)
         print(report_line(run, comparable(run, gpu_row)), flush=True)
+        if run.wants_baseline:
+            need = session.predicted_run_s(run) * BASELINE_SLOWDOWN
+            if need > session.left() - DEADLINE_MARGIN_S:
+                run.baseline = {"error": f"not run: needs ~{need:.0f}s, {max(session.left(), 0):.0f}s left"}
+            else:
+                session.execute_baseline(run, base)
+            print(baseline_line(run), flush=True)
         session.drop_unused_bases(pending)
     return _write_and_summarize(session, done, skipped, gpu_row, vers)
 
@@ -676,7 +750,8 @@ def _write_and_summarize(session: Session, done: list[Run], skipped: list[tuple[
               "runs": [{"run_id": r.run_id, "predicted": r.predicted, "tokens_per_s": r.result["tokens_per_s"],
                         "peak_mem_allocated_gib": r.result["summary"]["peak_mem_allocated_gib"],
                         "peak_mem_reserved_gib": r.result["summary"]["peak_mem_reserved_gib"],
-                        "wall_s": r.result["wall_s"], "device": r.result["summary"].get("device")} for r in done],
+                        "wall_s": r.result["wall_s"], "device": r.result["summary"].get("device"),
+                        "loss": r.result["summary"].get("loss"), "baseline": r.baseline} for r in done],
               "skipped": [{"run_id": r.run_id, "why": why} for r, why in skipped]}
     (session.out / "calibration-runs.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     if skipped:
@@ -694,6 +769,12 @@ def _write_and_summarize(session: Session, done: list[Run], skipped: list[tuple[
     print(f"memory_max_abs_err: {max(mem_err):.3f}" if mem_err else "memory_max_abs_err: n/a")
     print(f"throughput_median_abs_err: {statistics.median(tps_err):.3f}" if tps_err
           else "throughput_median_abs_err: n/a")
+    pairs = [(r, job_vs_baseline(r)) for r in done if r.baseline]
+    pairs = [(r, ratio) for r, ratio in pairs if ratio is not None]
+    for i, what in enumerate(("tokens_per_s", "peak_mem")):
+        each = ", ".join(f"{r.batch}x{r.seq_len} {ratio[i]:.2f}" for r, ratio in pairs)
+        print(f"job_vs_baseline_{what}: {statistics.median(ratio[i] for _, ratio in pairs):.3f} ({each})"
+              if pairs else f"job_vs_baseline_{what}: n/a")
     return 0 if done else 1
 
 

@@ -19,6 +19,7 @@ if ! "$PY" -c "$NEEDS" 2>/dev/null; then
   PY="$VENV/bin/python"
   "$PY" -c "$NEEDS"
 fi
-"$PY" -c 'import torch; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu",
-          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", flush=True)'
+"$PY" -c 'import importlib.util, torch; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu",
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "| liger-kernel",
+          "yes (job loss: liger)" if importlib.util.find_spec("liger_kernel") else "no (job loss: chunked)", flush=True)'
 exec "$PY" benchmarks/gpu_calibration.py "$@"

@@ -66,6 +66,17 @@ def test_quick_run_measures_the_real_job(quick):
     assert "torch " in row["notes"] and "bitsandbytes " in row["notes"]
     assert row["gpu"] == "cpu" and row["peak_mem_metric"].startswith("process peak RSS")  # not passed off as GPU
     assert keys["memory_median_abs_err"] == "n/a"  # no estimator error from a CPU run
+    # The plain Trainer + peft baseline ran on the same base and rows; both ratios are job / baseline.
+    record = json.loads((out / "calibration-runs.json").read_text())
+    base = record["runs"][0]["baseline"]
+    assert base["steps"] == 2 and base["rows_full"] and base["tokens_per_s"] > 0
+    assert base["mem_source"] == summary["mem_source"] == "process_peak_rss"  # the same meter on both sides
+    assert record["runs"][0]["loss"] == summary["loss"] == "chunked"
+    tps_ratio = float(keys["job_vs_baseline_tokens_per_s"].split()[0])
+    assert tps_ratio == pytest.approx(float(row["throughput"]) / base["tokens_per_s"], rel=1e-3)
+    mem_ratio = float(keys["job_vs_baseline_peak_mem"].split()[0])
+    assert mem_ratio == pytest.approx(summary["peak_mem_allocated_gib"] / base["peak_mem_allocated_gib"], rel=1e-2)
+    assert (out / "runs" / "tiny-llama-qlora-b1-s128" / "baseline.log").exists()
 
 
 def test_rows_read_by_the_accuracy_benchmark_with_the_configuration_that_ran(quick):
@@ -97,6 +108,15 @@ def test_rows_read_by_the_accuracy_benchmark_with_the_configuration_that_ran(qui
         assert m.req.attention == "sdpa" and m.req.framework == "hf" and m.gpu_count == 1
         assert m.mem_quantity == "allocated"
         assert m.measured_mem_gib == float(rows[0]["peak_mem"]) and m.measured_tps == float(rows[0]["throughput"])
+
+
+def test_plan_schedules_the_baseline_for_llama_8b_qlora_at_1x2048_and_4x1024(tmp_path):
+    proc = _script("--plan-only", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with_baseline = sorted(line.split(":")[0] for line in proc.stdout.splitlines() if "with the baseline" in line)
+    assert with_baseline == ["llama3.1-8b-qlora-b1-s2048", "llama3.1-8b-qlora-b4-s1024"]
+    proc = _script("--plan-only", "--no-baseline", "--out", str(tmp_path))
+    assert proc.returncode == 0 and "with the baseline" not in proc.stdout
 
 
 def test_budget_too_small_skips_and_says_so(tmp_path):
