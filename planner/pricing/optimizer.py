@@ -315,33 +315,39 @@ class PlanResult:
         the others listed in `more_hosts`."""
         lines: list[RankedOffer] = []
         seen: set[tuple] = set()
-        by_hw: dict[tuple, RankedOffer] = {}
+        shown_hw: set[tuple] = set()
         frontier = self.frontier_points()
-        after = 0
+        rows = self.table.rows
         for item in self.iter_ranked():
             if len(lines) >= n:
-                after += 1  # past the top: only counting the hidden host sizes of the shown lines
-                if not group_hosts or after > 3000:
-                    break
+                break
+            r, spot = rows[item[2]], item[3]
+            if collapse:
+                key = (r[O.PROVIDER], r[O.INSTANCE_TYPE], r[O.GPU], r[O.GPU_COUNT], spot)
+                if key in seen:
+                    continue
+                seen.add(key)
+            if group_hosts:  # same key as RankedOffer.hardware_key, from the row (no object per offer)
+                hw = (r[O.PROVIDER], r[O.GPU], r[O.GPU_COUNT], r[O.GPU_MEM], spot, r[O.CLOUD])
+                if hw in shown_hw:
+                    continue
+                shown_hw.add(hw)
             o = self.materialize(item)
             if collapse:
-                if o.key() in seen:
-                    continue
-                seen.add(o.key())
-            if group_hosts:
-                head = by_hw.get(o.hardware_key())
-                if head is not None:
-                    if o.instance_type != head.instance_type and o.instance_type not in head.more_hosts:
-                        head.more_hosts.append(o.instance_type)
-                    continue
-            if len(lines) >= n:
-                continue
-            if collapse:
                 o.other_regions = self._other_regions(o, item[4])
+            if group_hosts:
+                o.more_hosts = self._other_hosts(o, item[4])
             o.pareto = (item[0], item[1]) in frontier
-            by_hw[o.hardware_key()] = o
             lines.append(o)
         return lines
+
+    def _other_hosts(self, o: RankedOffer, group: int) -> list[str]:
+        """Feasible instance types with the same GPUs, market and cloud but another host size, cheapest first."""
+        rows = self.table.rows
+        types = {rows[i][O.INSTANCE_TYPE]: None for s in self.streams if s.group == group and s.spot == o.spot
+                 for i in s.rows if rows[i][O.CLOUD] == o.cloud}
+        types.pop(o.instance_type, None)
+        return list(types)
 
     def _other_regions(self, o: RankedOffer, group: int) -> list[str]:
         rows = self.table.rows
