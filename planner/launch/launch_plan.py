@@ -35,6 +35,7 @@ class Candidate:
     est_hours: float | None = None
     est_usd: float | None = None
     headroom_gib: float | None = None
+    cloud: str = ""                    # RunPod "secure"/"community" (sent as cloudType), "" elsewhere
 
 
 @dataclass
@@ -258,7 +259,8 @@ def _cloud_candidates(cfg: ProjectConfig, dataset: Path):
     offers = launch_offers(cfg, dataset)
     return [Candidate(provider=o.provider, instance_type=o.instance_type, gpu=o.gpu, gpu_count=o.gpu_count,
                       region=o.region, zone=o.zone or None, spot=o.spot, price_hour=o.price_hour,
-                      est_hours=o.hours, est_usd=o.total_usd, headroom_gib=o.headroom_gib) for o in offers]
+                      est_hours=o.hours, est_usd=o.total_usd, headroom_gib=o.headroom_gib,
+                      cloud=getattr(o, "cloud", "") or "") for o in offers]
 
 
 # ---- the plan as shown before launching -------------------------------------------------------
