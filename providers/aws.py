@@ -41,6 +41,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ftplan.providers.aws_errors import NOT_VISIBLE_YET
+from ftplan.providers.aws_errors import mapped as _mapped
+from ftplan.providers.aws_side import AWSSideResources, _ssh_permission
 from ftplan.providers.base import (
     RUN_TAG,
     STORE_TAG,
@@ -51,13 +54,10 @@ from ftplan.providers.base import (
     SSHEndpoint,
 )
 from ftplan.providers.errors import (
-    AuthError,
-    BillingError,
     CapacityError,
     InstanceGone,
     OfferUnavailable,
     ProviderError,
-    QuotaError,
     import_sdk,
     scrub,
 )
@@ -72,24 +72,6 @@ DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
 AMAZON_OWNER = "amazon"
 SSH_USER = "ubuntu"
 
-CAPACITY_CODES = {
-    "InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity",
-    "SpotMaxPriceTooLow", "InsufficientReservedInstanceCapacity",
-}
-NOT_OFFERED_CODES = {"InvalidInstanceType", "Unsupported"}  # "not sold here": next offer, no retry
-QUOTA_CODES = {"VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"}
-AUTH_CODES = {
-    "AuthFailure", "UnauthorizedOperation", "ExpiredToken", "RequestExpired",
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException", "InvalidAccessKeyId",
-}
-BILLING_CODES = {"OptInRequired", "PendingVerification", "Blocked"}
-GONE_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
-# Codes EC2 answers for a resource it created a moment ago but has not propagated (see module docstring).
-NOT_VISIBLE_YET = {"InvalidInstanceID.NotFound", "InvalidGroup.NotFound", "InvalidKeyPair.NotFound"}
-BILLING_PAGE = "https://console.aws.amazon.com/billing/home#/paymentmethods"
-NO_CREDENTIALS = (
-    "AWS credentials not found: run `aws configure` or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-)
 _STATES = {
     "pending": InstanceState.PENDING,
     "running": InstanceState.RUNNING,
@@ -102,7 +84,7 @@ _ZONE_ID = re.compile(r"^[a-z]{2,5}\d+-az\d+$")
 _PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
 
 
-class AWSProvider(Provider):
+class AWSProvider(AWSSideResources, Provider):
     """EC2 in one home region (others are reached through `InstanceRequest.region`)."""
 
     name = "aws"
@@ -334,39 +316,6 @@ class AWSProvider(Provider):
             raise mapped from None
         return from_console_output(out.get("Output") or "")
 
-    def allow_ssh_from(self, instance: Instance, cidr: str) -> None:
-        """Open port 22 of the run's security group to `cidr` first, then revoke the earlier sources, so
-        there is no moment with no way in."""
-        from botocore.exceptions import ClientError
-
-        cidr = validate_cidr(cidr)
-        sg_id = instance.extra.get("security_group_id")
-        if not sg_id:
-            raise ProviderError(f"instance {instance.id} has no ftplan security group to update", provider=self.name)
-        ec2 = self._ec2(instance.region)
-        try:
-            group = ec2.describe_security_groups(GroupIds=[sg_id])["SecurityGroups"][0]
-            try:
-                ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=[_ssh_permission(cidr)])
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "InvalidPermission.Duplicate":
-                    raise
-            old = [p for p in group.get("IpPermissions", []) if p.get("FromPort") == 22 and p.get("ToPort") == 22]
-            stale = []
-            for perm in old:
-                v4 = [r for r in perm.get("IpRanges", []) if r.get("CidrIp") != cidr]
-                v6 = [r for r in perm.get("Ipv6Ranges", []) if r.get("CidrIpv6") != cidr]
-                if v4 or v6:
-                    stale.append({"IpProtocol": perm["IpProtocol"], "FromPort": 22, "ToPort": 22,
-                                  **({"IpRanges": [{"CidrIp": r["CidrIp"]} for r in v4]} if v4 else {}),
-                                  **({"Ipv6Ranges": [{"CidrIpv6": r["CidrIpv6"]} for r in v6]} if v6 else {})})
-            if stale:
-                ec2.revoke_security_group_ingress(GroupId=sg_id, IpPermissions=stale)
-        except Exception as exc:
-            raise _mapped(exc, f"updating ssh access of {sg_id}") from None
-        instance.extra["ssh_cidr"] = cidr
-        log.info("ssh to %s now allowed from %s", instance.id, cidr)
-
     # ---- helpers --------------------------------------------------------------------------------------
 
     def _fresh(self, instance: Instance) -> bool:
@@ -475,83 +424,6 @@ class AWSProvider(Provider):
         instances = [i for r in reservations for i in r["Instances"]]
         return instances[0] if instances else None
 
-    def _delete_side_resources(self, ec2, side: dict[str, Any], instance_id: str | None, wait_s: float) -> None:
-        """Best effort: a security group can only go once its instance is terminated, so wait for that."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        sg_id = side.get("security_group_id")
-        deadline = time.monotonic() + wait_s
-        while sg_id:
-            try:
-                ec2.delete_security_group(GroupId=sg_id)
-                break
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code == "InvalidGroup.NotFound":
-                    break
-                if code != "DependencyViolation" or time.monotonic() >= deadline:
-                    log.warning("security group %s of instance %s left behind: %s", sg_id, instance_id, scrub(exc))
-                    break
-                time.sleep(min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
-            except BotoCoreError as exc:
-                log.warning("security group %s left behind: %s", sg_id, scrub(exc))
-                break
-        key_name = side.get("key_name")
-        if key_name:
-            try:
-                ec2.delete_key_pair(KeyName=key_name)
-            except (ClientError, BotoCoreError) as exc:
-                log.warning("key pair %s left behind: %s", key_name, scrub(exc))
-
-    # ---- side resources of an interrupted create (`ftplan gc`) ----------------------------------------
-
-    def list_side_resources(self) -> list[dict[str, Any]]:
-        """Key pairs and security groups tagged `ftplan:run-id` in every swept region. A launcher killed
-        between `import_key_pair` and `run_instances` leaves them with no instance that would delete them."""
-        tag = [{"Name": "tag-key", "Values": [RUN_TAG]}]
-        found: list[dict[str, Any]] = []
-        for region in self.regions:
-            ec2 = self._ec2(region)
-            try:
-                pairs = ec2.describe_key_pairs(Filters=tag)["KeyPairs"]
-                groups = [g for page in ec2.get_paginator("describe_security_groups").paginate(Filters=tag)
-                          for g in page["SecurityGroups"]]
-            except Exception as exc:
-                raise _mapped(exc, f"listing key pairs and security groups in {region}") from None
-            for kind, items, id_key, name_key in (("key_pair", pairs, "KeyPairId", "KeyName"),
-                                                  ("security_group", groups, "GroupId", "GroupName")):
-                for item in items:
-                    tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
-                    found.append({"provider": self.name, "kind": kind, "id": item.get(id_key) or item[name_key],
-                                  "name": item[name_key], "run_id": tags.get(RUN_TAG, ""), "region": region})
-        return found
-
-    def delete_side_resource(self, res: dict[str, Any]) -> None:
-        from botocore.exceptions import ClientError
-
-        ec2 = self._ec2(res.get("region") or self.region)
-        what = f"{res.get('kind')} {res.get('name')}"
-        try:
-            if res.get("kind") == "key_pair":
-                ec2.delete_key_pair(KeyName=res["name"])
-            elif res.get("kind") == "security_group":
-                ec2.delete_security_group(GroupId=res["id"])
-            else:
-                raise ProviderError(f"unknown AWS side resource {what}", provider=self.name)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("InvalidGroup.NotFound", "InvalidKeyPair.NotFound"):
-                return  # already gone: what we wanted
-            if code == "DependencyViolation":
-                raise ProviderError(f"{what} is still used by an instance; run 'ftplan gc --yes' again once that "
-                                    "instance is terminated", provider=self.name) from None
-            raise _mapped(exc, f"deleting {what}") from None
-        except ProviderError:
-            raise
-        except Exception as exc:
-            raise _mapped(exc, f"deleting {what}") from None
-
-
 def _apply(instance: Instance, raw: dict[str, Any]) -> None:
     """Copy EC2's view (state, address) onto `instance`."""
     instance.state = instance_state(raw)
@@ -567,53 +439,6 @@ def instance_state(raw: dict[str, Any]) -> InstanceState:
     if state.is_gone and reason == "Server.SpotInstanceTermination":
         return InstanceState.PREEMPTED
     return state
-
-
-def _mapped(exc: BaseException, doing: str) -> BaseException:
-    """SDK exception -> ftplan.providers.errors class (message scrubbed); anything else passes through."""
-    if isinstance(exc, ProviderError) or not isinstance(exc, Exception):
-        return exc
-    try:
-        from botocore import exceptions as bx
-    except ImportError:  # pragma: no cover - boto3 missing means _ec2 already raised
-        return exc
-    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.ProfileNotFound)):
-        return AuthError(NO_CREDENTIALS, provider="aws")
-    if isinstance(exc, bx.ClientError):
-        err = exc.response.get("Error", {})
-        code, message = err.get("Code", "Unknown"), err.get("Message", "")
-        text = f"AWS {code} while {doing}: {message}"
-        if code in CAPACITY_CODES:
-            return CapacityError(text, provider="aws")
-        if code in NOT_OFFERED_CODES:
-            return OfferUnavailable(f"{text}; this type is not offered there, trying the next offer", provider="aws")
-        if code in QUOTA_CODES:
-            quota = ("'All Standard/G and VT/P Spot Instance Requests'" if code == "MaxSpotInstanceCountExceeded"
-                     else "the EC2 vCPU quota for this instance family (e.g. 'Running On-Demand P instances')")
-            return QuotaError(f"{text}; raise {quota} in the Service Quotas console "
-                              "(https://console.aws.amazon.com/servicequotas/home/services/ec2/quotas)", provider="aws")
-        if code in BILLING_CODES:
-            return BillingError(f"{text}; the account cannot launch instances until billing/verification is "
-                                f"complete: {BILLING_PAGE}", provider="aws")
-        if code in AUTH_CODES:
-            hint = ("grant the missing ec2 permission to this IAM identity" if code == "UnauthorizedOperation"
-                    else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (`aws sts get-caller-identity`)")
-            return AuthError(f"{text}; {hint}", provider="aws")
-        if code in GONE_CODES:
-            return InstanceGone(text, provider="aws")
-        return ProviderError(text, provider="aws")
-    if isinstance(exc, bx.BotoCoreError):
-        return ProviderError(f"AWS request failed while {doing}: {exc}", provider="aws")
-    return exc
-
-
-def _ssh_permission(cidr: str) -> dict[str, Any]:
-    """tcp/22 from `cidr`; EC2 wants IPv6 sources in Ipv6Ranges/CidrIpv6 (model shape IpPermission)."""
-    if ":" in cidr:
-        return {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                "Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ftplan ssh"}]}
-    return {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-            "IpRanges": [{"CidrIp": cidr, "Description": "ftplan ssh"}]}
 
 
 def _validated_public_key(key: str) -> str:
