@@ -47,6 +47,19 @@ def resolve(requested: str, device_type: str, model=None) -> str:
     return "chunked"
 
 
+def prepare(requested: str, device_type: str, model) -> str:
+    """resolve(), then patch the model for Liger; a Liger that fails to patch leaves the chunked loss."""
+    mode = resolve(requested, device_type, model)
+    if mode == "liger":
+        try:
+            use_liger(model)
+        except Exception as exc:  # noqa: BLE001 - an optional kernel package must never stop the run
+            log.warning("loss: Liger could not patch this model (%s: %s); using the chunked loss",
+                        type(exc).__name__, exc)
+            return "chunked"
+    return mode
+
+
 def liger_available() -> bool:
     import importlib.util
 

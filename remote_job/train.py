@@ -192,9 +192,7 @@ def run(cfg: dict) -> int:
             raise JobConfigError(f"too few training rows ({len(train_set)}) for {acc.num_processes} processes")
         total_steps = cfg["max_steps"] or groups_per_epoch * cfg["epochs"]
         summary["total_steps"] = total_steps
-        loss_mode = summary["loss"] = job_loss.resolve(cfg["loss"], device_type, model)
-        if loss_mode == "liger":
-            job_loss.use_liger(model)
+        loss_mode = summary["loss"] = job_loss.prepare(cfg["loss"], device_type, model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, summary["optimizer"] = job_optim.make(cfg["optimizer"], cfg["method"], params,
                                                          cfg["learning_rate"], device_type)
