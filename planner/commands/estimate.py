@@ -143,6 +143,19 @@ def _fmt_hours(hours: float | None) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
 
 
+def _settings(req) -> dict:
+    """The request's knobs as --json reports them (what a --from-config file turned into)."""
+    return {"seq_len": req.seq_len, "peak_seq_len": req.step_seq_len, "batch_size": req.batch_size,
+            "grad_accum": req.grad_accum, "precision": req.precision, "optimizer": req.resolved_optimizer,
+            "fused_optimizer": req.fused_optimizer, "lora_r": req.lora_r, "lora_targets": req.lora_targets,
+            "lora_dropout": req.lora_dropout, "dora": req.dora, "modules_to_save": list(req.modules_to_save),
+            "grad_checkpointing": req.grad_checkpointing, "activation_offload": req.activation_offload,
+            "attention": req.attention, "loss": req.loss, "packing": req.packing, "compile": req.compile,
+            "zero": req.zero, "offload": req.offload, "epochs": req.epochs, "framework": req.framework,
+            "num_virtual_tokens": req.num_virtual_tokens, "train_layers": req.freeze_trainable_layers,
+            "transformers_major": req.transformers_major}
+
+
 def _signed(x: float) -> str:
     """+1.2 / -1.2, never -0.0."""
     x = round(x, 1)
@@ -303,9 +316,10 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
         if as_json:  # the JSON is ftplan.estimate()'s result, so the CLI and the API cannot drift apart
             from ftplan.results import EstimateResult, FitHint
 
-            click.echo(json.dumps(EstimateResult(
+            out = EstimateResult(
                 model=req.model.name, method=req.method, gpu_count=gpu_count, rows=[est], single_gpu=True,
-                would_fit=[FitHint(s.kind, s.text) for s in suggestions], dataset=how).to_dict()))
+                would_fit=[FitHint(s.kind, s.text) for s in suggestions], dataset=how).to_dict()
+            click.echo(json.dumps({**out, "settings": _settings(req)}))
         else:
             _print_detail(req, est, suggestions, how)
         return
@@ -313,7 +327,8 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     if as_json:
         from ftplan.results import EstimateResult
 
-        click.echo(json.dumps(EstimateResult(model=req.model.name, method=req.method, gpu_count=gpu_count, rows=rows,
-                                             dataset=how).to_dict()))
+        out = EstimateResult(model=req.model.name, method=req.method, gpu_count=gpu_count, rows=rows,
+                             dataset=how).to_dict()
+        click.echo(json.dumps({**out, "settings": _settings(req)}))
     else:
         _print_table(req, rows)

@@ -239,7 +239,15 @@ class ModelSpec:
         return self.params_total() - self.num_layers * idle
 
     def linear_modules(self) -> list[LinearModule]:
-        """The weight matrices of ONE block with their HF names relative to the block."""
+        """The weight matrices of ONE block with their HF names relative to the block (built once per spec:
+        the all-GPU table asks for them hundreds of times)."""
+        cached = self.__dict__.get("_linear_cache")
+        if cached is None:
+            cached = tuple(self._build_linear_modules())
+            object.__setattr__(self, "_linear_cache", cached)  # frozen: a derived value, not a field
+        return list(cached)
+
+    def _build_linear_modules(self) -> list[LinearModule]:
         layout = _LAYOUT.get(self.model_type, self.model_type)
         conv = "conv1d" if layout == "gpt2" else "linear"
         h, q_out, kv_out = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -334,6 +342,13 @@ class ModelSpec:
         """
         if r <= 0:
             raise UserError(f"LoRA rank must be positive, got {r}; pass e.g. --lora-r 16")
+        key = (r, targets if isinstance(targets, str) else tuple(targets))
+        memo = self.__dict__.setdefault("_lora_memo", {})  # a derived value per (rank, targets)
+        if key not in memo:
+            memo[key] = self._lora_params(r, targets)
+        return memo[key]
+
+    def _lora_params(self, r: int, targets: str | list[str]) -> int:
         cands = self._lora_candidates()
         outside = self._lora_outside()
         if isinstance(targets, str) and targets.strip().lower() == "all-linear":

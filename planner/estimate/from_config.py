@@ -222,11 +222,11 @@ def _axolotl(d: dict) -> ConfigReading:
                 o["loss"] = "fused"
         elif key == "unfrozen_parameters":
             r.ignore(key, "parameter patterns are not modelled; pass --method freeze --train-layers N")
-        elif key in ("max_steps", "micro_batch_size_per_gpu", "eval_sample_packing", "pad_to_sequence_len"):
-            if key == "max_steps":
-                r.ignore(key, "the estimate's time is per epoch; pass --dataset-tokens for a step budget")
+        elif key == "max_steps" and v:
+            r.ignore(key, "the estimate's time is per epoch; pass --dataset-tokens for a step budget")
         elif _IRRELEVANT.match(key) or key in ("type", "path", "base_model_config", "model_type", "tokenizer_type",
-                                               "is_llama_derived_model", "hub_model_id", "lora_fan_in_fan_out"):
+                                               "is_llama_derived_model", "hub_model_id", "lora_fan_in_fan_out",
+                                               "pad_to_sequence_len", "eval_sample_packing", "max_steps"):
             r.irrelevant.append(key)
         else:
             r.ignore(key, "unknown to ftplan")
@@ -304,11 +304,11 @@ def _llamafactory(d: dict) -> ConfigReading:
         elif key == "enable_liger_kernel" or key == "use_unsloth":
             if _truthy(v):
                 o["loss"] = "fused"
-        elif key == "max_steps":
+        elif key == "max_steps" and v and int(v) > 0:
             r.ignore(key, "the estimate's time is per epoch; pass --dataset-tokens for a step budget")
         elif key == "num_virtual_tokens":
             o["num_virtual_tokens"] = int(v)
-        elif _IRRELEVANT.match(key) or key in ("lora_alpha", "pissa_init", "create_new_adapter"):
+        elif _IRRELEVANT.match(key) or key in ("lora_alpha", "pissa_init", "create_new_adapter", "max_steps"):
             r.irrelevant.append(key)
         else:
             r.ignore(key, "unknown to ftplan")
@@ -410,12 +410,13 @@ def _torchtune(d: dict) -> ConfigReading:
             if "max_seq_len" in v and v["max_seq_len"] is not None:
                 o["seq_len"] = int(v["max_seq_len"])
             r.irrelevant.append("tokenizer")
-        elif key in ("max_steps_per_epoch",):
+        elif key == "max_steps_per_epoch" and v is not None:
             r.ignore(key, "the estimate's time is per epoch; pass --dataset-tokens for a step budget")
         elif key in ("fsdp_cpu_offload",):
             if _truthy(v):
                 o["offload"] = "optimizer"
         elif _IRRELEVANT.match(key) or key in ("lr_scheduler", "loss_scale", "fsdp_sharding_strategy",
+                                               "max_steps_per_epoch",
                                                "resume_from_checkpoint", "custom_sharded_layers", "batch_size_val"):
             r.irrelevant.append(key)
         else:
@@ -482,7 +483,7 @@ def _training_arguments(d: dict) -> ConfigReading:
             if isinstance(v, int) and v > 0:
                 r.ignore(key, "the estimate's time is per epoch; pass --dataset-tokens for a step budget")
         elif key == "per_device_eval_batch_size" or _IRRELEVANT.match(key) or key in (
-                "bnb_4bit_quant_type", "use_bnb_nested_quant", "lora_alpha", "torch_dtype", "dtype"):
+                "bnb_4bit_quant_type", "use_bnb_nested_quant", "lora_alpha", "torch_dtype", "dtype", "max_steps"):
             r.irrelevant.append(key)
         else:
             r.ignore(key, "unknown to ftplan")
