@@ -157,7 +157,7 @@ def test_api_key_never_leaks(fake_paperspace, monkeypatch, caplog):
 
 
 ROW_KEYS = {"provider", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "vcpus", "ram_gib", "price_hour",
-            "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at"}
+            "spot_price_hour", "region", "zone", "billing_granularity_s", "source", "retrieved_at", "price_date"}
 
 
 def test_price_fetcher_joins_live_availability_with_shipped_prices(fake_paperspace, tmp_path):
