@@ -123,3 +123,15 @@ def test_resolve_picks_what_can_run_here():
     assert job_loss.resolve("fused", "cpu", model) == "chunked"  # Liger needs CUDA
     model.config.final_logit_softcapping = 30.0  # Gemma-2 style: the head's output is transformed
     assert job_loss.resolve("chunked", "cpu", model) == "standard"
+
+
+def test_a_liger_that_cannot_patch_leaves_the_chunked_loss(monkeypatch):
+    monkeypatch.setattr(job_loss, "liger_available", lambda: True)
+    assert job_loss.resolve("fused", "cuda", None) == "liger"
+
+    def broken(_model):
+        raise AttributeError("no liger kernels for this model type")
+
+    monkeypatch.setattr(job_loss, "use_liger", broken)
+    assert job_loss.prepare("fused", "cuda", tiny_model("full")) == "chunked"
+    assert job_loss.prepare("chunked", "cuda", tiny_model("full")) == "chunked"
