@@ -45,16 +45,17 @@ from typing import Any
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
 from ftplan.providers.errors import (
     AuthError,
-    BillingError,
     CapacityError,
     InstanceGone,
     OfferUnavailable,
     ProviderError,
     QuotaError,
     import_sdk,
-    register_secret,
     scrub,
 )
+from ftplan.providers.gcp_errors import CAPACITY_CODES, NO_ADC, QUOTA_CODES, by_text, quota_advice
+from ftplan.providers.gcp_errors import mapped as _mapped_error
+from ftplan.providers.gcp_side import GCPSideResources
 from ftplan.providers.gpu_support import needs_cuda_12_8, refuse_non_cuda
 from ftplan.providers.host_keys import openssh_key
 from ftplan.providers.net import public_ip, ssh_cidr_for, validate_cidr
@@ -69,7 +70,6 @@ DLVM_PROJECT = "deeplearning-platform-release"
 # so the newest matching image is resolved at create time.
 DLVM_FAMILY_PATTERN = r"common-cu12\d+-ubuntu-2204.*"
 SSH_USER = "ftplan"
-NO_ADC = "GCP credentials not found: run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
 
 # GPUs attached to n1 hosts -> accelerator type.
 ATTACHABLE_GPUS = {"T4": "nvidia-tesla-t4", "V100": "nvidia-tesla-v100", "P100": "nvidia-tesla-p100",
@@ -78,21 +78,9 @@ ATTACHABLE_GPUS = {"T4": "nvidia-tesla-t4", "V100": "nvidia-tesla-v100", "P100":
 BUILT_IN_GPUS = {"a2-highgpu": "A100", "a2-megagpu": "A100", "a2-ultragpu": "A100-80GB", "a3-highgpu": "H100",
                  "a3-edgegpu": "H100", "a3-megagpu": "H100-MEGA", "a3-ultragpu": "H200", "a4-highgpu": "B200",
                  "g2-standard": "L4"}
-CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
-                  "RESOURCE_POOL_EXHAUSTED", "STOCKOUT"}
-QUOTA_CODES = {"QUOTA_EXCEEDED", "QUOTA_LIMIT"}
-# Synchronous capacity wordings (old and new) of the resource-availability doc.
-_CAPACITY_TEXT = re.compile(r"enough resources|is currently unavailable in the \S+ zone|resource_pool_exhausted|stockout",
-                            re.I)
-# Refusals of a purchase model the type is not sold with (exact wording unverified; these are the doc's terms).
-_NOT_SOLD_TEXT = re.compile(r"reservation|flex-start|flex start|provisioning model|only (available|supported) (with|as)",
-                            re.I)
-# Sold only through reservations, Spot or Flex-start (cloud.google.com/compute/docs/gpus).
 RESERVATION_ONLY = {"a4-highgpu-8g", "a3-ultragpu-8g", "a3-ultragpu-8g-nolssd", "a3-highgpu-1g", "a3-highgpu-2g",
                     "a3-highgpu-4g"}
 HYPERDISK_ONLY_FAMILIES = ("a3-ultragpu", "a4-highgpu", "a4x-highgpu", "a4x-maxgpu")
-QUOTAS_PAGE = "https://console.cloud.google.com/iam-admin/quotas"
-BILLING_PAGE = "https://console.cloud.google.com/billing"
 _STATES = {"PROVISIONING": InstanceState.PENDING, "STAGING": InstanceState.PENDING, "REPAIRING": InstanceState.PENDING,
            "PENDING": InstanceState.PENDING,  # flex-start: queued for capacity
            "RUNNING": InstanceState.RUNNING, "STOPPING": InstanceState.STOPPING, "SUSPENDING": InstanceState.STOPPING,
@@ -103,7 +91,7 @@ _PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Z
 _READ_TIMEOUT_S = 60.0
 
 
-class GCPProvider(Provider):
+class GCPProvider(GCPSideResources, Provider):
     """Compute Engine in one project; zones come from the request (catalog offer) or `zone`."""
 
     name = "gcp"
@@ -382,8 +370,8 @@ class GCPProvider(Provider):
             if first.code in CAPACITY_CODES:
                 raise CapacityError(text, provider=self.name)
             if first.code in QUOTA_CODES:
-                raise QuotaError(_quota_advice(text), provider=self.name)
-            raise _by_text(text, self.name)
+                raise QuotaError(quota_advice(text), provider=self.name)
+            raise by_text(text, self.name)
 
     def _get(self, instance: Instance) -> Any | None:
         c = self._clients()
@@ -480,84 +468,7 @@ class GCPProvider(Provider):
 
     def _mapped(self, exc: BaseException, doing: str) -> BaseException:
         """SDK exception -> ftplan.providers.errors class (message scrubbed); anything else passes through."""
-        if isinstance(exc, ProviderError) or not isinstance(exc, Exception):
-            return exc
-        token = getattr(self._credentials, "token", None)
-        if isinstance(token, str):
-            register_secret(token)  # an access token must never reach a log line or message
-        try:
-            from google.api_core import exceptions as gx
-            from google.auth import exceptions as ax
-        except ImportError:  # pragma: no cover
-            return exc
-        if isinstance(exc, ax.DefaultCredentialsError):
-            return AuthError(NO_ADC, provider=self.name)
-        if isinstance(exc, ax.RefreshError):
-            return AuthError(f"GCP rejected the credentials while {doing} ({exc}); run "
-                             "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
-                             provider=self.name)
-        if isinstance(exc, ax.GoogleAuthError):
-            return AuthError(f"GCP authentication failed while {doing} ({exc}); run "
-                             "`gcloud auth application-default login`", provider=self.name)
-        if isinstance(exc, gx.GoogleAPICallError):
-            text = f"GCP {exc.code} while {doing}: {exc.message}"
-            reasons = {getattr(e, "get", lambda k, d=None: d)("reason", "") for e in (exc.errors or [])}
-            if isinstance(exc, gx.NotFound):
-                return InstanceGone(text, provider=self.name)
-            if isinstance(exc, gx.Unauthorized):
-                return AuthError(f"{text}; run `gcloud auth application-default login` or set "
-                                 "GOOGLE_APPLICATION_CREDENTIALS", provider=self.name)
-            if "billing" in str(exc.message).lower() or "billingNotEnabled" in reasons:
-                return BillingError(f"{text}; enable billing for project {self.project} at {BILLING_PAGE}",
-                                    provider=self.name)
-            if isinstance(exc, gx.Forbidden):
-                if "quota" in str(exc.message).lower() or reasons & {"quotaExceeded", "rateLimitExceeded"}:
-                    return QuotaError(_quota_advice(text), provider=self.name)
-                return AuthError(f"{text}; grant the identity roles/compute.instanceAdmin.v1 and enable the Compute "
-                                 "Engine API", provider=self.name)
-            if any(code in str(exc.message) for code in CAPACITY_CODES):
-                return CapacityError(text, provider=self.name)
-            return _by_text(text, self.name)
-        try:
-            import requests
-        except ImportError:  # pragma: no cover
-            requests = None
-        if requests is not None and isinstance(exc, requests.RequestException):
-            return ProviderError(f"GCP request failed while {doing}: {type(exc).__name__}", provider=self.name)
-        return exc
-
-    # ---- side resources of an interrupted create (`ftplan gc`) ----------------------------------------
-
-    def list_side_resources(self) -> list[dict[str, Any]]:
-        """Firewall rules `ftplan-...-ssh` made by `create`. The rule is inserted before the VM, so a launcher
-        killed in between leaves it with no instance whose `terminate` would delete it. Firewall rules take no
-        labels: the run id is read from the description `create` writes ("ftplan run <id>: ssh from ...")."""
-        c = self._clients()
-        req = c["compute_v1"].ListFirewallsRequest(project=self.project, filter='name eq "ftplan-.*-ssh"')
-        try:
-            rules = list(c["firewalls"].list(request=req, retry=None, timeout=_READ_TIMEOUT_S))
-        except Exception as exc:
-            raise self._mapped(exc, "listing firewall rules") from None
-        found: list[dict[str, Any]] = []
-        for rule in rules:
-            m = re.match(r"ftplan run (\S+): ssh from ", rule.description or "")
-            if rule.name.startswith("ftplan-") and m:  # a rule someone else named ftplan-* is not ours
-                found.append({"provider": self.name, "kind": "firewall", "id": rule.name, "name": rule.name,
-                              "run_id": m.group(1), "project": self.project})
-        return found
-
-    def delete_side_resource(self, res: dict[str, Any]) -> None:
-        if res.get("kind") != "firewall":
-            raise ProviderError(f"unknown GCP side resource {res.get('kind')} {res.get('name')}", provider=self.name)
-        project = res.get("project") or self.project
-        try:
-            op = self._clients()["firewalls"].delete(project=project, firewall=res["name"], timeout=_READ_TIMEOUT_S)
-            self._wait_op(op.name, zone=None, project=project)
-        except Exception as exc:
-            mapped = self._mapped(exc, f"deleting firewall rule {res['name']}")
-            if not isinstance(mapped, InstanceGone):  # 404: already gone
-                raise mapped from None
-
+        return _mapped_error(exc, doing, credentials=self._credentials, project=self.project)
 
 def label_value(run_id: str) -> str:
     """GCP label values allow lowercase letters, digits, '_' and '-', at most 63 characters."""
@@ -572,25 +483,6 @@ def boot_disk_type(machine_type: str) -> str:
 def _cuda_of_family(family: str) -> int:
     m = re.match(r"common-cu(\d+)", family or "")
     return int(m.group(1)) if m else 0
-
-
-def _quota_advice(text: str) -> str:
-    """Name the quota to raise: GCP says "Quota 'NVIDIA_T4_GPUS' exceeded.  Limit: 0.0 in region us-central1."."""
-    m = re.search(r"Quota '([A-Z0-9_]+)' exceeded", text)
-    if m:
-        region = re.search(r"in region ([a-z0-9-]+)", text)
-        where = f" in region {region.group(1)}" if region else ""
-        return f"{text}; raise quota {m.group(1)}{where} at {QUOTAS_PAGE}"
-    return f"{text}; request more quota (GPUs, or PREEMPTIBLE_* for Spot) at {QUOTAS_PAGE}"
-
-
-def _by_text(text: str, provider: str) -> ProviderError:
-    """A refusal without a known code, classified by its documented wording."""
-    if _CAPACITY_TEXT.search(text):
-        return CapacityError(text, provider=provider)
-    if _NOT_SOLD_TEXT.search(text):
-        return OfferUnavailable(f"{text}; this type is not sold this way, trying the next offer", provider=provider)
-    return ProviderError(text, provider=provider)
 
 
 def _status_name(status: Any) -> str:
