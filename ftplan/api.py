@@ -59,7 +59,10 @@ def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, 
 
     if gpus <= 0:
         raise UserError(f"gpus must be a positive number, got {gpus}")
+    from ftplan.planner.commands.estimate import _settings
+
     req, how = _request(model, method, options)
+    settings = _settings(req)
     if gpu is not None:
         card = resolve_gpu(gpu)
         est = run_estimate(req, card, gpus)
@@ -69,9 +72,10 @@ def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, 
             est = _corrected(est, req)
         hints = [] if est.fits else [FitHint(s.kind, s.text) for s in smallest_fit(req, card, gpus)]
         return EstimateResult(model=req.model.name, method=req.method, gpu_count=gpus, rows=[est],
-                              single_gpu=True, would_fit=hints, dataset=how)
+                              single_gpu=True, would_fit=hints, dataset=how, settings=settings)
     rows = [run_estimate(req, g, gpus) for g in table_gpus()]
-    return EstimateResult(model=req.model.name, method=req.method, gpu_count=gpus, rows=rows, dataset=how)
+    return EstimateResult(model=req.model.name, method=req.method, gpu_count=gpus, rows=rows, dataset=how,
+                          settings=settings)
 
 
 def _csv(value: str | Iterable[str] | None) -> tuple[str, ...]:

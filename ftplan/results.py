@@ -38,6 +38,7 @@ class EstimateResult:
     single_gpu: bool = False                 # gpu= was given: the CLI's detailed view
     would_fit: list[FitHint] = field(default_factory=list)
     dataset: str | None = None               # how the dataset was counted, when one was given
+    settings: dict[str, Any] | None = None   # the request's knobs as resolved (e.g. from a --from-config file)
 
     @property
     def estimate(self) -> Estimate:
@@ -96,12 +97,15 @@ class EstimateResult:
                    "would_fit": [{"kind": s.kind, "text": s.text} for s in self.would_fit]}
             if self.dataset:
                 out["dataset"] = self.dataset
-            return out
-        return {**head, "gpu_count": self.gpu_count, "memory_gib": self.memory.as_dict(),
-                "training_tokens": self.training_tokens,
-                "gpus": [{"gpu": e.gpu.name, "fits": e.fits, "headroom_gib": round(e.headroom_gib, 2),
-                          "memory_gib": e.memory.as_dict(), "throughput_tokens_per_s": round(e.tokens_per_s, 1),
-                          "hours": None if e.hours is None else round(e.hours, 3)} for e in self.rows]}
+        else:
+            out = {**head, "gpu_count": self.gpu_count, "memory_gib": self.memory.as_dict(),
+                   "training_tokens": self.training_tokens,
+                   "gpus": [{"gpu": e.gpu.name, "fits": e.fits, "headroom_gib": round(e.headroom_gib, 2),
+                             "memory_gib": e.memory.as_dict(), "throughput_tokens_per_s": round(e.tokens_per_s, 1),
+                             "hours": None if e.hours is None else round(e.hours, 3)} for e in self.rows]}
+        if self.settings is not None:
+            out["settings"] = dict(self.settings)
+        return out
 
 
 @dataclass

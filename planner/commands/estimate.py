@@ -316,10 +316,10 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
         if as_json:  # the JSON is ftplan.estimate()'s result, so the CLI and the API cannot drift apart
             from ftplan.results import EstimateResult, FitHint
 
-            out = EstimateResult(
+            click.echo(json.dumps(EstimateResult(
                 model=req.model.name, method=req.method, gpu_count=gpu_count, rows=[est], single_gpu=True,
-                would_fit=[FitHint(s.kind, s.text) for s in suggestions], dataset=how).to_dict()
-            click.echo(json.dumps({**out, "settings": _settings(req)}))
+                would_fit=[FitHint(s.kind, s.text) for s in suggestions], dataset=how,
+                settings=_settings(req)).to_dict()))
         else:
             _print_detail(req, est, suggestions, how)
         return
@@ -327,8 +327,7 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     if as_json:
         from ftplan.results import EstimateResult
 
-        out = EstimateResult(model=req.model.name, method=req.method, gpu_count=gpu_count, rows=rows,
-                             dataset=how).to_dict()
-        click.echo(json.dumps({**out, "settings": _settings(req)}))
+        click.echo(json.dumps(EstimateResult(model=req.model.name, method=req.method, gpu_count=gpu_count, rows=rows,
+                                             dataset=how, settings=_settings(req)).to_dict()))
     else:
         _print_table(req, rows)
