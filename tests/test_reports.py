@@ -205,7 +205,7 @@ def test_plan_uses_measured_runs_for_that_gpu_only(tmp_path, capsys, monkeypatch
     s = Store(tmp_path / "c.sqlite3")
     _run(s, "ft-p", provider="lambda", created=1e9, est_usd=1, hours=1, price=1, gpu="L4",
          tps=250, est_tps=1000)
-    args = ("plan", "--model", "tiny-llama", "--method", "qlora", "--dataset-tokens", "50000000",
+    args = ("plan", "--model", "tiny-llama", "--method", "qlora", "--seq-len", "512", "--dataset-tokens", "50000000",
             "--providers", "aws", "--gpu", "L4,L40S", "--on-demand", "--json", "--top", "200")
 
     def train_hours(out):
