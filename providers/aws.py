@@ -99,8 +99,10 @@ class AWSProvider(AWSSideResources, Provider):
         poll_interval_s: float = 5.0,
         teardown_wait_s: float = 300.0,
         consistency_window_s: float = 180.0,
+        image: str | None = None,
     ):
         self.region = region
+        self.image = image  # [providers.aws] image = "ami-..." or an AMI name pattern; default: the newest DLAMI
         self.endpoint_url = endpoint_url
         self.ssh_cidr = validate_cidr(ssh_cidr) if ssh_cidr else None
         self.public_ip_lookup = public_ip_lookup or public_ip
@@ -119,11 +121,12 @@ class AWSProvider(AWSSideResources, Provider):
         ec2 = self._ec2(region)
         public_key = _validated_public_key(request.ssh_public_key)
         refuse_non_cuda(request.gpu, self.name)
-        if request.image is None and (is_volta(request.gpu) or request.instance_type.startswith(("p3.", "p3dn."))):
+        image = request.image or self.image
+        if image is None and (is_volta(request.gpu) or request.instance_type.startswith(("p3.", "p3dn."))):
             raise OfferUnavailable(
                 f"{request.instance_type} ({request.gpu}) is not supported by the current Deep Learning Base OSS AMI "
                 "(its release notes list G4dn...P6, driver 595, no P3/V100); skipping this offer - give an image with "
-                "a Volta-capable driver (NVIDIA 580 branch or older) as `image = \"ami-...\"` to launch it",
+                "a Volta-capable driver (NVIDIA 580 branch or older) as `image = \"ami-...\"` under [providers.aws] to launch it",
                 provider=self.name,
             )
         base_name = f"ftplan-{_safe_name(request.run_id)}-{secrets.token_hex(3)}"
@@ -132,7 +135,7 @@ class AWSProvider(AWSSideResources, Provider):
             cidr = self._ssh_cidr(request)
             zone = self._zone_name(ec2, request.zone)
             arch = self._architecture(ec2, request.instance_type)
-            image_id, root_device = self._image(ec2, request.image, arch)
+            image_id, root_device = self._image(ec2, image, arch)
             vpc_id = self._default_vpc(ec2, region)
 
             tags = [{"Key": RUN_TAG, "Value": request.run_id}, {"Key": "Name", "Value": base_name}]

@@ -107,6 +107,7 @@ class GCPProvider(GCPSideResources, Provider):
         op_timeout_s: float = 600.0,
         poll_interval_s: float = 5.0,
         read_retries: int = 4,
+        image: str | None = None,
     ):
         self.project = project
         self.zone = zone
@@ -117,6 +118,7 @@ class GCPProvider(GCPSideResources, Provider):
         self.op_timeout_s = op_timeout_s
         self.poll_interval_s = poll_interval_s
         self.read_retries = read_retries
+        self.image = image  # [providers.gcp] image = an image link or DLVM family; default: the newest DLVM
         self._c: dict[str, Any] | None = None
 
     # ---- the five calls -------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class GCPProvider(GCPSideResources, Provider):
         side: dict[str, Any] = {"project": self.project, "firewall": None, "instance_sent": False}
         try:
             cidr = self._ssh_cidr(request)
-            image = self._image(request.image, blackwell=needs_cuda_12_8(request.gpu))
+            image = self._image(request.image or self.image, blackwell=needs_cuda_12_8(request.gpu))
             rule = cv.Firewall(
                 name=firewall, network="global/networks/default", direction="INGRESS", priority=1000,
                 source_ranges=[cidr], target_tags=[name], allowed=[cv.Allowed(I_p_protocol="tcp", ports=["22"])],
@@ -342,7 +344,7 @@ class GCPProvider(GCPSideResources, Provider):
             if not images:
                 raise OfferUnavailable(
                     f"no Deep Learning VM image with CUDA >= 12.8 (needed for Blackwell, sm_100) in {DLVM_PROJECT}; "
-                    "skipping this offer - pass an explicit image to launch it", provider=self.name)
+                    "skipping this offer - set image = \"...\" under [providers.gcp] to launch it", provider=self.name)
         if not images:
             raise ProviderError(f"no Deep Learning VM image family matching {DLVM_FAMILY_PATTERN} in {DLVM_PROJECT}; "
                                 "pass an explicit image", provider=self.name)

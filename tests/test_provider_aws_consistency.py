@@ -123,6 +123,11 @@ def test_v100_offer_is_refused_before_anything_is_made_unless_an_image_is_given(
     inst = provider.create(request(instance_type="p3dn.24xlarge", gpu="V100-32GB", zone=None, image=ami))
     assert moto.calls("RunInstances")[0]["ImageId"] == ami
     provider.terminate(inst)
+    configured = AWSProvider(region="us-east-1", endpoint_url=moto.url, public_ip_lookup=lambda: CALLER_IP,
+                             poll_interval_s=0.01, teardown_wait_s=1, image=ami)  # [providers.aws] image = ...
+    inst = configured.create(request(run_id="r-cfg", instance_type="p3dn.24xlarge", gpu="V100-32GB", zone=None))
+    assert moto.calls("RunInstances")[-1]["ImageId"] == ami
+    configured.terminate(inst)
 
 
 def test_amd_gpu_offer_is_refused_as_next_offer(provider, moto):
