@@ -16,7 +16,8 @@ backbone, and the cross-entropy is computed chunk by chunk over the tokens that 
 
 All three give the mean over the labelled tokens after the causal shift (labels -100 are skipped), as
 transformers does. Models whose logits are soft-capped or scaled (Gemma-2, Cohere, Granite) get the
-standard loss: the chunked head would have to reproduce each model's own transform.
+standard loss: the chunked head would have to reproduce each model's own transform. So do models whose
+head weight is sharded (FSDP, ZeRO-3): outside their forward the weight is not whole.
 """
 
 from __future__ import annotations
@@ -86,6 +87,18 @@ def _hf_model(model):
     return model
 
 
+def _head_is_sharded(model, head) -> bool:
+    """FSDP and ZeRO-3 hold the head's weight in pieces outside their forward: only the model's own loss
+    can use it there."""
+    wrapper = model
+    while hasattr(wrapper, "module"):
+        if "FullyShardedDataParallel" in type(wrapper).__name__:
+            return True
+        wrapper = wrapper.module
+    weight = getattr(head, "weight", None)
+    return weight is None or weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+
+
 def _logit_transform(model) -> str | None:
     config = getattr(_hf_model(model), "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -122,11 +135,11 @@ def compute(model, batch: dict, mode: str):
     labels = batch["labels"]
     if inputs["input_ids"].shape != labels.shape:
         labels = labels.reshape(inputs["input_ids"].shape)
-    if mode in ("standard", "liger"):
+    hf = _hf_model(model)
+    if mode in ("standard", "liger") or _head_is_sharded(model, hf.get_output_embeddings()):
         return model(**inputs, labels=labels).loss
     import torch
 
-    hf = _hf_model(model)
     captured = {}
 
     def grab(_module, _args, output):

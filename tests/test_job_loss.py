@@ -135,3 +135,16 @@ def test_a_liger_that_cannot_patch_leaves_the_chunked_loss(monkeypatch):
     monkeypatch.setattr(job_loss, "use_liger", broken)
     assert job_loss.prepare("fused", "cuda", tiny_model("full")) == "chunked"
     assert job_loss.prepare("chunked", "cuda", tiny_model("full")) == "chunked"
+
+
+def test_a_sharded_head_weight_gets_the_models_own_loss(monkeypatch):
+    model = tiny_model("lora")
+    batch = tiny_batch()
+    want = job_loss.compute(model, batch, "standard")
+    model.get_base_model().lm_head.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the chunked loss read a sharded weight")
+
+    monkeypatch.setattr(job_loss, "chunked_cross_entropy", must_not_run)
+    assert torch.allclose(job_loss.compute(model, batch, "chunked"), want)
