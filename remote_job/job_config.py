@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": True,
     "merge_adapter": False,
     "num_gpus": 1,
+    "expect_gpu": None,  # true: the machine was rented with GPUs; the job refuses to fall back to the CPU
     "distributed": None,
     "stop_file": "STOP",
     "throttle_s_per_step": 0,
@@ -136,6 +137,7 @@ def validate(raw: Any) -> dict:
     _check(cfg["distributed"] in DISTRIBUTED,
            f"'distributed' must be null, \"ddp\", \"fsdp\", \"zero2\" or \"zero3\", got {cfg['distributed']!r}")
     _check(not (cfg["distributed"] and cfg["num_gpus"] < 2), "'distributed' needs 'num_gpus' >= 2")
+    _check(cfg["expect_gpu"] is None or isinstance(cfg["expect_gpu"], bool), "'expect_gpu' must be null, true or false")
     _check(not (cfg["method"] == "qlora" and cfg["distributed"] == "zero3"),
            "QLoRA with ZeRO-3 is not supported by this job; use \"fsdp\" or \"zero2\"")
     for key in ("output_dir", "stop_file", "hf_token_env"):

@@ -76,18 +76,11 @@ def load_tokenizer(cfg: dict, vocab_size: int | None):
 
 # ---------------------------------------------------------------- precision
 def pick_dtype(precision: str, device_type: str):
-    """bf16 where CUDA has it, fp16 on older GPUs, fp32 on the CPU (unless the config says otherwise)."""
+    """bf16 only with native support, fp16 on older GPUs, fp32 on the CPU (device_check.pick_dtype)."""
+    import device_check
     import torch
 
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return device_check.pick_dtype(precision, device_type, torch)
 
 
 # ---------------------------------------------------------------- model

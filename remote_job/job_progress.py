@@ -28,18 +28,98 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def peak_memory(device_type: str) -> dict:
-    """CUDA: the allocator's peaks. CPU: the process's peak resident set (both fields), labelled so."""
+# Peak of what the device itself has in use (cudaMemGetInfo: CUDA context, allocator cache, paged/managed
+# memory bitsandbytes keeps outside torch's allocator), sampled after each step and by the heartbeat.
+_DEVICE_PEAK = {"bytes": 0}
+# Which estimate figure (ftplan's MemoryEstimate.figures()) each measured peak is compared with.
+MEMORY_COMPARISON = {"peak_mem_allocated_gib": "allocated", "peak_mem_reserved_gib": "reserved",
+                     "peak_mem_device_gib": "device"}
+
+
+def sample_device_memory() -> None:
+    import torch
+
+    try:
+        free, total = torch.cuda.mem_get_info()
+    except Exception:  # noqa: BLE001 - a failed sample must never stop training
+        return
+    _DEVICE_PEAK["bytes"] = max(_DEVICE_PEAK["bytes"], total - free)
+
+
+def reset_peaks(device_type: str) -> None:
+    """After loading: the training peak must not include loading/quantization transients."""
     if device_type == "cuda":
         import torch
 
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        _DEVICE_PEAK["bytes"] = 0
+        sample_device_memory()
+
+
+def paged_optimizer_bytes(optimizer) -> int:
+    """bitsandbytes' paged optimizer states (cudaMallocManaged): invisible to torch's allocator counters."""
+    total = 0
+    for state in getattr(optimizer, "state", {}).values():
+        for value in state.values() if isinstance(state, dict) else ():
+            if getattr(value, "is_paged", False):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def peak_memory(device_type: str) -> dict:
+    """CUDA: the allocator's peaks and the device's. CPU: the process's peak resident set, labelled so."""
+    if device_type == "cuda":
+        import torch
+
+        sample_device_memory()
         return {"peak_mem_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 4),
                 "peak_mem_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 4),
-                "mem_source": "torch.cuda.max_memory_allocated/reserved"}
+                "peak_mem_device_gib": round(_DEVICE_PEAK["bytes"] / GIB, 4),
+                "mem_source": "torch.cuda.max_memory_allocated/reserved + cudaMemGetInfo"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
     gib = round(rss_bytes / GIB, 4)
     return {"peak_mem_allocated_gib": gib, "peak_mem_reserved_gib": gib, "mem_source": "process_peak_rss"}
+
+
+class StepClock:
+    """Tokens/s of training steps only: the first step (CUDA/cuBLAS warm-up), eval and checkpoint saves
+    are timed on their own, so the rate is the one the estimate predicts."""
+
+    def __init__(self):
+        self.steps_s = 0.0
+        self.tokens = 0
+        self.warmup_s: float | None = None
+        self.warmup_tokens = 0
+        self.other = {"eval": 0.0, "checkpoint": 0.0}
+        self._t: float | None = None
+
+    def start_step(self) -> None:
+        self._t = time.perf_counter()
+
+    def end_step(self, tokens: int) -> None:
+        """Call after a device sync (reading the step's token count is one)."""
+        dt = time.perf_counter() - (self._t or time.perf_counter())
+        if self.warmup_s is None:
+            self.warmup_s, self.warmup_tokens = dt, tokens
+        else:
+            self.steps_s += dt
+            self.tokens += tokens
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.other[kind] += seconds
+
+    def tokens_per_s(self) -> float | None:
+        if self.steps_s > 0 and self.tokens:
+            return round(self.tokens / self.steps_s, 2)
+        if self.warmup_s:  # a single-step session: only the warm-up step to go by
+            return round(self.warmup_tokens / self.warmup_s, 2)
+        return None
+
+    def durations(self) -> dict:
+        return {"train_steps": round(self.steps_s, 3), "warmup_step": round(self.warmup_s or 0.0, 3),
+                "eval": round(self.other["eval"], 3), "checkpoint": round(self.other["checkpoint"], 3)}
 
 
 class Progress:

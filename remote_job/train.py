@@ -22,6 +22,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import device_check  # noqa: E402
 import job_checkpoints  # noqa: E402
 import job_config  # noqa: E402
 import job_data  # noqa: E402
@@ -111,6 +112,18 @@ def evaluate(acc, model, examples, batch_size: int, pad_id: int, loss_mode: str 
     return round(float(total[0] / total[1]), 5) if total[1] > 0 else None
 
 
+def setup_failed(cfg: dict, exc: Exception, t_start: float) -> int:
+    """A failure before training could start (wrong device, CUDA init, Accelerator): summary + exit 1."""
+    error = scrub(f"{type(exc).__name__}: {exc}", cfg)
+    print(f"error: {error}", file=sys.stderr)
+    if device_check.is_rank_zero():
+        job_progress.write_json_atomic(os.path.join(cfg["_paths"]["output_dir"], "summary.json"), {
+            "status": "failed", "error": error, "phase": "setup", "steps": 0, "device": None,
+            **getattr(exc, "device_facts", {}), "durations_s": {"total": round(time.time() - t_start, 3)},
+            "config": job_config.public_view(cfg)})
+    return EXIT_FAILED
+
+
 def run(cfg: dict) -> int:
     """One worker (the only one on a single GPU/CPU). Returns the process exit code."""
     t_start = time.time()
@@ -121,18 +134,15 @@ def run(cfg: dict) -> int:
 
     paths = cfg["_paths"]
     out_dir = paths["output_dir"]
-    use_cpu = not torch.cuda.is_available()
-    device_type = "cpu" if use_cpu else "cuda"
-    dtype = job_model.pick_dtype(cfg["precision"], device_type)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    # Full fine-tuning keeps fp32 master weights and autocasts; (Q)LoRA keeps the frozen base in 16 bit.
-    if cfg["method"] == "full" and dtype != torch.float32:
-        load_dtype, mixed = torch.float32, dtype_name
-    else:
-        load_dtype, mixed = dtype, ("no" if dtype == torch.float32 else dtype_name)
     os.makedirs(out_dir, exist_ok=True)
-    acc = Accelerator(mixed_precision=mixed,
-                      **job_distributed.accelerator_kwargs(cfg, dtype_name, out_dir, use_cpu))
+    # Device check (a GPU torch cannot use stops here, in seconds), precision and the Accelerator: inside a
+    # guard that writes summary.json, as every later failure does.
+    try:
+        env = device_check.setup(cfg, torch, Accelerator,
+                                 lambda name, cpu: job_distributed.accelerator_kwargs(cfg, name, out_dir, cpu))
+    except Exception as exc:  # noqa: BLE001 - the summary must say why, whatever broke
+        return setup_failed(cfg, exc, t_start)
+    acc, device_type, dtype_name, load_dtype = env["acc"], env["device_type"], env["dtype_name"], env["load_dtype"]
     setup_logging(out_dir, acc.is_main_process)
     if not acc.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress log, not one per rank
@@ -147,11 +157,12 @@ def run(cfg: dict) -> int:
     loop = {"step": 0, "epoch": 0, "group_in_epoch": 0, "tokens_seen": 0, "losses": [], "eval_loss": None}
     summary = {"status": "failed", "error": None, "steps": 0, "total_steps": None, "train_tokens": 0,
                "tokens_per_s": None, "losses": [], "eval_loss": None, "durations_s": durations,
-               "device": device_type, "gpu_name": None if use_cpu else torch.cuda.get_device_name(0),
+               "device": device_type, **env["facts"],
                "num_processes": acc.num_processes, "precision": dtype_name, "method": cfg["method"],
                "resumed_from_step": None, "config": job_config.public_view(cfg)}
     session_tokens = 0
     t_train = None
+    clock = None
     try:
         progress.start()
         progress.update(write=True, status="loading")
@@ -211,6 +222,8 @@ def run(cfg: dict) -> int:
                         tokens_seen=loop["tokens_seen"], epoch=round(loop["step"] / groups_per_epoch, 4))
         durations["load"] = round(time.time() - t_start, 3)
 
+        job_progress.reset_peaks(device_type)
+        clock = job_progress.StepClock()
         t_train = time.time()
         model.train()
         # Stop requests are acted on after a step, once all ranks agree (all-reduced flag): a check here
@@ -223,6 +236,7 @@ def run(cfg: dict) -> int:
             groups = [batches[i : i + cfg["grad_accum"]] for i in range(0, len(batches), cfg["grad_accum"])]
             while loop["group_in_epoch"] < len(groups) and loop["step"] < total_steps:
                 group = groups[loop["group_in_epoch"]]
+                clock.start_step()
                 stats = torch.zeros(4, dtype=torch.float64, device=acc.device)  # tokens, loss sum, n, stop
                 for j, idx in enumerate(group):
                     batch = {k: v.to(acc.device)
@@ -239,6 +253,12 @@ def run(cfg: dict) -> int:
                     stats[2] += 1
                 acc.clip_grad_norm_(model.parameters() if sharded else params, 1.0)
                 optimizer.step()
+                if getattr(optimizer, "step_was_skipped", False):
+                    # fp16: the GradScaler found inf/NaN gradients and skipped the update; not a step.
+                    optimizer.zero_grad(set_to_none=True)
+                    loop["group_in_epoch"] += 1
+                    loop["skipped_steps"] = loop.get("skipped_steps", 0) + 1
+                    continue
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if cfg["throttle_s_per_step"]:
@@ -250,10 +270,13 @@ def run(cfg: dict) -> int:
                 loop["group_in_epoch"] += 1
                 loop["tokens_seen"] += int(stats[0])
                 session_tokens += int(stats[0])
+                clock.end_step(int(stats[0]))  # int() synced the device: the step's time is real
+                if device_type == "cuda":
+                    job_progress.sample_device_memory()
                 step_loss = round(float(stats[1] / stats[2]), 5)
                 loop["losses"].append([loop["step"], step_loss])
                 elapsed = time.time() - t_train
-                tps = round(session_tokens / elapsed, 2) if elapsed > 0 else None
+                tps = clock.tokens_per_s()
                 epoch_pos = round(loop["step"] / groups_per_epoch, 4)
                 progress.update(step=loop["step"], loss=step_loss, tokens_per_s=tps,
                                 tokens_seen=loop["tokens_seen"], epoch=epoch_pos)
@@ -262,13 +285,17 @@ def run(cfg: dict) -> int:
                                       "tokens_per_s": tps, "elapsed_s": round(elapsed, 3)})
                 stopped = stats[3] > 0
                 if loop["step"] % cfg["checkpoint_every_steps"] == 0 or stopped:
+                    t_other = time.perf_counter()
                     if eval_set and not stopped:
                         loop["eval_loss"] = evaluate(acc, model, eval_set, cfg["batch_size"],
                                                      tokenizer.pad_token_id, loss_mode)
                         progress.log_metrics({"step": loop["step"], "eval_loss": loop["eval_loss"]})
+                        clock.add("eval", time.perf_counter() - t_other)
+                        t_other = time.perf_counter()
                     progress.update(write=True, status="saving", eval_loss=loop["eval_loss"])
                     job_checkpoints.save(acc, model, optimizer, scheduler, loop, out_dir,
                                          cfg["keep_checkpoints"], sharded)
+                    clock.add("checkpoint", time.perf_counter() - t_other)
                     last_saved = loop["step"]
                     progress.update(write=True, status="training")
                 if stopped:
@@ -277,6 +304,8 @@ def run(cfg: dict) -> int:
                 loop["epoch"] += 1
                 loop["group_in_epoch"] = 0
         durations["train"] = round(time.time() - t_train, 3)
+        if device_type == "cuda":
+            summary["paged_optimizer_gib"] = round(job_progress.paged_optimizer_bytes(optimizer) / 1024**3, 4)
 
         t_save = time.time()
         if stopped:
@@ -317,9 +346,15 @@ def run(cfg: dict) -> int:
     durations["total"] = round(time.time() - t_start, 3)
     train_s = durations["train"]
     summary.update(steps=loop["step"], train_tokens=loop["tokens_seen"], losses=loop["losses"],
-                   eval_loss=loop["eval_loss"],
+                   eval_loss=loop["eval_loss"], skipped_steps=loop.get("skipped_steps", 0),
                    tokens_per_s=round(session_tokens / train_s, 2) if train_s and session_tokens else None)
+    if clock is not None:
+        # tokens/s of the training steps alone; the wall-clock rate (eval, saves, warm-up included) kept beside it
+        summary["tokens_per_s_wall"] = summary["tokens_per_s"]
+        summary["tokens_per_s"] = clock.tokens_per_s()
+        durations.update(clock.durations())
     summary.update({k: v for k, v in job_progress.peak_memory(device_type).items()})
+    summary["mem_compare"] = job_progress.MEMORY_COMPARISON
     final_status = {"succeeded": "done", "stopped": "stopped", "failed": "failed"}[summary["status"]]
     progress.update(status=final_status, step=loop["step"], eval_loss=loop["eval_loss"])
     progress.close()

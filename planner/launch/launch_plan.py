@@ -111,8 +111,9 @@ def job_secrets_from_env() -> dict[str, str]:
 
 
 # ---- plan building -----------------------------------------------------------------------------
-def build_job_config(cfg: ProjectConfig, run_id: str) -> dict[str, Any]:
-    """The remote job's config (remote_job/job_config.py keys) from the project file."""
+def build_job_config(cfg: ProjectConfig, run_id: str, gpu_count: int = 1, gpu: str | None = None) -> dict[str, Any]:
+    """The remote job's config (remote_job/job_config.py keys) from the project file; the offer's GPU count
+    runs one process per GPU, and a GPU offer makes the job refuse to fall back to the CPU."""
     from ftplan.planner.estimate.models import resolve_model
 
     spec = resolve_model(cfg.job.model)
@@ -128,6 +129,7 @@ def build_job_config(cfg: ProjectConfig, run_id: str) -> dict[str, Any]:
         "optimizer": j.optimizer, "gradient_checkpointing": j.gradient_checkpointing, "seed": j.seed,
         "checkpoint_every_steps": j.checkpoint_every_steps, "heartbeat_every_s": j.heartbeat_every_s,
         "throttle_s_per_step": j.throttle_s_per_step, "resume": True,
+        "num_gpus": max(1, int(gpu_count)), "expect_gpu": bool(gpu) and str(gpu).lower() != "cpu",
     }
 
 
@@ -235,7 +237,7 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
     remote_root = cfg.providers.get(first.provider, {}).get("remote_root", "~/ftplan-runs")
     launch_cfg = cfg.launch
     return LaunchPlan(
-        run_id=run_id, job_config=build_job_config(cfg, run_id), dataset=dataset, candidates=candidates,
+        run_id=run_id, job_config=build_job_config(cfg, run_id, first.gpu_count, first.gpu), dataset=dataset, candidates=candidates,
         model=_canonical_model(cfg.job.model), method=cfg.job.method, runs_dir=Path(launch_cfg.runs_dir),
         budget_usd=launch_cfg.budget_usd, on_over_budget=launch_cfg.on_over_budget,
         spot_recovery=launch_cfg.spot_recovery, max_offer_tries=launch_cfg.max_offer_tries,

@@ -349,10 +349,12 @@ class Launcher(ArtifactSteps, TeardownSteps):
         hours, usd = self.store.run_cost(self.run_id)
         summary = getattr(self, "summary", None) or _read_json(self.plan.run_dir / "out" / "summary.json") or {}
         fields: dict[str, Any] = dict(actual_hours=hours, actual_usd=usd, summary_json=summary or None)
-        if summary.get("tokens_per_s"):
+        # Calibration only from a run on the device that was paid for (a GPU offer's job on the CPU is not).
+        calibrate = summary.get("device") == "cuda" or not self.plan.job_config.get("expect_gpu")
+        if calibrate and summary.get("tokens_per_s"):
             fields["measured_tokens_per_s"] = summary["tokens_per_s"]
         peak = summary.get("peak_mem_allocated_gib") or summary.get("peak_mem_reserved_gib")
-        if peak:
+        if calibrate and peak:
             fields["measured_peak_mem_gib"] = peak
         if not teardown_ok:
             note = "teardown not confirmed; run 'ftplan gc --yes'"
