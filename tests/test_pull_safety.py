@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_safe_extract_hostile import base256, header, with_size_field
+from test_safe_extract_hostile import base256, header, pax, with_size_field
 
 from ftplan.planner.remote.ssh_runner import IntegrityError, SSHRunner
 
@@ -84,6 +84,10 @@ def pulled(make_runner, sshd, remote_root, known_hosts, tmp_path):
         runner.close()
 
 
+def pax_global(records: dict[str, str]) -> bytes:
+    return pax(records, "pax_global_header", tarfile.XGLTYPE)
+
+
 def _intact(local: Path) -> None:
     out = local / "out"
     assert out.is_dir() and not out.is_symlink()
@@ -134,11 +138,28 @@ def test_a_negative_size_stream_through_sshd_ends_with_a_clean_error(pulled):
     _intact(local)
 
 
-def test_a_member_larger_than_announced_is_refused_before_writing(pulled):
+def test_a_member_larger_than_the_free_disk_is_refused_before_writing(pulled):
     local, hostile = pulled
     stream = bytes(header("out", kind=tarfile.DIRTYPE)) + bytes(header("out/huge.bin", size=2**40)) + b"x" * 8192
-    with pytest.raises(IntegrityError, match="'out/huge.bin' declares 1099511627776 bytes"):
+    with pytest.raises(IntegrityError, match="'out/huge.bin' declares 1024.00 GiB but only .* free on the local disk"):
         hostile(stream, {}).pull("run-safe", "out", local)
+    _intact(local)
+
+
+def test_an_announced_size_beyond_the_free_disk_is_refused_at_once(pulled):
+    local, hostile = pulled
+    stream = pax_global({"ftplan.size": str(2**40)}) + bytes(header("out", kind=tarfile.DIRTYPE)) + bytes(1024)
+    with pytest.raises(IntegrityError, match="announces 1024.00 GiB but only"):
+        hostile(stream, {}).pull("run-safe", "out", local)
+    _intact(local)
+
+
+def test_a_stream_sending_more_than_it_announced_is_stopped(pulled):
+    local, hostile = pulled
+    stream = (pax_global({"ftplan.size": "10"}) + bytes(header("out", kind=tarfile.DIRTYPE))
+              + bytes(header("out/big.bin", size=64 << 20)) + b"b" * 4096)
+    with pytest.raises(IntegrityError, match="more than the .* left of what the stream announced"):
+        hostile(stream, {}).pull("run-safe", "out", local, attempts=1)
     _intact(local)
 
 
@@ -155,3 +176,11 @@ def test_secrets_env_is_removed_and_a_pid_file_of_1_is_not_trusted(make_runner, 
         runner.kill("run-sec", grace_s=0.2)  # would be `kill -TERM -- -1`: every process of the user
         assert not (run / "exit_code").exists()
     assert [m for m in messages if "is not a job's pid" in m]
+
+
+def test_names_with_a_trailing_newline_are_refused(make_runner):
+    runner = make_runner()
+    with pytest.raises(Exception, match="invalid run id"):
+        runner.run_dir("run-1\n")
+    with pytest.raises(Exception, match="environment variable name"):
+        runner._write_env_file(runner.run_dir("run-1"), {}, {"NAME\n": "x"})

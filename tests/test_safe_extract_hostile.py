@@ -40,7 +40,7 @@ def base256(value: int) -> bytes:
     return b"\xff" + (value & (2**88 - 1)).to_bytes(11, "big")
 
 
-def pax(records: dict[str, str], name: str = "pax") -> bytes:
+def pax(records: dict[str, str], name: str = "pax", kind: bytes = tarfile.XHDTYPE) -> bytes:
     body = b""
     for key, value in records.items():
         rec = f" {key}={value}\n".encode()
@@ -48,7 +48,7 @@ def pax(records: dict[str, str], name: str = "pax") -> bytes:
         while len(str(n).encode()) + len(rec) != n:
             n += 1
         body += str(n).encode() + rec
-    return bytes(header(name, size=len(body), kind=tarfile.XHDTYPE)) + body + bytes(-len(body) % 512)
+    return bytes(header(name, size=len(body), kind=kind)) + body + bytes(-len(body) % 512)
 
 
 def file_member(name: str, data: bytes) -> bytes:

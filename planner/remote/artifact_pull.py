@@ -41,7 +41,6 @@ _TRAILER_MAX = 1 << 20  # after the end-of-archive marker only tar's record padd
 _STDERR_MAX = 64 << 20
 _STALL_S = 60.0  # no byte for this long on a pull channel: the connection is treated as lost
 PULL_TIME_LIMIT_S = 4 * 3600.0  # a pull never runs longer than this (teardown gives it far less)
-_FREE_MARGIN = 64 << 20
 
 
 class _ChangedWhileReading(Exception):
@@ -182,16 +181,6 @@ class PullSteps:
             manifest[posixpath.normpath(name)] = digest
         return manifest
 
-    def _declared_size(self, base: str, name: str, rel: str, run_id: str) -> int | None:
-        """Bytes the machine says `name` holds (GNU du), checked against free local space; None if unknown."""
-        qb, qn = shlex.quote(base), shlex.quote(name)
-        rc, out, _ = self._exec(f"cd {qb} 2>/dev/null && [ -e {qn} ] || exit 44; du -sb -- {qn} 2>/dev/null",
-                                timeout=120, check=False)
-        if rc == 44:
-            raise SSHRunnerError(f"{rel} does not exist in run {run_id} on {self.host}")
-        field = out.strip().split("\t", 1)[0].split(" ", 1)[0] if out.strip() else ""
-        return int(field) if rc == 0 and field.isdigit() else None
-
     def pull(self, run_id: str, rel_path: str, local_dir: Path, *, attempts: int = 3,
              time_limit_s: float | None = None) -> list[Path]:
         """Copy `rel_path` (file or folder, relative to the run dir) to `local_dir/<its name>`; return the files.
@@ -213,16 +202,13 @@ class PullSteps:
             staging = None
             started = time.monotonic()
             try:
-                declared = self._call(f"sizing {rel}", lambda: self._declared_size(base, name, rel, run_id))
+                try:
+                    self._call(f"checking {rel}", lambda: self.sftp.stat(f"{run}/{rel}"))
+                except FileNotFoundError:
+                    raise SSHRunnerError(f"{rel} does not exist in run {run_id} on {self.host}") from None
                 local_dir.mkdir(parents=True, exist_ok=True)
-                if declared is not None and declared > shutil.disk_usage(local_dir).free - _FREE_MARGIN:
-                    raise SSHRunnerError(
-                        f"{rel} on {self.host} holds {declared / 2**30:.2f} GiB but only "
-                        f"{shutil.disk_usage(local_dir).free / 2**30:.2f} GiB is free under {local_dir}"
-                    )
-                cap = None if declared is None else declared + max(declared // 2, 256 << 20)
                 staging = local_dir / f".ftplan-pull-{uuid.uuid4().hex[:8]}"
-                local, received, skipped = self._pull_once(rel, base, name, staging, deadline, cap)
+                local, received, skipped = self._pull_once(rel, base, name, staging, deadline)
                 new = staging / name
                 if new.is_symlink() or not new.exists():
                     raise IntegrityError(
@@ -265,8 +251,8 @@ class PullSteps:
             f'exec "$p" -I -S -c {shlex.quote(SENDER_PY)} {qb} {qn} {qm}; fi; done; {fallback}'
         )
 
-    def _pull_once(self, rel: str, base: str, name: str, staging: Path, deadline: float,
-                   cap: int | None) -> tuple[dict[str, str], int, list[tuple[str, str]]]:
+    def _pull_once(self, rel: str, base: str, name: str, staging: Path,
+                   deadline: float) -> tuple[dict[str, str], int, list[tuple[str, str]]]:
         """One stream extracted into `staging` and checked against its manifest."""
         self._ensure()
         transport = self._client.get_transport()
@@ -282,9 +268,9 @@ class PullSteps:
             stderr.start()
             reader = _ChannelReader(chan, deadline)
             try:
-                local = safe_extract(reader.read, staging, skipped=skipped, max_bytes=cap)
+                local = safe_extract(reader.read, staging, skipped=skipped)
             except ArchiveTooLargeError as exc:
-                if cap is not None and "announced" in str(exc):
+                if "than the" in str(exc) and "announced" in str(exc):
                     raise _ChangedWhileReading(f"{rel} on {self.host} grew while it was read ({exc})") from None
                 raise IntegrityError(f"refused artifact {rel} from {self.host}: {exc}") from None
             except UnsafeArchiveError as exc:  # not raised with `skipped`; kept for safety

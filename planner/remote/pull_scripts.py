@@ -130,6 +130,29 @@ def send(path):
     elif stat.S_ISBLK(mode):
         header(path, st, tarfile.BLKTYPE)
 
+def announce(path):
+    # A PAX global header first: the bytes of file data that follow, so the receiver can check its free
+    # space before writing and stop a stream that sends more than it announced.
+    total = 0
+    for d, dirs, files in ([(os.path.dirname(path), [], [os.path.basename(path)])] if not os.path.isdir(path)
+                           or os.path.islink(path) else os.walk(path)):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(d, f))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    rec = " ftplan.size=%d\n" % total
+    n = len(rec) + 1
+    while len(str(n)) + len(rec) != n:
+        n += 1
+    body = (str(n) + rec).encode()
+    info = tarfile.TarInfo("pax_global_header")
+    info.type, info.size = tarfile.XGLTYPE, len(body)
+    write(info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512))
+
+announce(name)
 send(name)
 write(bytes(1024))
 sys.stderr.write("\n" + marker + "\n" + json.dumps(manifest) + "\n")

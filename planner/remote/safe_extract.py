@@ -74,6 +74,7 @@ class _Stream:
         self._read = read
         self._buf = b""
         self._pos = 0
+        self.announced: int | None = None  # file bytes the sender announced (PAX global `ftplan.size`)
 
     def _fill(self) -> None:
         data = self._read(_CHUNK)
@@ -151,7 +152,9 @@ def _members(stream: _Stream) -> Iterator[tarfile.TarInfo]:
                 long_link = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
             elif info.type == tarfile.XHDTYPE:
                 pax = _pax_records(data)
-            continue  # global PAX headers (XGLTYPE) carry nothing we use
+            elif stream.announced is None and "ftplan.size" in (glob := _pax_records(data)):
+                stream.announced = _size(glob["ftplan.size"])  # ftplan's sender: the data that follows
+            continue
         if long_name is not None:
             info.name = long_name
         if long_link is not None:
@@ -207,6 +210,17 @@ class _Budget:
     def __init__(self, root: str, max_bytes: int | None):
         self.root, self.left = root, max_bytes
 
+    def announce(self, size: int, slack: int | None) -> None:
+        """The sender announced `size` bytes of files: refuse at once if the disk cannot hold them, and
+        stop the stream once it sends more than that (plus `slack` for files growing as they are read)."""
+        free = shutil.disk_usage(self.root).free
+        if size > free - _FREE_MARGIN:
+            raise ArchiveTooLargeError(
+                f"the stream announces {size / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on the local disk"
+            )
+        cap = size + (max(size // 4, 16 << 20) if slack is None else slack)
+        self.left = cap if self.left is None else min(self.left, cap)
+
     def take(self, name: str, size: int) -> None:
         if self.left is not None:
             if size > self.left:
@@ -227,6 +241,7 @@ def safe_extract(
     *,
     skipped: list[tuple[str, str]] | None = None,
     max_bytes: int | None = None,
+    growth_slack: int | None = None,
 ) -> dict[str, str]:
     """Extract the tar stream given by `read(n)` (e.g. `fileobj.read`, `channel.recv`) into `dest`.
 
@@ -234,14 +249,21 @@ def safe_extract(
     to). Unsafe members (absolute names, `..`, symlinks and hard links resolving outside `dest`,
     devices, fifos, other special members) raise UnsafeArchiveError, or, when `skipped` is a list,
     are left out and appended to it as (name, reason). Permission bits are reduced to rw-r--r-- plus
-    execute bits. Stops at the end-of-archive marker; the caller drains whatever follows.
+    execute bits. Stops at the end-of-archive marker; the caller drains whatever follows. A PAX global
+    header `ftplan.size` (ftplan's sender) announces the file bytes: checked against the free disk at
+    once, and the stream may then write at most that plus `growth_slack` (default a quarter, at least 16 MiB:
+    files the job is still writing may grow while read).
     """
     dest.mkdir(parents=True, exist_ok=True)
     root = os.path.realpath(dest)
     stream = _Stream(read)
     budget = _Budget(root, max_bytes)
     hashes: dict[str, str] = {}
+    applied = False
     for member in _members(stream):
+        if stream.announced is not None and not applied:
+            applied = True
+            budget.announce(stream.announced, growth_slack)
         try:
             _extract_member(member, stream, root, hashes, budget)
         except _Skip as exc:

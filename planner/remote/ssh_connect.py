@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import socket
 import threading
 import time
@@ -31,6 +32,10 @@ import paramiko
 from paramiko.common import cMSG_GLOBAL_REQUEST
 
 from ftplan.providers.errors import scrub
+
+# paramiko logs a traceback for every failed handshake (normal while a machine boots) on its transport
+# thread; the runner reports what matters itself, so keep those out of the user's terminal.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 AUTH_RETRY_S = 180.0  # after sshd first answered: the key may not be installed yet
 ALIVE_INTERVAL_S = 5.0  # a reply-expecting keepalive this often
@@ -190,16 +195,20 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         t = self.transport
-        while not self.stopped.wait(self.interval_s) and t.is_active():
+        tick = min(1.0, self.interval_s)
+        next_alive = time.monotonic() + self.interval_s
+        while not self.stopped.wait(tick) and t.is_active():
             silent = time.monotonic() - t.last_heard
             if silent > self.dead_after_s:
                 self.on_dead(silent)
                 t.close()
                 return
-            try:
-                t.send_alive()
-            except Exception:  # noqa: BLE001 - a failing send means the transport is going away
-                return
+            if time.monotonic() >= next_alive:
+                next_alive += self.interval_s
+                try:
+                    t.send_alive()
+                except Exception:  # noqa: BLE001 - a failing send means the transport is going away
+                    return
 
 
 def _tune_socket(sock: socket.socket) -> None:
