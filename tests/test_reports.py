@@ -121,7 +121,7 @@ def test_json_floats_are_rounded_to_what_they_mean(store, capsys):
     store.update_run("ft-b", est_peak_mem_gib=7.448060607910156, est_tokens_per_s=2412.345678)
     _, out, _ = ftplan(capsys, "report", "ft-b", "--json", "--store", str(store.path))
     rep = json.loads(out)
-    assert rep["peak_mem_gib"]["estimated"] == 7.45 and rep["tokens_per_s"]["estimated"] == 2412.3
+    assert rep["peak_mem_gib"]["estimated"] == 7.45 and rep["tokens_per_s"]["estimated"] == 2412.35
     floats = re.findall(r"\d+\.(\d+)", out)
     assert floats and max(len(f) for f in floats) <= 6
 

@@ -78,7 +78,7 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
         "region": run.region, "spot": bool(run.spot), "price_hour": _r(run.price_hour),
         "phases": phase_durations(events, run.finished_at or run.updated_at),
         "peak_mem_gib": {"estimated": _r(run.est_peak_mem_gib, 2), "actual": _r(run.measured_peak_mem_gib, 2)},
-        "tokens_per_s": {"estimated": _r(run.est_tokens_per_s, 1), "actual": _r(run.measured_tokens_per_s, 1)},
+        "tokens_per_s": {"estimated": _r(run.est_tokens_per_s, 2), "actual": _r(run.measured_tokens_per_s, 2)},
         "losses": losses,
         "spend": spend,
         "instances": [
