@@ -158,3 +158,23 @@ def test_gpu_not_ready_is_a_clear_error(sshd_factory, known_hosts, remote_root):
             runner.preflight(gpus=2, cloud_init_s=5, gpu_wait_s=1)
     finally:
         runner.close()
+
+
+def test_remote_commands_see_the_login_profile_of_the_image(sshd_factory, known_hosts, remote_root, tmp_path):
+    """conda/pyenv/`/opt` tools are put on PATH by the login profile: the GPU check (like the job's start)
+    runs in a login shell, so an nvidia-smi found only through ~/.bash_profile answers."""
+    home = tmp_path / "home"
+    (home / "opt-bin").mkdir(parents=True)
+    (home / "opt-bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-1)'\n")
+    (home / "opt-bin" / "nvidia-smi").chmod(0o755)
+    (home / ".bash_profile").write_text(f'export PATH="{home / "opt-bin"}:$PATH"\n')
+    server = sshd_factory()
+    server.env = f"FTPLAN_NO_SHUTDOWN=1 HOME={home}"
+    server.start()
+    runner = _runner(server, known_hosts, remote_root)
+    try:
+        runner.connect()
+        assert "opt-bin" not in runner.run_command("echo $PATH")[1]  # a plain exec does not read the profile
+        runner.preflight(gpus=1, cloud_init_s=0, gpu_wait_s=1)
+    finally:
+        runner.close()
