@@ -142,3 +142,44 @@ def test_framework_changes_the_base_weights_and_bad_value_is_one_line():
     # LitGPT's bf16-mixed keeps the frozen base in fp32: at least twice the 16-bit weights.
     assert weights("litgpt") > 2 * weights("hf")
     one_line_error(run_process([*MISTRAL, "--method", "lora", "--framework", "axolotl"]), "--framework")
+
+
+def test_table_shows_usable_gib_marks_gpus_without_bf16_and_never_minus_zero():
+    res = run([*MISTRAL, "--method", "qlora"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines()[3:] if line and line[0].isalnum()}
+    assert rows["L4"][1] == "22.5"  # usable GiB, as the single-GPU view says, not the marketed 24
+    assert rows["T4"][3].endswith("*") and "estimated as fp16-mixed" in res.output
+    assert not rows["L4"][3].endswith("*")
+    assert "-0.0" not in res.output
+    single = run([*MISTRAL, "--method", "qlora", "--gpu", "T4", "--json"])
+    assert json.loads(single.stdout)["precision"] == "fp16-mixed"
+
+
+def test_detail_names_each_allocator_figure():
+    res = run([*MISTRAL, "--method", "qlora", "--gpu", "L4"])
+    out = res.output
+    assert "max_memory_allocated()" in out and "max_memory_reserved()" in out and "nvidia-smi" in out
+    figures = json.loads(run([*MISTRAL, "--method", "qlora", "--gpu", "L4", "--json"]).stdout)["memory_figures_gib"]
+    assert figures["allocated"] < figures["reserved"] < figures["device"]
+
+
+def test_seq_len_beyond_the_context_is_refused():
+    res = run_process(["estimate", "--model", "gpt2", "--method", "lora", "--seq-len", "4096"])
+    one_line_error(res, "context")
+
+
+def test_qlora_that_does_not_fit_never_suggests_qlora():
+    res = run(["estimate", "--model", "llama3.1-70b", "--method", "qlora", "--gpu", "T4", "--seq-len", "8192",
+               "--batch-size", "8"])
+    assert res.exit_code == 0 and "DOES NOT FIT" in res.output
+    assert "--method qlora" not in res.output
+
+
+def test_new_knobs_reach_the_estimate():
+    base = json.loads(run([*MISTRAL, "--method", "lora", "--gpu", "A100-80GB", "--json"]).stdout)
+    chunked = json.loads(run([*MISTRAL, "--method", "lora", "--gpu", "A100-80GB", "--json", "--loss", "chunked",
+                              "--lora-dropout", "0", "--modules-to-save", "lm_head"]).stdout)
+    assert chunked["memory_gib"]["logits"] < base["memory_gib"]["logits"] / 2
+    assert chunked["params_trainable"] > base["params_trainable"] + 32000 * 4096 - 1
+    assert chunked["settings"]["modules_to_save"] == ["lm_head"]

@@ -297,7 +297,9 @@ def _act_bytes_per_token_layer(req: EstimateRequest) -> tuple[float, float]:
         if req.lora_dropout > 0:
             lora_extra += (c + 1) * x.in_features * copies  # dropout output + bool mask, per adapted module
         if req.dora:
-            lora_extra += 2 * c * x.out_features * copies  # base and LoRA outputs, both scaled by the magnitude
+            # the base output (compute dtype) and the fp32 adapter output, both multiplied by the magnitude
+            # (counted on peft's DoRA layer)
+            lora_extra += (c + 4) * x.out_features * copies
     per_layer = norm + attn + mlp + saved_inputs + lora_extra
     working = c * (2 * inter + 2 * h)  # gradients flowing through the block being back-propagated
     return per_layer, working

@@ -195,7 +195,11 @@ def resolve_model(arg: str) -> ModelSpec:
     if path.is_dir() or path.suffix == ".json" or path.is_file():
         return _from_local(path)
     if _HF_ID.match(key):
-        config = _hub_config(key)
+        try:
+            config = _hub_config(key)
+        except _HubUnavailable as why:
+            raise UserError(f"'{arg}' is not in the catalog and {why}; pass a catalog name (closest: "
+                            f"{', '.join(_closest(key))}) or a local config.json / folder of the model") from None
         if config is not None:
             return _spec_from_source(config, f"config.json of '{key}'", name=key.rsplit("/", 1)[-1], hf_id=key)
     raise UserError(f"unknown model '{arg}'; closest catalog names: {', '.join(_closest(key))} "
@@ -246,8 +250,13 @@ def hf_config_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("ftplan")) / "hf-configs"
 
 
+class _HubUnavailable(Exception):
+    """The Hub was not asked (offline) or could not be reached: the message says which."""
+
+
 def _hub_config(hf_id: str) -> Any | None:
-    """config.json of an HF repo: from the cache, else fetched (unless offline). None if unavailable."""
+    """config.json of an HF repo: from the cache, else fetched. None when the Hub says it does not exist;
+    _HubUnavailable when offline or unreachable."""
     cache = hf_config_cache_dir() / (hf_id.replace("/", "--") + ".json")
     if cache.is_file():
         try:
@@ -255,7 +264,8 @@ def _hub_config(hf_id: str) -> Any | None:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cached {cache} is unreadable ({exc}); delete it and retry") from None
     if _offline():
-        return None
+        raise _HubUnavailable("FTPLAN_OFFLINE / HF_HUB_OFFLINE is set, so its config.json was not fetched "
+                              "(unset it to download once)")
     import httpx
 
     from ftplan.providers.errors import scrub
@@ -266,8 +276,9 @@ def _hub_config(hf_id: str) -> Any | None:
     url = f"{base.rstrip('/')}/{hf_id}/resolve/main/config.json"
     try:
         resp = httpx.get(url, headers=headers, timeout=5.0, follow_redirects=True)
-    except (httpx.HTTPError, httpx.InvalidURL):
-        return None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise _HubUnavailable(f"the Hugging Face Hub ({base}) could not be reached ({type(exc).__name__}); "
+                              "retry when online") from None
     if resp.status_code in (401, 403):
         raise UserError(scrub(f"config.json of '{hf_id}' is gated or private (HTTP {resp.status_code}); "
                               "set HF_TOKEN to a token with access, or pass a local config.json"))
