@@ -59,13 +59,14 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ftplan")
-@click.option("-v", "--verbose", count=True, help="Log provider calls, retries, SSH reconnects (-vv: debug).")
+@click.option("-v", "--verbose", count=True,
+              help="Log provider requests, retries, SSH reconnects (-vv: the libraries' logs too).")
 @click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
 @click.pass_context
 def cli(ctx, verbose, quiet):
     """ftplan: which GPU, for how long, at what price - and run it for me.
 
-    Logs go to stderr: -v for info, -vv (or FTPLAN_LOG=debug) for every provider request and retry.
+    Logs go to stderr: -v (or FTPLAN_LOG=debug) for every provider request, retry and SSH reconnect.
     Shell completion: eval "$(_FTPLAN_COMPLETE=bash_source ftplan)" (zsh_source, fish_source).
     """
     if verbose and quiet:

@@ -1,8 +1,9 @@
-"""Logging a user can turn on: `ftplan -v` (info), `-vv` or `FTPLAN_LOG=debug` (debug), `-q` (errors only).
+"""Logging a user can turn on: `ftplan -v` or `FTPLAN_LOG=debug` (ftplan's own debug: every provider request
+and retry, SSH reconnects, pulls), `-vv` (the libraries' too: paramiko, botocore, httpx), `-q` (errors only).
 
-Only the `ftplan` logger tree gets a handler (provider requests and retries, SSH reconnects, the
-launcher's phases); third-party libraries stay quiet unless FTPLAN_LOG_ALL=1. Every record passes
-through `ScrubFilter`, so an API key that reached a message or a traceback is printed as `***`.
+`-v` attaches a handler to the `ftplan` logger tree only, so third-party chatter stays out until `-vv` (or
+FTPLAN_LOG_ALL=1) puts it on the root logger. Every record passes through `ScrubFilter`, so an API key
+that reached a message or a traceback is printed as `***`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
 _HANDLER_NAME = "ftplan-cli"
+_saved_root_level: dict[str, int] = {}
 
 
 class ScrubFilter(logging.Filter):
@@ -37,7 +39,7 @@ def level_from(verbose: int = 0, quiet: bool = False, env: str | None = None) ->
     if quiet:
         return logging.ERROR
     if verbose:
-        return logging.INFO if verbose == 1 else logging.DEBUG
+        return logging.DEBUG
     value = (env if env is not None else os.environ.get("FTPLAN_LOG", "")).strip().lower()
     if not value:
         return logging.WARNING
@@ -51,15 +53,22 @@ def level_from(verbose: int = 0, quiet: bool = False, env: str | None = None) ->
 def configure_logging(verbose: int = 0, quiet: bool = False, stream=None) -> int:
     """Attach one stderr handler to the `ftplan` logger (idempotent) and set its level; return the level."""
     level = level_from(verbose, quiet)
-    target = logging.getLogger() if os.environ.get("FTPLAN_LOG_ALL") else logging.getLogger("ftplan")
-    for h in list(target.handlers):
-        if h.get_name() == _HANDLER_NAME:
-            target.removeHandler(h)
+    everything = verbose >= 2 or bool(os.environ.get("FTPLAN_LOG_ALL"))
+    target = logging.getLogger() if everything else logging.getLogger("ftplan")
+    for logger in (logging.getLogger(), logging.getLogger("ftplan")):
+        for h in list(logger.handlers):
+            if h.get_name() == _HANDLER_NAME:
+                logger.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(ScrubFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     target.addHandler(handler)
+    root = logging.getLogger()
+    if everything:
+        _saved_root_level.setdefault("level", root.level)
+    elif "level" in _saved_root_level:  # a previous -vv in this process: give the root its level back
+        root.setLevel(_saved_root_level.pop("level"))
     target.setLevel(level)
     logging.getLogger("ftplan").setLevel(level)
     return level

@@ -101,8 +101,11 @@ def test_a_rejected_key_fails_the_call_with_a_fix_that_names_the_variable(clean_
 def test_verbose_logs_the_provider_requests_without_the_key(clean_env, capsys, monkeypatch, fake_lambda):
     monkeypatch.setenv("LAMBDA_API_KEY", fake_lambda.api_key)
     cfg = _config(clean_env / "ftplan.toml", f'[providers.lambda]\nbase_url = "{fake_lambda.url}"\n')
-    rc, out, err = ftplan(capsys, "-vv", "check", "--config", cfg, "--provider", "lambda")
+    rc, out, err = ftplan(capsys, "-v", "check", "--config", cfg, "--provider", "lambda")
     assert rc == 0 and "lambda GET" in err and "200" in err, err
+    assert "httpx" not in err                                   # libraries only with -vv
+    rc, out, err = ftplan(capsys, "-vv", "check", "--config", cfg, "--provider", "lambda")
+    assert rc == 0 and "lambda GET" in err and "httpx" in err, err
     assert fake_lambda.api_key not in out + err
     rc, out, err = ftplan(capsys, "-q", "check", "--config", cfg, "--provider", "lambda")
     assert rc == 0 and "lambda GET" not in err
