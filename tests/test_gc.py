@@ -29,20 +29,20 @@ def env(tmp_path, fake_lambda, monkeypatch):  # noqa: F811
     return provider, Store(store_path), str(store_path)
 
 
-def _create(provider, run_id):
-    return provider.create(InstanceRequest(run_id=run_id, instance_type="gpu_1x_a10", gpu="A10", gpu_count=1,
-                                           region="us-east-1", ssh_public_key=PUB))
-
-
 def test_nothing_to_clean(env, capsys):
     _, _, store = env
     rc, out, _ = ftplan(capsys, "gc", "--store", store)
     assert rc == 0 and "nothing to clean up" in out
 
 
-def test_unknown_tagged_instance_is_listed_then_terminated_with_yes(env, capsys, fake_lambda):  # noqa: F811
-    provider, _, store = env
-    inst = _create(provider, "ft-stray-0001")
+def _create(provider, run_id, store_id=""):
+    return provider.create(InstanceRequest(run_id=run_id, instance_type="gpu_1x_a10", gpu="A10", gpu_count=1,
+                                           region="us-east-1", ssh_public_key=PUB, store_id=store_id))
+
+
+def test_own_tagged_instance_of_an_unknown_run_is_listed_then_terminated_with_yes(env, capsys, fake_lambda):  # noqa: F811
+    provider, s, store = env
+    inst = _create(provider, "ft-stray-0001", store_id=s.store_id)   # ours (tag), but its run row is lost
     rc, out, _ = ftplan(capsys, "gc", "--store", store, "--json")
     report = json.loads(out)
     assert rc == 0 and report["orphans"] == 1
@@ -51,6 +51,55 @@ def test_unknown_tagged_instance_is_listed_then_terminated_with_yes(env, capsys,
     rc, out, _ = ftplan(capsys, "gc", "--store", store, "--yes")
     assert rc == 0 and "terminated" in out
     assert fake_lambda.live_instances() == []
+
+
+def test_gc_never_touches_another_stores_instances_without_the_flag(env, capsys, fake_lambda, tmp_path):  # noqa: F811
+    """A colleague's (or CI's) live run on the same account: its store is elsewhere, so to this store its
+    run is unknown. `gc --yes` lists it as foreign and leaves it running."""
+    provider, _, store = env
+    theirs = Store(tmp_path / "colleague.sqlite3")
+    theirs.create_run("ft-theirs-0001", status="training")
+    inst = _create(provider, "ft-theirs-0001", store_id=theirs.store_id)
+    legacy = _create(provider, "ft-legacy-0001")               # untagged (older ftplan), run not in this store
+    rc, out, err = ftplan(capsys, "gc", "--store", store, "--yes", "--json")
+    report = json.loads(out)
+    assert rc == 0 and report["terminated"] == 0 and report["foreign"] == 2
+    assert {i["id"]: i["action"] for i in report["instances"]} == {inst.id: "foreign", legacy.id: "foreign"}
+    assert len(fake_lambda.live_instances()) == 2
+    rc, out, err = ftplan(capsys, "gc", "--store", store, "--yes")
+    assert "another ftplan run store" in out and "not touched" in out and "another run store" in err
+    assert len(fake_lambda.live_instances()) == 2
+
+
+def test_include_foreign_asks_and_a_no_touches_nothing(env, capsys, fake_lambda, tmp_path, monkeypatch):  # noqa: F811
+    import io
+
+    provider, _, store = env
+    theirs = Store(tmp_path / "colleague.sqlite3")
+    _create(provider, "ft-theirs-0002", store_id=theirs.store_id)
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    rc, _, err = ftplan(capsys, "gc", "--store", store, "--yes", "--include-foreign")
+    assert rc == 2 and "not confirmed" in err and len(fake_lambda.live_instances()) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    rc, out, err = ftplan(capsys, "gc", "--store", store, "--yes", "--include-foreign")
+    assert rc == 0 and "someone else" in err and fake_lambda.live_instances() == []
+
+
+def test_intent_row_stays_open_when_the_list_call_fails(env, capsys, fake_lambda):  # noqa: F811
+    """An ambiguous create (no id came back) closes only on positive evidence: a listing that worked."""
+    _, s, store = env
+    s.create_run("ft-amb-0001", status="provisioning")
+    s.update_run("ft-amb-0001", launcher_pid=_dead_pid())
+    s.add_instance_intent("ft-amb-0001", "lambda", price_hour=0.75)
+    fake_lambda.fail_next("list", kind="500", times=50)
+    rc, out, err = ftplan(capsys, "gc", "--store", store, "--yes", "--json")
+    report = json.loads(out)
+    assert rc == 1 and "cannot list instances" in " ".join(report["errors"])
+    assert [r.state for r in s.instances("ft-amb-0001")] == ["intent"]
+    assert report["instances"][0]["action"] == "unconfirmed"
+    fake_lambda.faults.clear()                                 # the API is back: a listing shows nothing
+    rc, out, _ = ftplan(capsys, "gc", "--store", store, "--yes", "--json")
+    assert rc == 0 and [r.state for r in s.instances("ft-amb-0001")] == ["create_failed"]
 
 
 def test_instance_of_a_live_launcher_is_kept(env, capsys, fake_lambda):  # noqa: F811

@@ -99,3 +99,56 @@ def test_short_run_id_prefix_finds_the_run(tmp_path):
     store.create_run("ft-20250101-bbbb")
     assert store.get_run("ft-20250101-b").id == "ft-20250101-bbbb"
     assert store.get_run("ft-2025") is None  # ambiguous
+
+
+def test_three_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
+    """The schema version is read inside the write transaction: no "table runs already exists"."""
+    for attempt in range(3):
+        path = tmp_path / f"race{attempt}.sqlite3"
+        code = (f"from ftplan.planner.runs.store import Store; s = Store(r'{path}'); "
+                "s.create_run('r-%d' % __import__('os').getpid()); print(s.store_id)")
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+        assert len({out.strip() for out, _ in outs}) == 1     # one store id, made once
+        assert Store(path).schema_version() == SCHEMA_VERSION
+
+
+def test_store_id_is_made_once_and_kept(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    first = Store(path).store_id
+    assert first.startswith("st") and len(first) > 6
+    assert Store(path).store_id == first
+    assert Store(tmp_path / "other.sqlite3").store_id != first
+
+
+def test_read_only_store_folder_says_read_only(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            import pytest
+
+            pytest.skip("running as root: folder permissions do not bind")
+        rc, _out, err = ftplan(capsys, "runs", "--store", str(folder / "runs.sqlite3"))
+    finally:
+        folder.chmod(0o755)
+    assert rc == 2 and err.count("\n") == 1
+    assert "read-only" in err and "not an ftplan run store" not in err
+
+
+def test_secrets_are_scrubbed_before_they_are_stored(tmp_path, monkeypatch):
+    token = "hf_STOREsecret987654321"
+    monkeypatch.setenv("HF_TOKEN", token)
+    store = Store(tmp_path / "s.sqlite3")
+    store.create_run("r1")
+    store.update_run("r1", error=f"401 with {token}", summary_json={"error": f"bad token {token}", "loss": [1.0]})
+    store.add_event("r1", "progress", f"echo {token}", data={"loss": token, "step": 3})
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert token.encode() not in raw
+    again = Store(tmp_path / "s.sqlite3")
+    assert again.get_run("r1").json("summary_json")["loss"] == [1.0]
+    assert again.events("r1")[0].json("data_json")["step"] == 3

@@ -87,6 +87,10 @@ def init(path, model, method, dataset, budget, force):
 def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, model, method, dataset, max_steps, budget,
            on_over_budget, spot_recovery, sync_every, yes, dry_run, as_json, runs_dir, store_path):
     """Provision, train, pull artifacts, tear down."""
+    from ftplan.planner.launch.project_config import check_provider_names
+
+    if provider is not None:
+        check_provider_names([provider], "--provider")
     cfg = load_project(config_path, required=config_path is not None)
     if budget is not None and budget <= 0:
         raise UserError("--budget must be a positive number of USD, e.g. --budget 20")
@@ -127,6 +131,10 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
         else:
             click.echo(plan_text(summary))
         return
+    from ftplan.planner.launch.preflight import usable_candidates
+
+    plan.candidates = usable_candidates(plan.candidates, plan.provider_options)  # keys and SDKs, before asking
+    summary = plan_summary(plan)
     if not yes and not sys.stdin.isatty():
         raise UserError("launching rents a machine; confirm with --yes when there is no terminal to ask")
     if cfg.launch.providers == ["local"]:  # the demo's own needs, before anything is recorded
@@ -192,14 +200,31 @@ def attach(ctx, run_id, store_path, as_json):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 @click.option("--provider", "providers", multiple=True, help="Only sweep these providers (repeatable).")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
+@click.option("--include-foreign", is_flag=True,
+              help="Also terminate instances of OTHER run stores (colleagues, CI) on this account; asks first.")
 @click.pass_context
-def gc(ctx, yes, as_json, config_path, providers, store_path):
-    """Find and terminate instances ftplan left behind."""
+def gc(ctx, yes, as_json, config_path, providers, store_path, include_foreign):
+    """Find and terminate instances ftplan left behind (only this run store's, unless --include-foreign)."""
+    from ftplan.planner.launch.project_config import check_provider_names
     from ftplan.planner.launch.teardown import collect_garbage
 
+    check_provider_names(providers, "--provider")
     cfg: ProjectConfig = load_project(config_path, required=config_path is not None)
     store = _store(store_path)
-    report = collect_garbage(store, cfg, terminate=yes, only=list(providers) or None)
+    if include_foreign and yes:
+        # Foreign instances may be someone's live training run: list them, then ask (a prompt answered on
+        # stdin; no answer is no).
+        preview = collect_garbage(store, cfg, terminate=False, only=list(providers) or None)
+        foreign = [i for i in preview["instances"] if i.get("foreign")]
+        for item in foreign:
+            click.echo(f"foreign      {item['provider']:<10} {item['id']:<24} run {item['run_id'] or '-'}  "
+                       f"{item['reason']}", err=True)
+        if foreign and not click.confirm(f"Terminate {len(foreign)} instance(s) that this run store does not own? "
+                                         "They may be someone else's running job", default=False, err=True):
+            raise UserError("not confirmed: nothing terminated; run without --include-foreign to clean only this "
+                            "store's instances")
+    report = collect_garbage(store, cfg, terminate=yes, only=list(providers) or None,
+                             include_foreign=include_foreign)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -213,7 +238,10 @@ def gc(ctx, yes, as_json, config_path, providers, store_path):
             click.echo(f"error: {err}", err=True)
         if not report["instances"] and not report["side_resources"]:
             click.echo("nothing to clean up")
-        elif not yes and (report["orphans"] or report["side_orphans"]):
+        if report["foreign"] and not include_foreign:
+            click.echo(f"{report['foreign']} instance(s) belong to another run store (not touched); "
+                       "'ftplan gc --yes --include-foreign' terminates them after asking", err=True)
+        if not yes and (report["orphans"] or report["side_orphans"]):
             click.echo(f"{report['orphans']} orphan instance(s), {report['side_orphans']} orphan key pair(s)/"
                        "security group(s)/firewall rule(s); run 'ftplan gc --yes' to remove them")
     ctx.exit(1 if report["errors"] else 0)

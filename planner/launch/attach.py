@@ -51,6 +51,7 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
         budget_usd=run.budget_usd, on_over_budget=ctx.get("on_over_budget", "stop"),
         spot_recovery=False, sync_every_s=ctx.get("sync_every_s", 600.0), poll_interval_s=ctx.get("poll_interval_s", 2.0),
         ssh_connect_timeout_s=ctx.get("ssh_connect_timeout_s", 300.0), pull_margin_s=ctx.get("pull_margin_s", 600.0),
+        ssh_reconnect_s=ctx.get("ssh_reconnect_s", 300.0),
         identity=Path(ctx["identity"]) if ctx.get("identity") else None, remote_python=ctx.get("remote_python"),
         remote_root=ctx.get("remote_root", "~/ftplan-runs"),
         estimate={"hours": run.est_hours, "usd": run.est_usd},

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -27,16 +29,18 @@ class Progress:
     tokens_seen: int = 0
 
     @classmethod
-    def from_heartbeat(cls, hb: dict | None) -> Progress:
-        hb = hb or {}
+    def from_heartbeat(cls, hb: Any) -> Progress:
+        """Whatever the machine wrote (it is not trusted): numbers that are not finite numbers become
+        0/None, so an odd heartbeat (`"loss": "nan"`, a list, a token) never stops a healthy run."""
+        hb = hb if isinstance(hb, dict) else {}
         return cls(
-            step=int(hb.get("step") or 0),
-            total_steps=int(hb.get("total_steps") or 0),
-            elapsed_s=float(hb.get("elapsed_s") or 0.0),
-            loss=hb.get("loss"),
-            tokens_per_s=hb.get("tokens_per_s"),
-            status=str(hb.get("status") or ""),
-            tokens_seen=int(hb.get("tokens_seen") or 0),
+            step=_count(hb.get("step")),
+            total_steps=_count(hb.get("total_steps")),
+            elapsed_s=finite_number(hb.get("elapsed_s")) or 0.0,
+            loss=finite_number(hb.get("loss")),
+            tokens_per_s=finite_number(hb.get("tokens_per_s")),
+            status=_status(hb.get("status")),
+            tokens_seen=_count(hb.get("tokens_seen")),
         )
 
     def remaining_s(self) -> float | None:
@@ -52,6 +56,28 @@ class Progress:
         if self.elapsed_s <= 0:
             return None
         return left * (self.elapsed_s / self.step)
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None (text, NaN, inf, booleans, containers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        x = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _count(value: Any) -> int:
+    x = finite_number(value)
+    return int(x) if x is not None and 0 <= x < 1e15 else 0
+
+
+def _status(value: Any) -> str:
+    from ftplan.providers.errors import scrub
+
+    return scrub(value)[:40] if isinstance(value, str) else ""
 
 
 @dataclass

@@ -54,7 +54,8 @@ class LaunchPlan:
     sync_every_s: float = 600.0
     poll_interval_s: float = 2.0
     wait_ready_timeout_s: float = 1200.0
-    ssh_connect_timeout_s: float = 300.0
+    ssh_connect_timeout_s: float | None = None  # None: the provider's first_boot_s (catalogs/provider_overheads.json)
+    ssh_reconnect_s: float = 300.0          # a connection lost mid-run is retried this long
     pull_margin_s: float = 600.0
     identity: Path | None = None            # an already-authorized key (local/ssh); else a per-run key
     remote_python: str | None = None
@@ -81,7 +82,10 @@ class LaunchResult:
     instances: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("estimated", "actual"):  # 4 decimals: 0.36 s, 0.01 cent; not float noise
+            out[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in (out[key] or {}).items()}
+        return out
 
 
 class LaunchFailed(Exception):
@@ -234,6 +238,13 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
             c.est_hours = estimate["hours"]
             c.est_usd = c.est_hours * c.price_hour
     names = {c.provider for c in candidates}
+    options = {n: _provider_options(cfg, n, host, identity) for n in names}
+    from ftplan.planner.launch.preflight import options_problem
+
+    for n in sorted(names):  # the same answer for --dry-run and launch
+        problem = options_problem(n, options[n])
+        if problem:
+            raise UserError(problem)
     remote_root = cfg.providers.get(first.provider, {}).get("remote_root", "~/ftplan-runs")
     launch_cfg = cfg.launch
     return LaunchPlan(
@@ -243,9 +254,10 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
         spot_recovery=launch_cfg.spot_recovery, max_offer_tries=launch_cfg.max_offer_tries,
         sync_every_s=launch_cfg.sync_every_min * 60, poll_interval_s=launch_cfg.poll_interval_s,
         wait_ready_timeout_s=launch_cfg.wait_ready_timeout_s, ssh_connect_timeout_s=launch_cfg.ssh_connect_timeout_s,
+        ssh_reconnect_s=launch_cfg.ssh_reconnect_s,
         pull_margin_s=launch_cfg.pull_margin_min * 60, identity=identity, remote_python=launch_cfg.remote_python,
         remote_root=remote_root, estimate=estimate,
-        provider_options={n: _provider_options(cfg, n, host, identity) for n in names},
+        provider_options=options,
         job_secrets=job_secrets_from_env(),
         extra_files={k: Path(v) for k, v in launch_cfg.bundle_extra_files.items()},
     )
@@ -271,9 +283,9 @@ def plan_summary(plan: LaunchPlan) -> dict[str, Any]:
     return {
         "run_id": plan.run_id, "model": plan.model, "method": plan.method, "dataset": str(plan.dataset),
         "budget_usd": plan.budget_usd,
-        "estimated": {"hours": plan.estimate.get("hours"), "usd": plan.estimate.get("usd"),
-                      "peak_mem_gib": plan.estimate.get("peak_mem_gib"),
-                      "tokens_per_s": plan.estimate.get("tokens_per_s")},
+        "estimated": {"hours": _round(plan.estimate.get("hours"), 4), "usd": _round(plan.estimate.get("usd"), 4),
+                      "peak_mem_gib": _round(plan.estimate.get("peak_mem_gib"), 2),
+                      "tokens_per_s": _round(plan.estimate.get("tokens_per_s"), 1)},
         "notes": plan.estimate.get("notes", []),
         "offer": None if first is None else {
             "provider": first.provider, "instance_type": first.instance_type, "gpu": first.gpu,
@@ -282,6 +294,11 @@ def plan_summary(plan: LaunchPlan) -> dict[str, Any]:
         "fallbacks": [f"{c.provider}/{c.instance_type}/{c.zone or c.region} ${c.price_hour:.2f}/h"
                       for c in plan.candidates[1:plan.max_offer_tries]],
     }
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    """JSON shows what the number means (0.01 cent, 0.01 GiB), not float noise."""
+    return None if x is None else round(float(x), digits)
 
 
 def plan_text(s: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ Where the rest lives: the plan and result types in `ftplan.planner.launch.launch
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftplan.planner.launch.budget import BudgetGuard, Progress
+from ftplan.planner.launch.budget import BudgetGuard, Progress, finite_number
 from ftplan.planner.launch.launch_plan import (  # noqa: F401  (re-exported: the public names of this module before the split)
     Candidate,
     InstanceLost,
@@ -46,7 +47,7 @@ from ftplan.planner.launch.teardown import (  # noqa: F401  (UNMANAGED_PROVIDERS
     shielded,
 )
 from ftplan.planner.launch.teardown import scrubbed as _scrub
-from ftplan.planner.runs.store import Store
+from ftplan.planner.runs.store import Store, scrub_data
 
 
 class Launcher(ArtifactSteps, TeardownSteps):
@@ -75,6 +76,11 @@ class Launcher(ArtifactSteps, TeardownSteps):
     # ---- public -------------------------------------------------------------------------------
     def run(self) -> LaunchResult:
         p = self.plan
+        if self.provider_factory is _default_provider_factory:
+            # Missing SDK, key or a bad option is bad input: refused before anything is recorded.
+            from ftplan.planner.launch.preflight import usable_candidates
+
+            p.candidates = usable_candidates(p.candidates, p.provider_options)
         p.run_dir.mkdir(parents=True, exist_ok=True)
         first = p.candidates[0] if p.candidates else Candidate(provider="?", instance_type="?", gpu="?")
         self.store.create_run(
@@ -117,6 +123,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 "remote_python": p.remote_python, "on_over_budget": p.on_over_budget,
                 "spot_recovery": p.spot_recovery, "sync_every_s": p.sync_every_s, "poll_interval_s": p.poll_interval_s,
                 "pull_margin_s": p.pull_margin_s, "ssh_connect_timeout_s": p.ssh_connect_timeout_s,
+                "ssh_reconnect_s": p.ssh_reconnect_s,
                 "wait_ready_timeout_s": p.wait_ready_timeout_s, "dataset": str(p.dataset),
                 "runs_dir": str(p.runs_dir.resolve()), "max_offer_tries": p.max_offer_tries}
 
@@ -162,6 +169,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
             row, inst, offer = self._provision(public_key)
             try:
                 endpoint = self._wait_ready(row, inst)
+                offer = self._cross_check_price(row, inst, offer)  # booted: the provider's own price is known
                 self._connect(row, inst, endpoint, key_path)
                 self._enter("uploading", f"shipping the job to {endpoint.host}")
                 self._upload(bundle, resume)
@@ -195,6 +203,12 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 continue
             if attempts >= p.max_offer_tries:
                 break
+            refused = _price_problem(offer)
+            if refused:
+                errors.append(f"{offer.provider}/{offer.instance_type}: {refused}")
+                self.store.add_event(self.run_id, "offer_refused", refused, phase="provisioning",
+                                     data={"provider": offer.provider, "instance_type": offer.instance_type})
+                continue
             if not self.guard.affordable(offer.price_hour, self._remaining_hours(offer)):
                 errors.append(f"{offer.provider}/{offer.instance_type}: over what is left of the budget")
                 continue
@@ -205,6 +219,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 run_id=self.run_id, instance_type=offer.instance_type, gpu=offer.gpu, gpu_count=offer.gpu_count,
                 region=offer.region, zone=offer.zone, spot=offer.spot, ssh_public_key=public_key,
                 max_lifetime_s=int(self._hard_cap_s(offer.price_hour) or 24 * 3600) + int(p.pull_margin_s),
+                store_id=self.store.store_id,
                 cloud_type=(getattr(offer, "cloud", "") or "").upper() or None,  # RunPod secure/community
             )
             row = self.store.add_instance_intent(
@@ -215,19 +230,24 @@ class Launcher(ArtifactSteps, TeardownSteps):
                                                f"at ${offer.price_hour:.2f}/h")
             try:
                 inst = provider.create(req)
-            except (CapacityError, QuotaError) as exc:
-                self.store.set_instance_state(row, "create_failed", error=_scrub(exc))
-                self.store.add_event(self.run_id, "no_capacity", _scrub(exc), phase="provisioning",
-                                     data={"provider": offer.provider, "instance_type": offer.instance_type})
-                errors.append(f"{offer.provider}/{offer.instance_type}: {_scrub(exc)}")
-                continue
-            except ProviderError as exc:
-                # The call may have created something before failing: teardown sweeps by run tag.
-                self.store.set_instance_state(row, "intent", error=_scrub(exc))
-                raise LaunchFailed(f"create on {offer.provider} failed: {_scrub(exc)}") from None
+            except Exception as exc:  # noqa: BLE001 - whatever the class, the instance may exist by now
+                # A create can fail after the provider made the instance (a capacity error raised by a
+                # failed cleanup, a timeout on the reply): sweep by run tag before trying anything else.
+                # The row closes only when the sweep proved nothing is left; else teardown and gc retry it.
+                swept = offer.provider in UNMANAGED_PROVIDERS or self._sweep_provider(
+                    offer.provider, keep=tuple(i.id for _, i, _ in self.live))
+                self.store.set_instance_state(row, "create_failed" if swept else "intent", error=_scrub(exc))
+                if isinstance(exc, (CapacityError, QuotaError)):
+                    self.store.add_event(self.run_id, "no_capacity", _scrub(exc), phase="provisioning",
+                                         data={"provider": offer.provider, "instance_type": offer.instance_type})
+                    errors.append(f"{offer.provider}/{offer.instance_type}: {_scrub(exc)}")
+                    continue
+                what = "" if isinstance(exc, ProviderError) else f"{type(exc).__name__}: "
+                raise LaunchFailed(f"create on {offer.provider} failed: {what}{_scrub(exc)}") from None
             self.store.set_instance_created(row, inst.id, inst.to_dict())
             self.guard.start_billing(row, offer.price_hour)
             self.live.append((row, inst, offer))
+            offer = self._cross_check_price(row, inst, offer)
             self.store.update_run(self.run_id, provider=offer.provider, instance_type=offer.instance_type,
                                   gpu=offer.gpu, gpu_count=offer.gpu_count, region=offer.region, spot=offer.spot,
                                   price_hour=offer.price_hour)
@@ -235,6 +255,28 @@ class Launcher(ArtifactSteps, TeardownSteps):
                                  data={"provider": offer.provider, "instance_type": offer.instance_type})
             return row, inst, offer
         raise NoCapacity("no capacity on any offer tried (" + "; ".join(errors or ["none affordable"]) + ")")
+
+    def _cross_check_price(self, row: int, inst: Any, offer: Candidate) -> Candidate:
+        """The provider's own price for the instance (where its API reports one, in `extra["price_hour"]`)
+        against the plan's: the guard, the caps and the record use the higher of the two."""
+        import dataclasses
+
+        reported = _as_price((getattr(inst, "extra", None) or {}).get("price_hour"))
+        if reported is None or reported <= offer.price_hour:
+            return offer
+        self.store.add_event(self.run_id, "price_mismatch",
+                             f"{offer.provider} reports ${reported:.4f}/h for {inst.id}, the plan said "
+                             f"${offer.price_hour:.4f}/h; budgeting with the higher", phase="provisioning",
+                             data={"planned": offer.price_hour, "reported": reported})
+        self.display.warn(f"{offer.provider} bills ${reported:.4f}/h, more than the planned ${offer.price_hour:.4f}/h")
+        self.store.db.execute("UPDATE instances SET price_hour = ? WHERE id = ?", (reported, row))
+        self.store.update_run(self.run_id, price_hour=reported)
+        offer = dataclasses.replace(offer, price_hour=reported)
+        since = self.store.get_instance(row).created_at
+        self.guard.stop_billing(row, since)         # re-bill from creation at the higher price
+        self.guard.start_billing(row, reported, since=since)
+        self.live = [(r, i, offer if r == row else o) for r, i, o in self.live]
+        return offer
 
     def _wait_ready(self, row: int, inst: Any) -> Any:
         from ftplan.providers.errors import CapacityError, InstanceGone
@@ -253,7 +295,9 @@ class Launcher(ArtifactSteps, TeardownSteps):
         runner = self.runner_factory(
             host=endpoint.host, port=endpoint.port, user=endpoint.user, key_path=key_path,
             known_hosts=self.plan.run_dir / "known_hosts", remote_root=self.plan.remote_root,
-            connect_timeout_s=self.plan.ssh_connect_timeout_s, log=self._log_line,
+            connect_timeout_s=self.plan.ssh_connect_timeout_s, reconnect_grace_s=self.plan.ssh_reconnect_s,
+            log=self._log_line,
+            **_runner_options(self._provider(inst.provider), inst, self._log_line),  # host keys, first boot
         )
         self.runner = runner
         self.runner_instance_row = row
@@ -261,6 +305,8 @@ class Launcher(ArtifactSteps, TeardownSteps):
 
     def _upload(self, bundle: Path, resume: bool) -> None:
         runner = self.runner
+        if hasattr(runner, "preflight"):  # cloud-init done, GPU driver answering (planner/remote/ssh_options.py)
+            self._call_runner(lambda: runner.preflight(**_preflight_options(self.live[-1][2] if self.live else None)))
         self._call_runner(lambda: runner.upload_bundle(bundle, self.run_id))
         cap = self._hard_cap_s(self.guard.price_hour())
         deadline = int(cap) if cap is not None else None
@@ -291,7 +337,8 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 self.last_progress = prog
             projected = self.guard.projected_total_usd(self.last_progress)
             self.display.progress(self.last_progress, spent=self.guard.spent_usd(), projected=projected,
-                                  budget=p.budget_usd, eta_s=self.last_progress.remaining_s())
+                                  budget=p.budget_usd, eta_s=self.last_progress.remaining_s(),
+                                  margin=self.guard.pull_margin_s / 3600.0 * self.guard.price_hour())
             running = self._call_runner(lambda: runner.is_running(self.run_id), inst)
             if not running:
                 code = self._call_runner(lambda: runner.exit_code(self.run_id), inst)
@@ -328,6 +375,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
 
     def _job_outcome(self, code: Any, stopping: bool) -> str:
         summary = self._call_runner(lambda: self.runner.read_json(self.run_id, "out/summary.json")) or {}
+        summary = scrub_data(summary) if isinstance(summary, dict) else {}   # it came from the machine
         self.summary = summary
         self.job_finished = True
         status = summary.get("status")
@@ -346,30 +394,61 @@ class Launcher(ArtifactSteps, TeardownSteps):
 
 
     def _finish(self, status: str, error: str | None, teardown_ok: bool) -> LaunchResult:
-        hours, usd = self.store.run_cost(self.run_id)
+        self._scrub_local_copies()
         summary = getattr(self, "summary", None) or _read_json(self.plan.run_dir / "out" / "summary.json") or {}
-        fields: dict[str, Any] = dict(actual_hours=hours, actual_usd=usd, summary_json=summary or None)
-        # Calibration only from a run on the device that was paid for (a GPU offer's job on the CPU is not).
-        calibrate = summary.get("device") == "cuda" or not self.plan.job_config.get("expect_gpu")
-        if calibrate and summary.get("tokens_per_s"):
-            fields["measured_tokens_per_s"] = summary["tokens_per_s"]
-        peak = summary.get("peak_mem_allocated_gib") or summary.get("peak_mem_reserved_gib")
-        if calibrate and peak:
-            fields["measured_peak_mem_gib"] = peak
+        summary = scrub_data(summary) if isinstance(summary, dict) else {}
+        problems = getattr(self, "_teardown_problems", [])
         if not teardown_ok:
             note = "teardown not confirmed; run 'ftplan gc --yes'"
+            if problems:
+                note += f" ({problems[0]})"
             error = f"{error}; {note}" if error else note
-        self.store.update_run(self.run_id, error=error, **fields)
-        if teardown_ok:
-            self.store.finish_run(self.run_id, status)
+        try:
+            hours, usd = self.store.run_cost(self.run_id)
+            fields: dict[str, Any] = dict(actual_hours=hours, actual_usd=usd, summary_json=summary or None)
+            # Calibration only from a run on the device that was paid for (a GPU offer's job on the CPU is not).
+            calibrate = summary.get("device") == "cuda" or not self.plan.job_config.get("expect_gpu")
+            if calibrate and finite_number(summary.get("tokens_per_s")):
+                fields["measured_tokens_per_s"] = finite_number(summary["tokens_per_s"])
+            peak = finite_number(summary.get("peak_mem_allocated_gib")) or finite_number(
+                summary.get("peak_mem_reserved_gib"))
+            if calibrate and peak:
+                fields["measured_peak_mem_gib"] = peak
+            self.store.update_run(self.run_id, error=error, **fields)
+            if teardown_ok:
+                self.store.finish_run(self.run_id, status)
+            instances = [{"provider": r.provider, "id": r.provider_instance_id, "state": r.state}
+                         for r in self.store.instances(self.run_id)]
+        except Exception as exc:  # noqa: BLE001 - the store is unwritable (disk full, read-only): say so in one line
+            hours, usd, instances = 0.0, 0.0, []
+            teardown_ok = False
+            note = (f"the run store {self.store.path} could not record the end of the run ({type(exc).__name__}: "
+                    f"{_scrub(exc)}); check the instances with 'ftplan gc' once the store is writable")
+            error = f"{error}; {note}" if error else note
         self.display.done(status, error)
         return LaunchResult(
             run_id=self.run_id, status=status, artifacts_dir=str(self.plan.run_dir.resolve()),
             estimated={"hours": self.plan.estimate.get("hours"), "usd": self.plan.estimate.get("usd")},
             actual={"hours": hours, "usd": usd}, error=error, teardown_confirmed=teardown_ok,
-            instances=[{"provider": r.provider, "id": r.provider_instance_id, "state": r.state}
-                       for r in self.store.instances(self.run_id)],
+            instances=instances,
         )
+
+    def _scrub_local_copies(self) -> None:
+        """Files pulled from the machine (the job's log, summary, heartbeat) may quote a secret (an error
+        message with HF_TOKEN in it): rewrite them scrubbed before anyone reads them."""
+        from ftplan.providers.errors import scrub
+
+        for rel in ("train.log", "out/summary.json", "out/heartbeat.json"):
+            path = self.plan.run_dir / rel
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                text = path.read_text(errors="replace")
+                clean = scrub(text)
+                if clean != text:
+                    path.write_text(clean)
+            except OSError:
+                continue
 
     # ---- helpers ------------------------------------------------------------------------------
     def _provider(self, name: str) -> Any:
@@ -435,11 +514,44 @@ class Launcher(ArtifactSteps, TeardownSteps):
         return _scrub(lines[-1])[:300] if lines else ""
 
 
+def _as_price(value: Any) -> float | None:
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None
+    return price if math.isfinite(price) else None
+
+
+def _price_problem(offer: Candidate) -> str:
+    """Why an offer's price cannot be budgeted ("" when it can). A rented machine at $0 or an unknown price
+    would switch off both budget caps (nothing ever projects over budget, no on-instance deadline)."""
+    if offer.provider in UNMANAGED_PROVIDERS:
+        return ""   # your own machine: nothing bills, so $0/h is honest
+    price = _as_price(offer.price_hour)
+    if price is None or price <= 0:
+        return (f"refused: its price is {offer.price_hour!r} $/h; a rented machine needs a known price above 0 "
+                "for the budget caps to work (fix price_hour, or refresh the catalog)")
+    return ""
+
+
 # ---- defaults wired to the real parts ---------------------------------------------------------
 def _default_provider_factory(name: str, **options: Any) -> Any:
+    from ftplan.planner.launch.preflight import adapter_kwargs
     from ftplan.providers.base import get_provider
 
-    return get_provider(name, **options)
+    return get_provider(name, **adapter_kwargs(name, options))
+
+
+def _runner_options(provider: Any, inst: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    from ftplan.planner.remote.ssh_options import runner_options
+
+    return runner_options(provider, inst, log)
+
+
+def _preflight_options(offer: Any) -> dict[str, Any]:
+    from ftplan.planner.remote.ssh_options import preflight_options
+
+    return preflight_options(offer)
 
 
 def _default_runner_factory(**kwargs: Any) -> Any:

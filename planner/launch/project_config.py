@@ -81,7 +81,7 @@ price_hour = 0.0                   # what an hour here is accounted at in `ftpla
 
 
 class JobSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "tiny-llama"
     method: Literal["qlora", "lora", "full"] = "qlora"
@@ -107,7 +107,7 @@ class JobSection(BaseModel):
 class PinnedOffer(BaseModel):
     """An offer named in the project file instead of picked from the catalog (tried in order)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     provider: str
     instance_type: str
@@ -118,9 +118,15 @@ class PinnedOffer(BaseModel):
     spot: bool = False
     price_hour: float = Field(..., ge=0)
 
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        _check_names([value])
+        return value
+
 
 class LaunchSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     providers: list[str] = ["runpod", "lambda", "aws", "gcp", "paperspace"]
     regions: list[str] = []
@@ -133,11 +139,18 @@ class LaunchSection(BaseModel):
     runs_dir: str = "runs"
     poll_interval_s: float = Field(2.0, gt=0)
     wait_ready_timeout_s: float = Field(1200, gt=0)
-    ssh_connect_timeout_s: float = Field(300, gt=0)
+    ssh_connect_timeout_s: float | None = Field(None, gt=0)  # None: the provider's first_boot_s, else 600
+    ssh_reconnect_s: float = Field(300, gt=0)       # a connection lost mid-run is retried this long, then it fails
     pull_margin_min: float = Field(10, ge=0)        # budget kept aside for pulling artifacts and teardown
     remote_python: str | None = None
     offers: list[PinnedOffer] = []                  # pinned offers: skip the catalog, try these in order
     bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see ftplan.planner.remote.bundle)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        _check_names(value)
+        return value
 
 
 class ProjectConfig(BaseModel):
@@ -151,13 +164,19 @@ class ProjectConfig(BaseModel):
     @field_validator("providers")
     @classmethod
     def _no_inline_secrets(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        _check_names(value)
         for name, section in value.items():
-            for key in section:
-                if key in ("api_key", "token", "secret", "password"):
+            if not isinstance(section, dict):
+                raise ValueError(f"[providers.{name}] must be a table of settings, e.g. [providers.{name}]")
+            for key, item in section.items():
+                if _looks_secret(key):
                     raise ValueError(
                         f"[providers.{name}] {key}: keys do not belong in the project file; "
                         f"put it in an environment variable and set api_key_env = \"NAME\""
                     )
+                if key == "price_hour" and not _is_price(item):
+                    raise ValueError(f"[providers.{name}] price_hour = {item!r}: must be a number of USD per hour "
+                                     "(0 or more, finite), e.g. price_hour = 0.75")
         return value
 
     def provider_options(self, name: str) -> dict[str, Any]:
@@ -169,20 +188,101 @@ class ProjectConfig(BaseModel):
         return float(value) if value is not None else None
 
 
+def _check_names(names: Any) -> None:
+    try:
+        check_provider_names(names, "provider")
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# Key names that hold a secret, whatever their case (`API_KEY`, `Token`, `aws_secret_access_key`); `*_env`
+# keys name an environment variable and are fine.
+_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "passwd", "credential", "private_key")
+
+
+def _looks_secret(key: str) -> bool:
+    k = str(key).lower().replace("-", "_")
+    return not k.endswith("_env") and any(w in k for w in _SECRET_WORDS)
+
+
+def _is_price(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 # Provider-section keys the launcher reads itself (not adapter options).
 LAUNCHER_ONLY_KEYS = ("price_hour", "remote_root", "gpu")
 
 
+def check_provider_names(names: Any, what: str) -> None:
+    """Every name must be a provider ftplan knows (exact, lower case): a typo (`runpd`, `AWS`, `azure`) is
+    bad input everywhere (launch, plan, gc, the project file), never an empty result."""
+    import difflib
+
+    from ftplan.providers.base import ADAPTERS
+
+    for name in names or ():
+        if name in ADAPTERS:
+            continue
+        close = difflib.get_close_matches(str(name).lower(), list(ADAPTERS), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"{what}: unknown provider '{name}'; {hint}choose one of: {', '.join(ADAPTERS)}")
+
+
 def render_template(model: str = "tiny-llama", method: str = "qlora", dataset: str = "data/train.jsonl",
                     budget: float = 20) -> str:
-    return TEMPLATE.format(model=model, method=method, dataset=dataset, budget=_fmt_number(budget))
+    return TEMPLATE.format(model=_toml_text(model), method=_toml_text(method), dataset=_toml_text(dataset),
+                           budget=_fmt_number(budget))
 
 
 def write_template(path: Path, *, force: bool = False, **values: Any) -> Path:
+    """Write the template, validated first: a value that would make an invalid file is refused and nothing
+    is left on disk (the file appears whole, via a rename, or not at all)."""
+    import math
+    import os
+    import tempfile
+
     if path.exists() and not force:
         raise UserError(f"{path} already exists; edit it, or pass --force to overwrite it")
-    path.write_text(render_template(**values))
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it first or pass "
+                        "another --path")
+    budget = values.get("budget", 20)
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise UserError("--budget must be a positive, finite number of USD, e.g. --budget 20")
+    text = render_template(**values)
+    try:
+        ProjectConfig.model_validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise UserError(f"these values would make an invalid {path.name} ({detail}); nothing written") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _toml_text(value: Any) -> str:
+    """`value` for the inside of a TOML basic string ("..."): backslash, quote and control characters escaped."""
+    out = []
+    for ch in str(value):
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def load_project(path: str | Path | None = None, *, required: bool = False) -> ProjectConfig:

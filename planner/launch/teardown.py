@@ -99,23 +99,57 @@ class TeardownSteps:
     def _teardown(self, status: str) -> bool:
         """Pull what exists (non-success), stop the job on unmanaged hosts, terminate everything. Shielded."""
         self._phase_before_teardown = self._phase
+        self._teardown_problems: list[str] = []
         try:
             self._enter("teardown", "terminating instances")
         except Exception:  # noqa: BLE001
             pass
-        if status != "succeeded" and self.runner is not None:
-            if not self.job_finished and self.live and self.live[-1][2].provider in UNMANAGED_PROVIDERS:
-                try:
-                    self.runner.kill(self.run_id)
-                except Exception:  # noqa: BLE001
-                    pass
-            self._salvage()
+        unmanaged = bool(self.live) and self.live[-1][2].provider in UNMANAGED_PROVIDERS
+        with self._ssh_bounded():  # SSH gone: one short reconnect, then on to terminate (run_artifacts.py)
+            if status != "succeeded" and self._runner_reached():
+                if not self.job_finished and unmanaged:
+                    try:
+                        self.runner.kill(self.run_id)
+                    except Exception:  # noqa: BLE001
+                        pass
+                self._salvage()
+            if unmanaged and self._runner_reached():
+                self._remove_remote_secrets()
         self._close_runner()
         ok = True
         for row, inst, offer in list(self.live):
-            ok = self._terminate(row, inst, offer) and ok
-        ok = self._sweep_tagged() and ok
+            ok = self._guarded(lambda r=row, i=inst, o=offer: self._terminate(r, i, o),
+                               f"recording the end of {inst.id}") and ok
+        ok = self._guarded(self._sweep_tagged, "sweeping by run tag") and ok
         return ok
+
+    def _guarded(self, step: Callable[[], bool], what: str) -> bool:
+        """A teardown step whose store write fails (disk full, read-only store) must not end teardown with a
+        traceback: say it in one line and report teardown as unconfirmed, so the user runs `ftplan gc`."""
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001
+            self._teardown_problems.append(f"{what}: {type(exc).__name__}: {scrubbed(exc)}")
+            try:
+                self.display.warn(f"teardown: {what} failed ({scrubbed(exc)}); run 'ftplan gc --yes'")
+            except Exception:  # noqa: BLE001
+                pass
+            return False
+
+    def _remove_remote_secrets(self) -> None:
+        """secrets.env (HF_TOKEN) must not outlive the run on a machine ftplan does not own (ssh/local):
+        nobody terminates that machine. Best effort, on every path; the job is over or killed by now."""
+        remove = getattr(self.runner, "remove_secrets", None) or getattr(self.runner, "cleanup_secrets", None)
+        try:
+            if remove is not None:
+                remove(self.run_id)
+            self.store.add_event(self.run_id, "secrets_removed", "", phase="teardown")
+        except Exception as exc:  # noqa: BLE001
+            try:
+                self.store.add_event(self.run_id, "secrets_not_removed", scrubbed(exc), phase="teardown")
+                self.display.warn(f"could not remove secrets.env from the machine: {scrubbed(exc)}")
+            except Exception:  # noqa: BLE001
+                pass
 
     def _terminate(self, row: int, inst: Any, offer: Any, *, lost: bool = False) -> bool:
         provider = self._provider(offer.provider)
@@ -143,42 +177,72 @@ class TeardownSteps:
         return True
 
     def _sweep_tagged(self) -> bool:
-        """Anything at the providers tagged with this run that we do not know about: an interrupted create."""
+        """Anything at a provider tagged with this run that we do not know about: a create that was interrupted
+        or failed after the instance existed (rows left `intent`, or marked `create_failed`). One listing per
+        such provider; an `intent` row closes only when that listing succeeded (positive evidence)."""
+        rows = [r for r in self.store.instances(self.run_id)
+                if r.state in ("intent", "create_failed") and r.provider not in UNMANAGED_PROVIDERS]
         ok = True
-        for row in self.store.instances(self.run_id, open_only=True):
-            if row.state != "intent":
+        for name in sorted({r.provider for r in rows}):
+            if not self._sweep_provider(name):
+                ok = False
+                continue
+            for row in rows:
+                if row.provider == name and row.state == "intent":
+                    self.store.set_instance_state(row.id, "create_failed", error=row.error or "create did not complete")
+        return ok
+
+    def _sweep_provider(self, name: str, keep: tuple[str, ...] = ()) -> bool:
+        """Terminate every instance `name` lists under this run's tag except `keep` (ids still in use).
+        True only when the listing and every terminate succeeded."""
+        try:
+            provider = self._provider(name)
+            found = provider.list_instances(self.run_id)
+        except Exception as exc:  # noqa: BLE001 - whatever the class: no listing, no evidence
+            self.store.add_event(self.run_id, "teardown_failed", f"cannot list {name} instances of this run: "
+                                 f"{scrubbed(exc)}", phase=self._phase)
+            return False
+        ok = True
+        for inst in found:
+            if inst.id in keep:
                 continue
             try:
-                provider = self._provider(row.provider)
-                found = provider.list_instances(self.run_id)
-                for inst in found:
-                    provider.terminate(inst)
-                    self.store.add_event(self.run_id, "swept", inst.id, phase="teardown")
-                self.store.set_instance_state(row.id, "create_failed", error=row.error or "create did not complete")
+                provider.terminate(inst)
+                self.store.add_event(self.run_id, "swept", inst.id, phase=self._phase, data={"provider": name})
             except Exception as exc:  # noqa: BLE001
                 ok = False
-                self.store.add_event(self.run_id, "teardown_failed", scrubbed(exc), phase="teardown")
+                self.store.add_event(self.run_id, "teardown_failed", f"cannot terminate swept {inst.id}: "
+                                     f"{scrubbed(exc)}", phase=self._phase)
         return ok
 
 
 # ---- ftplan gc: the reconciler for launchers that died (kill -9, power loss, lost laptop) ------------
-def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = None) -> dict:
+def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = None,
+                    include_foreign: bool = False, provider_factory: Callable[..., Any] | None = None) -> dict:
     """Match what the providers say is running (tagged by ftplan) against the run store.
 
-    An instance is an orphan when its run is unknown, finished, or driven by a launcher that is no
-    longer alive. Store rows not confirmed terminated are checked too (a create that never returned an
-    id is found by the run tag). With `terminate`, orphans are terminated, billing is recorded up to
-    now and the run is closed; without it nothing changes.
+    Only this store's instances are candidates: tagged with this store's id, or (untagged, older ftplan)
+    belonging to a run recorded here. Anything else is *foreign* (a colleague's laptop, a CI job on the
+    same account): listed, never touched unless `include_foreign`. One of ours is an orphan when its run
+    is unknown, finished, or driven by a launcher that is no longer alive. Store rows not confirmed
+    terminated are checked too, and closed only on positive evidence: a terminate that succeeded, or a
+    listing that succeeded and shows nothing of their run. With `terminate`, orphans are terminated,
+    billing is recorded up to now and the run is closed; without it nothing changes.
     """
     import json
     import time
 
     from ftplan.planner.runs.store import FINAL_STATUSES, pid_alive
     from ftplan.providers.base import Instance, get_provider
-    from ftplan.providers.errors import ProviderError, scrub
+    from ftplan.providers.errors import scrub
 
     report: dict = {"instances": [], "side_resources": [], "errors": [], "orphans": 0, "terminated": 0,
-                    "side_orphans": 0, "side_deleted": 0}
+                    "side_orphans": 0, "side_deleted": 0, "foreign": 0, "store_id": store.store_id}
+    def make_provider(name: str, **opts: Any) -> Any:
+        from ftplan.planner.launch.preflight import adapter_kwargs
+
+        return (provider_factory or get_provider)(name, **adapter_kwargs(name, opts))
+    listed_ok: set[str] = set()     # providers whose list call succeeded: the only evidence that closes a row
     open_rows = store.instances(open_only=True)
     names = set(cfg.providers) | {r.provider for r in open_rows}
     names = sorted(n for n in names if not only or n in only)
@@ -204,7 +268,7 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             opts["regions"] = sorted(set(aws_regions) | {opts.get("region", "us-east-1")})
         key = (name, json.dumps(opts, sort_keys=True))
         if key not in providers:
-            providers[key] = get_provider(name, **opts)
+            providers[key] = make_provider(name, **opts)
         return providers[key]
 
     def close_rows(provider_name: str, instance_id: str | None, run_id: str | None) -> None:
@@ -234,25 +298,35 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             continue  # machines we do not rent: nothing bills
         try:
             found = provider(name, None).list_instances()
-        except (ProviderError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the class, nothing is known about this provider
             report["errors"].append(f"{name}: cannot list instances: {scrub(exc)}")
             continue
+        listed_ok.add(name)
         for inst in found:
             seen.add((name, inst.id))
-            live = run_is_live(inst.run_id)
+            foreign = _foreign_reason(store, inst)
+            live = not foreign and run_is_live(inst.run_id)
+            if foreign:
+                report["foreign"] += 1
+                action = ("terminated" if terminate else "orphan") if include_foreign else "foreign"
+                reason = foreign + ("" if include_foreign else "; not touched (see 'ftplan gc --include-foreign')")
+            else:
+                action = "keep" if live else ("terminated" if terminate else "orphan")
+                reason = "its launcher is running" if live else _orphan_reason(store, inst.run_id)
             item = {"provider": name, "id": inst.id, "run_id": inst.run_id, "state": inst.state.value,
-                    "action": "keep" if live else ("terminated" if terminate else "orphan"),
-                    "reason": "its launcher is running" if live else _orphan_reason(store, inst.run_id)}
-            if not live:
+                    "store_id": getattr(inst, "store_id", ""), "foreign": bool(foreign), "action": action,
+                    "reason": reason}
+            if action in ("terminated", "orphan"):
                 report["orphans"] += 1
-                if terminate:
-                    try:
-                        provider(name, inst.run_id).terminate(inst)
-                        report["terminated"] += 1
+            if action == "terminated":
+                try:
+                    provider(name, inst.run_id).terminate(inst)
+                    report["terminated"] += 1
+                    if not foreign:
                         close_rows(name, inst.id, inst.run_id)
-                    except ProviderError as exc:
-                        item["action"] = "failed"
-                        report["errors"].append(f"{name} {inst.id}: terminate failed: {scrub(exc)}")
+                except Exception as exc:  # noqa: BLE001
+                    item["action"] = "failed"
+                    report["errors"].append(f"{name} {inst.id}: terminate failed: {scrub(exc)}")
             report["instances"].append(item)
             if item["action"] != "terminated":
                 with_instance.add((name, inst.run_id))
@@ -267,13 +341,22 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
         item = {"provider": row.provider, "id": row.provider_instance_id, "run_id": row.run_id, "state": row.state,
                 "action": "closed" if terminate else "unconfirmed",
                 "reason": "recorded but not confirmed terminated; the provider no longer lists it"}
+        if not row.provider_instance_id and (row.provider not in listed_ok or (row.provider, row.run_id) in with_instance):
+            # A create that never returned an id: only a listing that worked and shows nothing of its run
+            # proves nothing bills. Without that, the row stays open for the next gc.
+            item["action"] = "unconfirmed"
+            item["reason"] = ("its create never returned an id and the provider's list call failed; kept until "
+                              "a listing shows nothing of its run" if row.provider not in listed_ok else
+                              "an instance of its run is still listed")
+            report["instances"].append(item)
+            continue
         if terminate and row.provider_instance_id:
             try:
                 inst = Instance.from_dict(row.json("instance_json") or {
                     "provider": row.provider, "id": row.provider_instance_id, "run_id": row.run_id,
                     "region": row.region or ""})
                 provider(row.provider, row.run_id).terminate(inst)  # idempotent: gone is success
-            except ProviderError as exc:
+            except Exception as exc:  # noqa: BLE001
                 item["action"] = "failed"
                 report["errors"].append(f"{row.provider} {row.provider_instance_id}: {scrub(exc)}")
                 report["instances"].append(item)
@@ -289,12 +372,15 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             continue
         try:
             found = provider(name, None).list_side_resources()
-        except (ProviderError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001
             report["errors"].append(f"{name}: cannot list side resources: {scrub(exc)}")
             continue
         for res in found:
             run_id = res.get("run_id") or None
-            if run_is_live(run_id):
+            if not store.has_run(run_id) and not include_foreign:
+                action, reason = "foreign", ("its run is not in this store (another store's?); not touched "
+                                             "(see 'ftplan gc --include-foreign')")
+            elif run_is_live(run_id):
                 action, reason = "keep", "its launcher is running"
             elif (name, res.get("run_id")) in with_instance:
                 action, reason = "keep", "an instance of its run is still up; terminating that deletes it"
@@ -313,11 +399,21 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                         store.add_event(run_id, "gc", f"deleted {res.get('kind')} {res.get('name')}",
                                         phase="teardown", data={"provider": name, "kind": res.get("kind"),
                                                                 "id": res.get("id")})
-                except ProviderError as exc:
+                except Exception as exc:  # noqa: BLE001
                     item["action"] = "failed"
                     report["errors"].append(f"{name} {res.get('kind')} {res.get('name')}: {scrub(exc)}")
             report["side_resources"].append(item)
     return report
+
+
+def _foreign_reason(store, inst: Any) -> str:
+    """Why an instance is not this store's to touch ("" when it is ours)."""
+    tag = getattr(inst, "store_id", "") or ""
+    if tag:
+        return "" if tag == store.store_id else f"launched from another ftplan run store ({tag})"
+    if store.has_run(inst.run_id):
+        return ""
+    return "no store tag and its run is not in this store (another store's, or an older ftplan's)"
 
 
 def _orphan_reason(store, run_id: str | None) -> str:

@@ -110,9 +110,19 @@ def _m2_launcher_and_measurements(db: sqlite3.Connection) -> None:
     )
 
 
+def _m3_store_identity(db: sqlite3.Connection) -> None:
+    """A random id made once per store: every instance is tagged with it, so `ftplan gc` can tell its own
+    instances from those of a colleague's store (or a CI job's) on the same cloud account."""
+    import secrets
+
+    db.execute("CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute(f"INSERT INTO store_meta VALUES ('store_id', 'st{secrets.token_hex(6)}')")
+
+
 MIGRATIONS: list[tuple[int, str, Any]] = [
     (1, "core tables: runs, instances, events, costs", _m1_core),
     (2, "launcher identity and measured throughput", _m2_launcher_and_measurements),
+    (3, "store identity (the owner tag of every instance)", _m3_store_identity),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -149,38 +159,67 @@ class Store:
 
     def __init__(self, path: str | Path | None = None, *, migrate_to: int | None = None):
         self.path = Path(path) if path else default_store_path()
+        hint = "pass --store FILE or set FTPLAN_STORE"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise UserError(f"cannot open the run store {self.path}: {exc}; pass --store FILE or set FTPLAN_STORE") from None
+            raise UserError(f"cannot open the run store {self.path}: {exc}; {hint}") from None
         self.db.row_factory = sqlite3.Row
         try:
+            self.db.execute("PRAGMA busy_timeout=30000")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate(SCHEMA_VERSION if migrate_to is None else migrate_to)
         except sqlite3.DatabaseError as exc:
             self.db.close()
+            if _unwritable(self.path, exc):
+                raise UserError(f"cannot write the run store {self.path}: the file or its folder is read-only "
+                                f"({exc}); make it writable, or {hint} with a writable path") from None
             raise UserError(f"{self.path} is not an ftplan run store ({exc}); pass --store FILE with another path") from None
 
     # ---- schema -------------------------------------------------------------------------------
     def _migrate(self, target: int) -> None:
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)"
-        )
-        have = self.schema_version()
+        """Each migration in its own write transaction, the version read *inside* it: several processes
+        opening a fresh store at once queue on the write lock and each applies only what is still missing."""
+        have = self._version_if_any()
+        if have >= target:
+            self._check_not_newer(have)
+            return
+        for version, name, apply in MIGRATIONS:
+            if version > target:
+                break
+            with self.transaction():
+                self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                                "(version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
+                have = self.schema_version()
+                self._check_not_newer(have)
+                if have >= version:
+                    continue
+                apply_in_tx(self.db, apply)
+                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time()))
+
+    def _version_if_any(self) -> int:
+        """The schema version without writing anything (0 for an empty file)."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone():
+            return 0
+        return self.schema_version()
+
+    def _check_not_newer(self, have: int) -> None:
         if have > SCHEMA_VERSION:
             raise UserError(
                 f"the run store {self.path} has schema version {have}, newer than this ftplan ({SCHEMA_VERSION}); "
                 "upgrade ftplan or pass --store with another file"
             )
-        for version, name, apply in MIGRATIONS:
-            if have < version <= target:
-                with self.transaction():
-                    apply_in_tx(self.db, apply)
-                    self.db.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time())
-                    )
+
+    @property
+    def store_id(self) -> str:
+        """This store's identity, the owner tag its launches put on every instance ("" before migration 3)."""
+        try:
+            row = self.db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+        except sqlite3.OperationalError:
+            return ""
+        return row[0] if row else ""
 
     def schema_version(self) -> int:
         row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
@@ -210,7 +249,7 @@ class Store:
         self.db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(fields))})", list(fields.values()))
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        fields = _encode(fields)
+        fields = _encode({k: (scrub_data(v) if k in _SCRUBBED_RUN_FIELDS else v) for k, v in fields.items()})
         fields["updated_at"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
@@ -226,6 +265,10 @@ class Store:
             rows = self.db.execute("SELECT * FROM runs WHERE id LIKE ?", (run_id + "%",)).fetchall()
             row = rows[0] if len(rows) == 1 else None
         return Row(dict(row)) if row else None
+
+    def has_run(self, run_id: str | None) -> bool:
+        """Exactly this run id (no prefix matching) is recorded here."""
+        return bool(run_id) and self.db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
 
     def list_runs(self, limit: int | None = None) -> list[Row]:
         sql = "SELECT * FROM runs ORDER BY created_at DESC"
@@ -290,7 +333,8 @@ class Store:
                   data: dict[str, Any] | None = None) -> None:
         self.db.execute(
             "INSERT INTO events (run_id, ts, kind, phase, message, data_json) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, time.time(), kind, phase, message, json.dumps(data) if data is not None else None),
+            (run_id, time.time(), kind, phase, scrub_data(message or ""),
+             json.dumps(scrub_data(data)) if data is not None else None),
         )
 
     def events(self, run_id: str, kind: str | None = None) -> list[Row]:
@@ -355,6 +399,26 @@ class _StatementRecorder:
         self.statements.append(stmt)
 
 
+# Run fields that can carry text from the machine or a provider: scrubbed of secrets before they are stored.
+_SCRUBBED_RUN_FIELDS = ("error", "summary_json", "phase")
+
+
+def scrub_data(value: Any) -> Any:
+    """`value` with every registered secret removed from every string in it (dicts and lists walked;
+    numbers, booleans and None kept). Whatever comes back from a machine passes through here first."""
+    from ftplan.providers.errors import scrub
+
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(k) if isinstance(k, str) else k: scrub_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return scrub(value)
+
+
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in fields.items():
@@ -366,6 +430,12 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
             value = str(value)
         out[key] = value
     return out
+
+
+def _unwritable(path: Path, exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open" in text or not os.access(
+        path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK))
 
 
 def pid_alive(pid: int | None, host: str | None) -> bool:
