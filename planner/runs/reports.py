@@ -18,7 +18,10 @@ PHASE_ORDER = ("provisioning", "waiting", "connecting", "uploading", "training",
 
 def _r(x: float | None, digits: int = 4) -> float | None:
     """JSON rounding: hours and dollars to 4 decimals (a 0.01 cent / 0.36 s resolution), GiB to 2."""
-    return None if x is None else round(float(x), digits)
+    from ftplan.planner.launch.budget import finite_number
+
+    x = finite_number(x)  # odd values in an older store are no number, not a traceback
+    return None if x is None else round(x, digits)
 
 
 def _iso(ts: float | None) -> str | None:
