@@ -300,6 +300,10 @@ def _corrected(est, req):
               help="JSONL (Alpaca or chat messages) to count tokens from.")
 @click.option("--dataset-tokens", type=int, default=None, callback=_positive, help="Tokens per epoch.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, callback=_positive)
+@click.option("--nodes", type=int, default=1, show_default=True, callback=_positive,
+              help="Machines of --gpus GPUs each; ZeRO-3/FSDP shards over all of them.")
+@click.option("--node-gbps", type=float, default=None, callback=_positive,
+              help="Network between the nodes, Gb/s (default: 10 Gb/s Ethernet, as between your own machines).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     """Peak GPU memory by component and training time of a fine-tuning job."""
@@ -308,7 +312,13 @@ def estimate(model_arg, method, gpu_name, gpu_count, as_json, **opts):
     from ftplan.planner.estimate.gpus import resolve_gpu, table_gpus
 
     opts["method"] = method
+    nodes, node_gbps = opts.pop("nodes", 1), opts.pop("node_gbps", None)
     req, how = _request(model_arg, opts)
+    if nodes > 1 or node_gbps is not None:  # several machines: ftplan.planner.commands.estimate_multinode
+        from ftplan.planner.commands.estimate_multinode import run_multinode
+
+        run_multinode(req, how, gpu_name, gpu_count, nodes, node_gbps, as_json, _settings(req))
+        return
     if gpu_name is not None:
         gpu = resolve_gpu(gpu_name)
         est = _corrected(run_estimate(req, gpu, gpu_count), req)

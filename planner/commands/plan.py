@@ -19,7 +19,7 @@ from ftplan.planner.pricing.offers import split_csv
 
 # Every `ftplan estimate` option except the single-GPU choice and --json is a `plan` option too: the same
 # click.Option objects, so the two commands can never drift apart.
-_NOT_SHARED = {"gpu_name", "gpu_count", "as_json"}
+_NOT_SHARED = {"gpu_name", "gpu_count", "as_json", "nodes", "node_gbps"}
 ESTIMATE_PARAMS = [p for p in estimate_command.estimate.params if p.name not in _NOT_SHARED]
 
 
@@ -114,9 +114,11 @@ def nothing_fits(result, request_label: str) -> UserError:
 @click.option("--secure-only", is_flag=True,
               help="Leave out RunPod community-cloud offers (third-party hosts, no SLA).")
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal width; no host-size grouping.")
+@click.option("--nodes", type=click.IntRange(1, 4), default=None,
+              help="Only offers of this many nodes (default: one node, and 2-4 where that is needed or pays).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcpus, min_ram, preemption_rate,
-         checkpoint_minutes, top, all_regions, secure_only, wide, as_json, **estimate_kwargs):
+         checkpoint_minutes, top, all_regions, secure_only, wide, nodes, as_json, **estimate_kwargs):
     """Cheapest instance that fits, across providers, with total cost."""
     from ftplan.planner.pricing.freshness import stale_summary
     from ftplan.planner.pricing.offers import stale_warning
@@ -131,6 +133,7 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     request = build_request(**estimate_kwargs)
     filters, table = resolve_filters(providers, regions, gpus, market, min_vcpus, min_ram, max_hourly,
                                      ("secure",) if secure_only else ())
+    filters.nodes = nodes
     width = None if wide or as_json else terminal_width()
     warning = stale_warning(table)
     if warning:
@@ -142,7 +145,8 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
                          checkpoint_min=checkpoint_minutes, table=table, corrections=corrections)
     label = f"{request.model.name} ({request.method})"
     if not len(result):
-        raise nothing_fits(result, label)
+        err = nothing_fits(result, label)
+        raise UserError("; ".join([str(err), *result.notes])) if result.notes else err
     # Offers that differ only by host size fold into their cheapest line unless the host was asked for.
     group_hosts = not (wide or all_regions or min_vcpus is not None or min_ram is not None)
     lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
@@ -153,7 +157,8 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
 
         click.echo(json.dumps(PlanResult.build(
             request, result, table, lines, budget=budget, headroom=headroom, market=market, secure_only=secure_only,
-            warnings=([warning] if warning else []) + age_lines, corrections=corrections).to_dict(), indent=2))
+            warnings=([warning] if warning else []) + age_lines + result.notes,
+            corrections=corrections).to_dict(), indent=2))
         return
     for line in age_lines:
         click.echo(wrap(line, width), err=True)
@@ -169,6 +174,14 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
             shown.add(key)
             pairs.append((_line("", o), o))
     click.echo(_render_plan(pairs, width))
+    for row, o in pairs:
+        if o.nodes > 1:
+            where = f"#{row[0]} " if row[0] else ""
+            net = "" if "between nodes" in o.bounding_link else f"{o.network} between nodes; "
+            click.echo(wrap(f"{where}{o.nodes}x {o.instance_type} ({o.strategy} over {o.nodes * o.gpu_count} "
+                            f"GPUs): {net}bounded by {o.bounding_link}", width, indent="  "))
+    for note in result.notes:
+        click.echo(wrap(note, width))
     for c in corrections.values():
         click.echo(wrap(f"note: {c.note()}", width))
     notes = ["* = on the cost-vs-time Pareto frontier (no other offer is both cheaper and faster); rows without "
@@ -181,6 +194,9 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     if any(o.suspect for o in lines):
         notes.append("suspect spot (? after the price): at AWS's 10 % floor or far below the same type's other "
                      "zones: an indication, not a price.")
+    if any(o.nodes > 1 for _, o in pairs):
+        notes.append("nodes > 1: one run over several machines of that type in one placement group; $/h and "
+                     "total count every node.")
     notes.append("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
                  "preemption time. Prices are catalog snapshots, not live quotes; availability is not checked.")
     for note in notes:
@@ -197,7 +213,8 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
 # Wide: every column. Compact (when wide does not fit): provider and instance merged, the hidden host sizes as
 # "+N", RunPod community cloud named in the market column, headroom dropped first, long names cut with "~".
 WIDE_COLUMNS = [
-    Column("#", right=True), Column("provider"), Column("instance"), Column("GPU x n"), Column("region"),
+    Column("#", right=True), Column("provider"), Column("instance"), Column("nodes", right=True),
+    Column("GPU x n"), Column("region"),
     Column("market"), Column("$/h", right=True), Column("est. h", right=True), Column("est. total $", right=True),
     Column("headroom GiB", right=True), Column("frontier"), Column("notes"),
 ]
@@ -224,8 +241,8 @@ def _line(n, o) -> list[str]:
     if o.suspect:
         notes.append(f"suspect spot: {o.suspect}")
     mark = "*" if o.pareto else ""
-    return [str(n), o.provider, o.instance_type, f"{o.gpu} x{o.gpu_count}", region,
-            _market(o), f"{o.price_hour:,.3f}", f"{o.hours:.2f}", _fmt_money(o.total_usd),
+    return [str(n), o.provider, o.instance_type, str(o.nodes), f"{o.gpu} x{o.gpu_count}", region,
+            _market(o), f"{o.hourly_all_nodes:,.3f}", f"{o.hours:.2f}", _fmt_money(o.total_usd),
             f"{o.headroom_gib:.1f}", mark, "; ".join(notes)]
 
 
@@ -235,9 +252,11 @@ def _compact(row: list[str], o) -> list[str]:
         name = name.removesuffix("_SECURE").removesuffix("_COMMUNITY")
     offer = f"{o.provider} {name}" + (f" +{len(o.more_hosts)}" if o.more_hosts else "")
     region = o.region + (f" +{len(o.other_regions)}" if o.other_regions else "")
-    price = row[6] + ("?" if o.suspect else "")
+    if o.nodes > 1:
+        offer = f"{o.provider} {o.nodes}x {name}"
+    price = row[7] + ("?" if o.suspect else "")
     mark = "*" if o.pareto else ""  # no frontier column here: the mark rides on '#'
-    return [row[0] + mark, offer, f"{o.gpu} x{o.gpu_count}", region, row[5], price, row[7], row[8], row[9]]
+    return [row[0] + mark, offer, f"{o.gpu} x{o.gpu_count}", region, row[6], price, row[8], row[9], row[10]]
 
 
 def _render_plan(pairs: list[tuple[list[str], object]], width: int | None) -> str:

@@ -69,7 +69,7 @@ def node_network(provider: str, instance_type: str, ssh_gbps: float | None = Non
     """The inter-node network of `instance_type`, or None when the provider does not offer it as several nodes."""
     if provider == "ssh":
         return NodeNetwork("ssh", instance_type, ssh_gbps or DEFAULT_SSH_GBPS, "Ethernet", "your own machines",
-                           "stated with --node-gbps" if ssh_gbps else "assumed 10 Gb/s Ethernet")
+                           "stated with --node-gbps" if ssh_gbps else "assumed; --node-gbps states yours")
     spec = _table().get(f"{provider}/{instance_type}")
     if spec is None:
         return None
@@ -81,6 +81,19 @@ def multinode_types() -> list[tuple[str, str]]:
     return [tuple(key.split("/", 1)) for key in _table()]  # type: ignore[misc]
 
 
+def node_link(gpu: GPU, gpus_per_node: int, nodes: int, network: NodeNetwork) -> tuple[GPU, str]:
+    """The GPU as the collectives of `nodes` x `gpus_per_node` see it (its interconnect the slower of NVLink and
+    its rail of the network) and a description of that bounding link. One node: the GPU unchanged."""
+    if nodes == 1:
+        return gpu, f"{gpu.interconnect} (one node)"
+    nvlink_each_way = gpu.interconnect_gbs / 2                        # GB/s
+    rail_each_way = network.gbps / 8 / gpus_per_node                  # GB/s per GPU
+    if rail_each_way < nvlink_each_way:
+        bound = f"{network.describe()} between nodes ({rail_each_way:.1f} GB/s per GPU)"
+        return replace(gpu, interconnect_gbs=2 * rail_each_way), bound
+    return gpu, f"{gpu.interconnect} inside each node"
+
+
 def estimate_nodes(req: EstimateRequest, gpu: GPU, gpus_per_node: int, nodes: int,
                    network: NodeNetwork) -> MultiNodeEstimate:
     """The estimate of one job over `nodes` machines of `gpus_per_node` GPUs each."""
@@ -88,14 +101,7 @@ def estimate_nodes(req: EstimateRequest, gpu: GPU, gpus_per_node: int, nodes: in
 
     if nodes < 1 or gpus_per_node < 1:
         raise UserError(f"--nodes and --gpus must be positive, got {nodes} node(s) x {gpus_per_node} GPU(s)")
-    nvlink_each_way = gpu.interconnect_gbs / 2                        # GB/s
-    if nodes == 1:
-        est = estimate(req, gpu, gpus_per_node)
-        return MultiNodeEstimate(est, 1, gpus_per_node, network, f"{gpu.interconnect} (one node)")
-    rail_each_way = network.gbps / 8 / gpus_per_node                  # GB/s per GPU
-    if rail_each_way < nvlink_each_way:
-        link, bound = rail_each_way, f"{network.describe()} between nodes ({rail_each_way:.1f} GB/s per GPU)"
-    else:
-        link, bound = nvlink_each_way, f"{gpu.interconnect} inside each node"
-    est = estimate(req, replace(gpu, interconnect_gbs=2 * link), nodes * gpus_per_node)
-    return MultiNodeEstimate(replace(est, gpu=gpu), nodes, gpus_per_node, network, bound)
+    linked, bound = node_link(gpu, gpus_per_node, nodes, network)
+    est = estimate(req, linked, nodes * gpus_per_node)
+    return MultiNodeEstimate(replace(est, gpu=gpu) if linked is not gpu else est, nodes, gpus_per_node, network,
+                             bound)

@@ -76,10 +76,13 @@ class Need:
     usable_gib: float | None = None   # what the driver reports; caps the memory an offer lists
     reason: str | None = None
     strategy: str = "single"          # single | ddp | zero3: how the GPUs share the job
+    bounding_link: str = ""           # several nodes: the link that bounds the collectives
 
 
 # evaluate(gpu, gpu_count) -> Need; called once per (gpu, count) pair present in the catalog.
 Evaluator = Callable[[str, int], Need]
+# evaluate_nodes(gpu, gpus_per_node, nodes, network) -> Need over nodes x gpus_per_node GPUs (see multinode.py).
+NodesEvaluator = Callable[[str, int, int, object], Need]
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Filters:
     min_ram_gib: float | None = None
     max_hourly: float | None = None   # $/h cap on the instance price
     clouds: tuple[str, ...] = ()      # RunPod "secure"/"community"; empty = both (other providers have none)
+    nodes: int | None = None          # None: one node, plus several where that helps (multinode.py); k: k only
 
 
 @dataclass
@@ -146,21 +150,31 @@ class RankedOffer:
     suspect: str = ""           # why a spot price looks unreal ("at the 10 % floor", ...), else ""
     more_hosts: list[str] = field(default_factory=list)  # same GPUs, bigger hosts, folded into this line
     row: int = -1               # index in the offer table
+    nodes: int = 1              # machines of this type in one run; price_hour is one machine's, total all of them
+    network: str = ""           # between the nodes (catalogs/networks.json), when nodes > 1
+    network_source: str = ""
+    bounding_link: str = ""     # what bounds the collectives, when nodes > 1
+
+    @property
+    def hourly_all_nodes(self) -> float:
+        return self.price_hour * self.nodes
 
     def key(self) -> tuple:
         """Offers of one type and market are one line in tables: the cheapest place, with the others listed."""
-        return (self.provider, self.instance_type, self.gpu, self.gpu_count, self.spot)
+        return (self.provider, self.instance_type, self.gpu, self.gpu_count, self.spot, self.nodes)
 
     def hardware_key(self) -> tuple:
         """Offers that differ only by host size (vCPUs, RAM) share this key: same GPUs, market and cloud."""
-        return (self.provider, self.gpu, self.gpu_count, self.gpu_memory_gib, self.spot, self.cloud)
+        return (self.provider, self.gpu, self.gpu_count, self.gpu_memory_gib, self.spot, self.cloud, self.nodes)
 
     def market(self) -> str:
         m = "spot" if self.spot else "on-demand"
         return f"{m}, {self.cloud}" if self.cloud == "community" else m
 
     def label(self) -> str:
-        return f"{self.provider} {self.instance_type} ({self.gpu} x{self.gpu_count}, {self.market()}, {self.region})"
+        nodes = f"{self.nodes} x " if self.nodes > 1 else ""
+        return (f"{self.provider} {nodes}{self.instance_type} ({self.gpu} x{self.gpu_count}, {self.market()}, "
+                f"{self.region})")
 
     def to_dict(self) -> dict:
         return {
@@ -176,6 +190,8 @@ class RankedOffer:
             "overheads": {"provision_min": round(self.provision_min, 2), "setup_min": round(self.setup_min, 2),
                           "pull_min": round(self.pull_min, 2), "preemption_h": round(self.preemption_h, 4)},
             "other_regions": self.other_regions,
+            "nodes": self.nodes, "network": self.network or None, "network_source": self.network_source or None,
+            "bounding_link": self.bounding_link or None,
         }
 
 
@@ -214,6 +230,8 @@ class _Group:
     od_prices: list[float] = field(default_factory=list)
     spot_rows: list[int] = field(default_factory=list)
     spot_prices: list[float] = field(default_factory=list)
+    nodes: int = 1              # > 1: one instance type rented as several nodes (multinode.py)
+    network: object = None      # its internode.NodeNetwork
 
 
 @dataclass
@@ -259,6 +277,7 @@ class PlanResult:
     rejected: list[Rejected]
     considered: int             # offers (rows) that passed the filters
     budget: float | None = None
+    notes: list[str] = field(default_factory=list)   # e.g. providers that cannot run several nodes
 
     def __len__(self) -> int:
         return sum(len(s.rows) for s in self.streams)
@@ -281,7 +300,10 @@ class PlanResult:
             provision_min=ov.provision_min, setup_min=ov.setup_min, pull_min=ov.pull_min,
             preemption_h=ev.hours_spot - ev.hours_od if spot else 0.0,
             cloud=r[O.CLOUD], purchase=r[O.PURCHASE], price_date=r[O.PRICE_DATE], retrieved_at=r[O.RETRIEVED],
-            suspect=suspect_spot(self.table).get(i, "") if spot else "", row=i,
+            suspect=suspect_spot(self.table).get(i, "") if spot else "", row=i, nodes=grp.nodes,
+            network=grp.network.describe() if grp.nodes > 1 else "",
+            network_source=grp.network.source if grp.nodes > 1 else "",
+            bounding_link=need.bounding_link if grp.nodes > 1 else "",
         )
 
     def iter_offers(self):
@@ -321,14 +343,14 @@ class PlanResult:
         for item in self.iter_ranked():
             if len(lines) >= n:
                 break
-            r, spot = rows[item[2]], item[3]
+            r, spot, nodes = rows[item[2]], item[3], self.groups[item[4]].nodes
             if collapse:
-                key = (r[O.PROVIDER], r[O.INSTANCE_TYPE], r[O.GPU], r[O.GPU_COUNT], spot)
+                key = (r[O.PROVIDER], r[O.INSTANCE_TYPE], r[O.GPU], r[O.GPU_COUNT], spot, nodes)
                 if key in seen:
                     continue
                 seen.add(key)
             if group_hosts:  # same key as RankedOffer.hardware_key, from the row (no object per offer)
-                hw = (r[O.PROVIDER], r[O.GPU], r[O.GPU_COUNT], r[O.GPU_MEM], spot, r[O.CLOUD])
+                hw = (r[O.PROVIDER], r[O.GPU], r[O.GPU_COUNT], r[O.GPU_MEM], spot, r[O.CLOUD], nodes)
                 if hw in shown_hw:
                     continue
                 shown_hw.add(hw)
@@ -413,10 +435,10 @@ def suspect_spot(table: OfferTable) -> dict[int, str]:
     return cached
 
 
-def _offer_brief(r: tuple, spot: bool, total: float | None = None) -> dict:
+def _offer_brief(r: tuple, spot: bool, total: float | None = None, nodes: int = 1) -> dict:
     d = {"provider": r[O.PROVIDER], "instance_type": r[O.INSTANCE_TYPE], "gpu": r[O.GPU],
          "gpu_count": r[O.GPU_COUNT], "region": r[O.REGION], "zone": r[O.ZONE], "spot": spot,
-         "price_hour": r[O.SPOT] if spot else r[O.PRICE], "cloud": r[O.CLOUD] or None}
+         "price_hour": r[O.SPOT] if spot else r[O.PRICE], "cloud": r[O.CLOUD] or None, "nodes": nodes}
     if total is not None:
         d["total_usd"] = round(total, 4)
     return d
@@ -441,8 +463,12 @@ def rank(
     cost: CostModel | None = None,
     budget: float | None = None,
     rejected_per_kind: int = 5,
+    evaluate_nodes: NodesEvaluator | None = None,
 ) -> PlanResult:
-    """Rank every offer of `table` that passes `filters` by expected total cost (see module docstring)."""
+    """Rank every offer of `table` that passes `filters` by expected total cost (see module docstring).
+
+    With `evaluate_nodes`, instance types that can be rented as several nodes (catalogs/networks.json) add
+    2..4-node candidates where multinode.py's rule keeps them; they join the same cost-ordered merge."""
     f = filters or Filters()
     cost = cost or CostModel()
     if f.market not in MARKETS:
@@ -457,6 +483,7 @@ def rank(
     markets = [spot for spot, on in ((False, f.market != "spot"), (True, f.market != "on-demand")) if on]
     margin = 1.0 + cost.headroom
     row_filter = bool(regions) or bool(clouds) or min_vcpus is not None or min_ram is not None
+    single = f.nodes is None or f.nodes == 1
 
     def row_ok(r: tuple) -> bool:
         if regions and r[O.REGION] not in regions:
@@ -476,15 +503,44 @@ def rank(
     considered = 0
     limit = rejected_per_kind
 
+    def need_of(gpu: str, count: int) -> Need:
+        need = needs.get((gpu, count))
+        if need is None:
+            need = needs[(gpu, count)] = evaluate(gpu, count)
+        return need
+
+    def timed(need: Need, capacity: float, grp: _Group, ov: Overheads) -> _GroupEval:
+        """Hours and billed hours of one group; spot preemptions scale with the nodes (any one stops all)."""
+        ev = _GroupEval(need, capacity)
+        ev.hours_od = ov.fixed_h + need.train_hours
+        ev.hours_spot = ev.hours_od + cost.spot_extra_h(need.train_hours, ov) * grp.nodes
+        ev.billed_od = billed_hours(ev.hours_od, grp.granularity, ov.min_billed_s)
+        ev.billed_spot = billed_hours(ev.hours_spot, grp.granularity, ov.min_billed_s)
+        return ev
+
+    def add_streams(g: int, grp: _Group, ev: _GroupEval) -> None:
+        n = grp.nodes
+        for spot in markets:
+            idx, prices = (grp.spot_rows, grp.spot_prices) if spot else (grp.od_rows, grp.od_prices)
+            if row_filter:
+                keep = [k for k, i in enumerate(idx) if row_ok(rows[i])]
+                idx, prices = [idx[k] for k in keep], [prices[k] for k in keep]
+            billed = (ev.billed_spot if spot else ev.billed_od) * n   # every node is billed
+            hi = bisect.bisect_right(prices, max_hourly)
+            k = _cut(prices, billed, cap, hi)
+            if k:
+                streams.append(_Stream([p * billed for p in prices[:k]], idx[:k],
+                                       ev.hours_spot if spot else ev.hours_od, spot, g))
+            over.extend((prices[j] * billed, idx[j], spot, n) for j in range(k, min(hi, k + limit)))
+            hourly.extend((prices[j], idx[j], spot, n) for j in range(hi, min(len(idx), hi + limit)))
+
     for g, grp in enumerate(groups):
         if (providers and grp.provider not in providers) or (gpus and grp.gpu not in gpus):
             continue
         ov = cost.overheads.get(grp.provider)
         if ov is None:
             raise UserError(f"no overheads configured for provider '{grp.provider}' in provider_overheads.json")
-        need = needs.get((grp.gpu, grp.count))
-        if need is None:
-            need = needs[(grp.gpu, grp.count)] = evaluate(grp.gpu, grp.count)
+        need = need_of(grp.gpu, grp.count)
         capacity = min(grp.mem, need.usable_gib) if need.usable_gib else grp.mem
         ev = evals[g] = _GroupEval(need, capacity)
         if need.reason is not None or need.peak_gib * margin > capacity:
@@ -497,30 +553,26 @@ def rank(
                     group_rejects.append((rows[cand[0]][O.SPOT if spot else O.PRICE], g, cand[0], spot))
                     break
             continue
-        ev.hours_od = ov.fixed_h + need.train_hours
-        ev.hours_spot = ev.hours_od + cost.spot_extra_h(need.train_hours, ov)
-        ev.billed_od = billed_hours(ev.hours_od, grp.granularity, ov.min_billed_s)
-        ev.billed_spot = billed_hours(ev.hours_spot, grp.granularity, ov.min_billed_s)
+        ev = evals[g] = timed(need, capacity, grp, ov)
         if row_filter:
             considered += sum(1 for i in grp.all_rows if row_ok(rows[i]))
         else:
             considered += len(grp.all_rows)
-        for spot in markets:
-            idx, prices = (grp.spot_rows, grp.spot_prices) if spot else (grp.od_rows, grp.od_prices)
-            if row_filter:
-                keep = [k for k, i in enumerate(idx) if row_ok(rows[i])]
-                idx, prices = [idx[k] for k in keep], [prices[k] for k in keep]
-            billed = ev.billed_spot if spot else ev.billed_od
-            hi = bisect.bisect_right(prices, max_hourly)
-            k = _cut(prices, billed, cap, hi)
-            if k:
-                streams.append(_Stream([p * billed for p in prices[:k]], idx[:k],
-                                       ev.hours_spot if spot else ev.hours_od, spot, g))
-            over.extend((prices[j] * billed, idx[j], spot) for j in range(k, min(hi, k + limit)))
-            hourly.extend((prices[j], idx[j], spot) for j in range(hi, min(len(idx), hi + limit)))
+        if single:
+            add_streams(g, grp, ev)
+    notes: list[str] = []
+    if evaluate_nodes is not None and f.nodes != 1:
+        from ftplan.planner.pricing import multinode
+
+        groups = list(groups)
+        for grp, ev in multinode.candidates(table, need_of, evaluate_nodes, f, cost, margin, timed):
+            groups.append(grp)
+            evals[len(groups) - 1] = ev
+            add_streams(len(groups) - 1, grp, ev)
+        notes += multinode.no_placement_note(groups, evals, streams, providers, margin)
     rejected = _rejections(rows, groups, evals, group_rejects, over, hourly, cost.headroom, budget,
                            max_hourly, limit)
-    return PlanResult(table, streams, evals, groups, cost, rejected, considered, budget)
+    return PlanResult(table, streams, evals, groups, cost, rejected, considered, budget, notes)
 
 
 def _distinct(items: Iterable[tuple], key, limit: int) -> list[tuple]:
@@ -563,14 +615,14 @@ def _rejections(rows, groups, evals, group_rejects, over, hourly, headroom, budg
     out += by_kind["memory"] + by_kind["gpu"]
 
     def brief_key(t: tuple) -> tuple:
-        return rows[t[1]][O.PROVIDER], rows[t[1]][O.INSTANCE_TYPE], t[2]
+        return rows[t[1]][O.PROVIDER], rows[t[1]][O.INSTANCE_TYPE], t[2], t[3]
 
-    for total, i, spot in _distinct(sorted(over), brief_key, limit):
-        out.append(Rejected(_offer_brief(rows[i], spot, total), "budget",
+    for total, i, spot, nodes in _distinct(sorted(over), brief_key, limit):
+        out.append(Rejected(_offer_brief(rows[i], spot, total, nodes), "budget",
                             f"total ${total:,.2f} exceeds the ${budget:,.2f} budget by ${total - budget:,.2f}",
                             over_usd=total - budget))
-    for price, i, spot in _distinct(sorted(hourly), brief_key, limit):
-        out.append(Rejected(_offer_brief(rows[i], spot), "max_hourly",
+    for price, i, spot, nodes in _distinct(sorted(hourly), brief_key, limit):
+        out.append(Rejected(_offer_brief(rows[i], spot, nodes=nodes), "max_hourly",
                             f"${price:,.2f}/h exceeds --max-hourly ${max_hourly:,.2f}"))
     return out
 
@@ -585,6 +637,11 @@ def _strategy(count: int, zero: int) -> str:
 
 def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
                        corrections: dict | None = None) -> Evaluator:
+    return estimate_evaluators(request, headroom, corrections)[0]
+
+
+def estimate_evaluators(request: EstimateRequest, headroom: float = 0.10,
+                        corrections: dict | None = None) -> tuple[Evaluator, NodesEvaluator]:
     """Evaluator backed by the estimator (ftplan.planner.estimate.memory + ftplan.planner.estimate.throughput) for one job.
 
     Several GPUs run data-parallel when one GPU holds the job; when it does not (and the user did not
@@ -592,11 +649,14 @@ def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
     Peak memory does not depend on the GPU type, only on count and sharding, so it is computed once per
     (count, ZeRO stage): this is what keeps a plan over ~120 (GPU, count) pairs fast.
     `corrections` (lower-case GPU name -> ftplan.planner.runs.corrections.Correction) scales throughput and peak by
-    what finished runs of the same model and method measured on that GPU."""
+    what finished runs of the same model and method measured on that GPU.
+    The second evaluator is the same job over several nodes (internode.node_link: the slower of NVLink and
+    the node's network bounds the collectives); memory shards over every GPU of every node."""
     from dataclasses import replace
 
     from ftplan.planner.estimate.estimator import training_tokens
     from ftplan.planner.estimate.gpus import resolve_gpu
+    from ftplan.planner.estimate.internode import node_link
     from ftplan.planner.estimate.memory import estimate_memory
     from ftplan.planner.estimate.throughput import tokens_per_second
 
@@ -612,7 +672,8 @@ def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
             peaks[key] = estimate_memory(zero3 if sharded else request, count).total
         return peaks[key]
 
-    def evaluate(gpu_name: str, count: int) -> Need:
+    def card(gpu_name: str):
+        """The GPU, or the Need that says why it cannot run the job."""
         try:
             gpu = resolve_gpu(gpu_name)
         except UserError:
@@ -621,22 +682,36 @@ def estimate_evaluator(request: EstimateRequest, headroom: float = 0.10,
             return Need(reason=f"{gpu.name} is a {gpu.vendor} GPU; the training job needs CUDA")
         if request.precision.startswith("bf16") and not gpu.supports_bf16:
             return Need(reason=f"{gpu.name} has no bf16; pass --precision fp16-mixed to consider it")
+        return gpu
+
+    def need(gpu, count: int, link_gpu=None, bound: str = "") -> Need:
         req = request
         total = peak(count, False)
         if (count > 1 and request.zero is None and request.resolved_zero(count) != 3
                 and total * (1 + headroom) > gpu.usable_gib):
             req = zero3
             total = peak(count, True)
-        tps = tokens_per_second(req, gpu, count)
+        tps = tokens_per_second(req, link_gpu or gpu, count)
         corr = (corrections or {}).get(gpu.name.lower())
         if corr is not None:
             tps *= corr.throughput_factor or 1.0
             total *= corr.memory_factor or 1.0
         hours = tokens / tps / 3600
         return Need(peak_gib=total, train_hours=hours, usable_gib=gpu.usable_gib,
-                    strategy=_strategy(count, req.resolved_zero(count)))
+                    strategy=_strategy(count, req.resolved_zero(count)), bounding_link=bound)
 
-    return evaluate
+    def evaluate(gpu_name: str, count: int) -> Need:
+        gpu = card(gpu_name)
+        return gpu if isinstance(gpu, Need) else need(gpu, count)
+
+    def evaluate_nodes(gpu_name: str, count: int, nodes: int, network) -> Need:
+        gpu = card(gpu_name)
+        if isinstance(gpu, Need):
+            return gpu
+        linked, bound = node_link(gpu, count, nodes, network)
+        return need(gpu, count * nodes, linked, bound)
+
+    return evaluate, evaluate_nodes
 
 
 def download_minutes(request: EstimateRequest, gib_per_min: float) -> float:
@@ -669,7 +744,8 @@ def plan_offers(
         overheads={p: replace_overheads(ov, setup_min=ov.setup_min + extra) for p, ov in base.items()},
     )
     table = table if table is not None else OfferTable.load(tuple(filters.providers) if filters else None)
-    return rank(table, estimate_evaluator(request, headroom, corrections), filters, cost, budget)
+    evaluate, evaluate_nodes = estimate_evaluators(request, headroom, corrections)
+    return rank(table, evaluate, filters, cost, budget, evaluate_nodes=evaluate_nodes)
 
 
 def replace_overheads(ov: Overheads, **changes) -> Overheads:
