@@ -22,8 +22,15 @@ NETWORK_ERRORS = ("NewConnectionError", "Could not find a version", "Temporary f
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out)], check=True, capture_output=True, text=True, cwd=out)
+    # This venv's setuptools when it is new enough (no download); else pip's isolated build fetches one.
+    try:
+        import setuptools
+
+        isolation = [] if int(setuptools.__version__.split(".")[0]) < 77 else ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *isolation, "-q", "-w", str(out)],
+                   check=True, capture_output=True, text=True, cwd=out)
     [whl] = out.glob("ftplan-*.whl")
     return whl
 
