@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("ftplan.planner.commands.launch:launch", "Provision, train, pull artifacts, tear down."),
     "attach": ("ftplan.planner.commands.launch:attach", "Re-attach to a live run."),
     "runs": ("ftplan.planner.commands.report:runs", "List recorded runs: estimated vs actual time and cost."),
-    "report": ("ftplan.planner.commands.report:report", "Report of one run, or totals by provider or month."),
+    "report": ("ftplan.planner.commands.report:report", "One run, or totals by provider or month; --html writes a page."),
     "pull": ("ftplan.planner.commands.pull:pull", "Fetch a run's artifacts from its bucket, sha256 verified."),
     "gc": ("ftplan.planner.commands.launch:gc", "Find and terminate instances ftplan left behind."),
     "check": ("ftplan.planner.commands.check:check", "Which providers are usable here: extra, credential, a read-only call."),
