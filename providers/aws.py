@@ -80,8 +80,8 @@ _STATES = {
     "shutting-down": InstanceState.TERMINATING,
     "terminated": InstanceState.TERMINATED,
 }
-_ZONE_ID = re.compile(r"^[a-z]{2,5}\d+-az\d+$")
-_PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
+_ZONE_ID = re.compile(r"^[a-z]{2,5}\d+-az\d+\Z")
+_PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( [^\n]*)?\Z")
 
 
 class AWSProvider(AWSSideResources, Provider):

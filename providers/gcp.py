@@ -87,7 +87,7 @@ _STATES = {"PROVISIONING": InstanceState.PENDING, "STAGING": InstanceState.PENDI
            "PENDING_STOP": InstanceState.STOPPING, "DEPROVISIONING": InstanceState.TERMINATING,
            "STOPPED": InstanceState.STOPPED,
            "SUSPENDED": InstanceState.STOPPED, "TERMINATED": InstanceState.STOPPED}  # GCP TERMINATED = stopped
-_PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( .*)?$")
+_PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( [^\n]*)?\Z")
 _READ_TIMEOUT_S = 60.0
 
 

@@ -49,7 +49,7 @@ TAG_KEY = "ftplan-run-id"
 STORE_TAG_KEY = "ftplan-store-id"  # the run store that owns it: `ftplan gc` touches only its own
 NAME_PREFIX = "ftplan-"
 BILLING_PAGE = "https://cloud.lambda.ai/settings/billing"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")  # name `ftplan-<run>` must fit Lambda's 64 chars
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}\Z")  # name `ftplan-<run>` must fit Lambda's 64 chars
 
 _STATES = {
     "booting": InstanceState.PENDING,

@@ -55,7 +55,7 @@ DEFAULT_BASE_URL = "https://api.paperspace.com/v1"
 CREDENTIAL_ENV = "PAPERSPACE_API_KEY"
 CREDENTIAL_URL = "https://console.paperspace.com/settings/apikeys"
 NAME_PREFIX = "ftplan-"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}\Z")
 DISK_SIZES_GB = (100, 250, 500, 1000, 2000)
 # Console display name -> region code (the two forms a v1 client may send; see the module docstring).
 REGION_CODES = {"East Coast (NY2)": "ny2", "West Coast (CA1)": "ca1", "Europe (AMS1)": "ams1"}

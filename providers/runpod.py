@@ -95,7 +95,7 @@ GPU_TYPE_IDS: dict[str, str] = {
 GPU_NAMES = {v: k for k, v in GPU_TYPE_IDS.items()}
 
 _UNSAFE = re.compile(r'["\\\n\r]')
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}\Z")
 _SDK_LOCK = threading.RLock()  # RUNPOD_API_BASE_URL and runpod.api_key are process-global
 
 

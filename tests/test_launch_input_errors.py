@@ -166,3 +166,23 @@ def test_aws_profile_from_the_template_is_accepted(tmp_path, capsys, monkeypatch
     cfg = _project(tmp_path, extra='[providers.aws]\nprofile = "default"\n' + _pinned("aws"))
     rc, _, err = ftplan(capsys, "launch", "--config", str(cfg), "--dry-run")
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("host", ["root\n@gpu-box", "root@gpu-box\n:22"])
+def test_a_trailing_newline_never_passes_validation(tmp_path, capsys, monkeypatch, host):
+    """`$` matches before a final newline; the validators use `\\Z`, so a newline cannot ride into a command."""
+    from ftplan.providers.errors import ProviderError
+    from ftplan.providers.lambda_cloud import check_run_id
+    from ftplan.providers.ssh import parse_host_spec
+
+    with pytest.raises(ProviderError):
+        check_run_id("ft-20250101-abcd\n")
+    from ftplan.providers.aws import _PUBKEY
+
+    assert not _PUBKEY.match("ssh-ed25519 AAAAC3Nz ftplan\nssh-rsa AAAAB3 evil")
+    with pytest.raises(ValueError):
+        parse_host_spec(host)
+    monkeypatch.chdir(tmp_path)
+    cfg = _project(tmp_path)
+    rc, _, err = ftplan(capsys, "launch", "--config", str(cfg), "--provider", "ssh", "--host", host, "--dry-run")
+    one_line_error(rc, err)
