@@ -147,3 +147,34 @@ def test_runs_and_report_read_the_store(tmp_path):
     assert rep["actual"]["usd"] == pytest.approx(1.5) and rep["instances"][0]["id"] == "i-1"
     with pytest.raises(ftplan.UserError, match="no run store"):
         ftplan.runs(store=tmp_path / "missing.sqlite3")
+
+
+@pytest.mark.slow
+def test_launch_runs_the_local_demo_and_runs_lists_it(tmp_path, sshd):
+    """A real launch through the API: the test sshd, the real job on tiny-llama (CPU), the run store."""
+    cfg = tmp_path / "ftplan.toml"
+    cfg.write_text(f"""
+[job]
+seq_len = 128
+batch_size = 2
+grad_accum = 1
+checkpoint_every_steps = 2
+heartbeat_every_s = 0.5
+[launch]
+poll_interval_s = 0.3
+pull_margin_min = 0
+ssh_connect_timeout_s = 20
+[providers.local]
+user = "{sshd.user}"
+price_hour = 0.5
+remote_root = "{tmp_path / 'remote'}"
+""")
+    store = tmp_path / "runs.sqlite3"
+    result = ftplan.launch(cfg, provider="local", ssh_port=sshd.port, identity=sshd.client_key, dataset=EXAMPLE,
+                           max_steps=2, budget=1, remote_python=sys.executable, store=store,
+                           runs_dir=tmp_path / "runs")
+    assert result.status == "succeeded" and result.teardown_confirmed, result.error
+    assert result.actual["usd"] == pytest.approx(result.actual["hours"] * 0.5, abs=1e-4)
+    [run] = ftplan.runs(store=store)
+    assert run.run_id == result.run_id and run.provider == "local" and run.status == "succeeded"
+    assert any(g["group"] == "adapter" for g in ftplan.report(run.run_id, store=store)["artifact_groups"])
