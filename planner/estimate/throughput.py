@@ -94,7 +94,67 @@ def kernel_launches(req: EstimateRequest) -> float:
         fwd += linears  # dequantize before each 4-bit matmul
     per_block = fwd * (2.5 + (1 if req.grad_checkpointing else 0))
     launches = per_block * m.num_layers + 20  # embedding, final norm, head, loss
-    return launches / 3 if req.compile else launches
+    if req.compile:
+        launches /= 3
+    return launches + optimizer_launches(req) / req.grad_accum
+
+
+def optimizer_launches(req: EstimateRequest) -> float:
+    """Kernels one optimizer step launches. torch's AdamW/SGD run foreach kernels over lists of tensors (a
+    few dozen launches in all); transformers' Adafactor and bitsandbytes' 8-bit optimizers loop over the
+    parameters in Python (about 20 and 3 kernels per trained tensor)."""
+    m = req.model
+    opt = req.resolved_optimizer
+    per_tensor = {"adafactor": 20, "adamw8bit": 3, "paged_adamw8bit": 3}.get(opt, 0)
+    if not per_tensor:
+        return 30.0
+    if req.method in ("full", "freeze"):
+        biases = sum(1 for x in m.linear_modules() if x.bias)
+        per_block = len(m.linear_modules()) + biases + m.norms_per_block * (2 if m.norm == "layernorm" else 1)
+        blocks = m.num_layers if req.method == "full" else min(req.freeze_trainable_layers, m.num_layers)
+        tensors = per_block * blocks + (4 if req.method == "full" else 0)
+    elif req.method in ("lora", "qlora"):
+        from ftplan.planner.estimate.memory import _lora_modules
+
+        tensors = 2 * len(_lora_modules(m, req.lora_targets)) * m.num_layers
+    else:
+        tensors = 1
+    return per_tensor * tensors
+
+
+def elementwise_bytes(req: EstimateRequest) -> float:
+    """Bytes per token that the memory-bound kernels between the matmuls move (each reads its inputs and
+    writes its output: about three tensors' worth), counted per block from the same inventory as
+    `kernel_launches`: the norms (RMSNorm upcasts to fp32 for its six ops), rotary embeddings on q and k,
+    the attention kernel's transposes, the MLP's activation and gating, residual adds, model dropout, and
+    each LoRA module's dropout, scaling and add. The backward moves about twice the forward's bytes and
+    checkpointing repeats the forward. They run on the same stream as the matmuls: their time adds up."""
+    m = req.model
+    c = 4 if req.precision == "fp32" else 2
+    h, q, kv = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    inter = m.intermediate_size * (m.experts_per_token if m.num_experts > 1 else 1)
+    norm = m.norms_per_block * (6 * 3 * 4 * h if m.norm == "rmsnorm" else 3 * c * h)
+    rope = 6 * 3 * c * (q + kv) if m.position_embedding == "rope" else 0
+    attn = 4 * 3 * c * q
+    if req.attention == "eager":
+        attn += 4 * 3 * 4 * m.num_heads * req.seq_len  # scale, mask, softmax, dropout over the scores
+    mlp = (2 if m.gated_mlp else 1) * 3 * c * inter
+    residual = 2 * 3 * c * h
+    dropout = 3 * 3 * c * h if m.model_type in ("bert", "roberta", "distilbert", "gpt2") else 0
+    lora = 0.0
+    if req.method in ("lora", "qlora"):
+        from ftplan.planner.estimate.memory import _lora_modules
+
+        for x in _lora_modules(m, req.lora_targets):
+            n = m.experts_per_token if x.expert else x.count
+            lora += n * (2 * 3 * c * x.out_features + (2.5 * c * x.in_features if req.lora_dropout > 0 else 0))
+    fwd = norm + rope + attn + mlp + residual + dropout + lora
+    if req.compile:
+        fwd /= 3  # fused chains read and write once
+    layers = m.num_layers
+    if req.method == "freeze":
+        return fwd * layers + 2 * fwd * min(req.freeze_trainable_layers, layers)
+    return fwd * layers * (3 + (1 if req.grad_checkpointing else 0))
 
 
 def utilisation(req: EstimateRequest, gpu: GPU) -> tuple[float, float]:
@@ -166,7 +226,7 @@ def _step_seconds(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> float:
     peak = gpu.peak_tflops(req.precision) * 1e12
     u, overhead = utilisation(req, gpu)
     tokens = req.batch_size * req.seq_len
-    step = tokens * flops_per_token(req) / (u * peak)
+    step = tokens * flops_per_token(req) / (u * peak) + tokens * elementwise_bytes(req) / (gpu.mem_bandwidth_gbs * 1e9)
     if req.method == "qlora":
         # Dequantising every 4-bit weight once per forward (and per recomputation/backward) is memory-bound.
         passes = 3 if req.grad_checkpointing else 2
