@@ -51,6 +51,18 @@ def test_runs_json_lists_estimated_and_actual(store, capsys):
     assert rows["ft-a"]["estimated"]["usd"] == 1.0 and rows["ft-c"]["status"] == "failed"
 
 
+@pytest.mark.parametrize("columns", [100, 80])
+def test_runs_table_fits_the_terminal(store, capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    rc, out, _ = ftplan(capsys, "runs", "--store", str(store.path))
+    lines = out.splitlines()
+    assert rc == 0 and max(len(line) for line in lines) <= columns
+    assert all(any(line.startswith(rid) for line in lines) for rid in ("ft-a", "ft-b", "ft-c"))
+    assert "act $" in lines[0] and "$1.50" in out
+    rc, out, _ = ftplan(capsys, "runs", "--wide", "--store", str(store.path))
+    assert "instance" in out.splitlines()[0] and "est h" in out.splitlines()[0]
+
+
 def test_runs_text_table_has_every_run(store, capsys):
     rc, out, _ = ftplan(capsys, "runs", "--store", str(store.path))
     assert rc == 0

@@ -22,8 +22,9 @@ def _store(path: str | None):
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--limit", type=int, help="Only the newest N runs.")
+@click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
-def runs(as_json, limit, store_path):
+def runs(as_json, limit, wide, store_path):
     """List recorded runs: estimated vs actual time and cost."""
     from ftplan.planner.runs.reports import render_runs_text, runs_table
 
@@ -35,7 +36,9 @@ def runs(as_json, limit, store_path):
     elif not rows:
         click.echo("no runs recorded yet; 'ftplan launch --dry-run' shows what a run would cost")
     else:
-        click.echo(render_runs_text(rows), nl=False)
+        from ftplan.planner.commands.table_fit import terminal_width
+
+        click.echo(render_runs_text(rows, None if wide else terminal_width()), nl=False)
 
 
 @click.command()

@@ -253,37 +253,25 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _usd(x: float | None) -> str:
+    """Cents, except below 10 cents where a demo run's $0.0347 would read as $0.03."""
     if x is None:
         return "-"
-    return f"${x:.4f}" if abs(x) < 1 else f"${x:.2f}"
+    return f"${x:.4f}" if abs(x) < 0.1 else f"${x:.2f}"
 
 
-def render_runs_text(rows: list[dict[str, Any]]) -> str:
-    from rich.console import Console
-    from rich.table import Table
+def render_runs_text(rows: list[dict[str, Any]], width: int | None = None) -> str:
+    """The runs table; with `width` (the terminal's), no line longer: the instance and estimated hours go
+    first, then model names are shortened (ftplan.planner.commands.table_fit)."""
+    from ftplan.planner.commands.table_fit import Column, render
 
-    table = Table(title="ftplan runs", show_lines=False)
-    for col in ("run", "model", "method", "provider", "instance", "status", "est h", "act h", "est $", "act $"):
-        table.add_column(col, justify="right" if col.endswith(("h", "$")) else "left")
-    for r in rows:
-        table.add_row(r["run_id"], r["model"] or "-", r["method"] or "-", r["provider"] or "-",
-                      r["instance_type"] or "-", r["status"], _num(r["estimated"]["hours"], ".3f"),
-                      _num(r["actual"]["hours"], ".3f"), _usd(r["estimated"]["usd"]), _usd(r["actual"]["usd"]))
-    return _render(table, Console)
-
-
-def _render(renderable: Any, console_cls: Any) -> str:
-    console = console_cls(width=140, record=True, file=_Sink(), color_system=None)
-    console.print(renderable)
-    return console.export_text()
-
-
-class _Sink:
-    def write(self, _s: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
+    columns = [Column("run"), Column("model", shrink=True, min_width=8), Column("method"),
+               Column("provider", shrink=True, min_width=6), Column("instance", drop=1, shrink=True, min_width=8),
+               Column("status", shrink=True, min_width=9), Column("est h", right=True, drop=2),
+               Column("act h", right=True), Column("est $", right=True), Column("act $", right=True)]
+    cells = [[r["run_id"], r["model"] or "-", r["method"] or "-", r["provider"] or "-", r["instance_type"] or "-",
+              r["status"], _num(r["estimated"]["hours"], ".2f"), _num(r["actual"]["hours"], ".2f"),
+              _usd(r["estimated"]["usd"]), _usd(r["actual"]["usd"])] for r in rows]
+    return render(columns, cells, width) + "\n"
 
 
 def render_report_text(rep: dict[str, Any]) -> str:
@@ -310,7 +298,7 @@ def render_report_text(rep: dict[str, Any]) -> str:
                      f"(step {last['step']}), {len(rep['losses'])} points")
     lines.append("  instances:")
     for inst in rep["instances"]:
-        lines.append(f"    {inst['provider']} {inst['id'] or '-'} {inst['instance_type']} {inst['state']}"
+        lines.append(f"    {inst['provider']} {inst['id'] or '-'} {inst['instance_type'] or '-'} {inst['state']}"
                      + (f"  ({inst['error']})" if inst["error"] else ""))
     lines.append(f"  artifacts: {rep['artifacts_dir']} ({len(rep['artifacts'])} files)")
     for g in rep["artifact_groups"]:
