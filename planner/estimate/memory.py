@@ -144,11 +144,15 @@ def optimizer_state_bytes(optimizer: str, precision: str, model: ModelSpec, trai
 
 # ---- parameter bookkeeping ------------------------------------------------------------------------
 def _lora_modules(model: ModelSpec, targets: str) -> list:
-    mods = [m for m in model.linear_modules() if m.kind in _LINEAR]
-    if targets.strip().lower() == "all-linear":
-        return mods
-    wanted = [t.strip() for t in targets.split(",") if t.strip()]
-    return [m for m in mods if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
+    """The block Linears peft adapts for `targets` (memoised on the spec: asked for several times per GPU)."""
+    memo = model.__dict__.setdefault("_lora_modules_memo", {})
+    if targets not in memo:
+        mods = [m for m in model.linear_modules() if m.kind in _LINEAR]
+        if targets.strip().lower() != "all-linear":
+            wanted = [t.strip() for t in targets.split(",") if t.strip()]
+            mods = [m for m in mods if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
+        memo[targets] = tuple(mods)
+    return list(memo[targets])
 
 
 def trainable_params(req: EstimateRequest) -> int:
