@@ -183,3 +183,13 @@ def test_new_knobs_reach_the_estimate():
     assert chunked["memory_gib"]["logits"] < base["memory_gib"]["logits"] / 2
     assert chunked["params_trainable"] > base["params_trainable"] + 32000 * 4096 - 1
     assert chunked["settings"]["modules_to_save"] == ["lm_head"]
+
+
+def test_unpacked_dataset_peaks_at_its_longest_record(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "word " * n}) for n in (50, 100, 400)) + "\n")
+    args = [*MISTRAL, "--method", "qlora", "--gpu", "L4", "--json", "--dataset", str(data)]
+    padded = json.loads(run([*args, "--no-packing"]).stdout)
+    packed = json.loads(run(args).stdout)
+    assert padded["settings"]["peak_seq_len"] < 600 and packed["settings"]["peak_seq_len"] == 2048
+    assert padded["memory_gib"]["logits"] < packed["memory_gib"]["logits"] / 3
