@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/fault_matrix.py
 
 Starts its own sshd on 127.0.0.1 and the fake Lambda API server; prints one line per case
-(case, outcome, instances left, seconds) and ends with `key: value` lines, `cases: N` and
-`leaked_instances: 0` when every path ended with the instance terminated.
+(case, outcome, instances left, seconds, teardown seconds) and ends with `key: value` lines: `cases: N`,
+`leaked_instances: 0` when every path ended with the instance terminated, and `max_teardown_s` (from the
+teardown phase's start to the run's end, measured; `max_teardown_unreachable_s` for the cases whose machine
+stopped answering).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main() -> int:
     fake = shared_fake_lambda()
     os.environ[fm.LAMBDA_KEY_ENV] = fake.api_key
     rows, leaked, failures = [], 0, 0
+    teardown_s: list[float] = []
+    unreachable_s: list[float] = []
     t_all = time.monotonic()
     try:
         for i, case in enumerate(fm.cases()):
@@ -39,8 +43,27 @@ def main() -> int:
             problems = fm.check(case, got)
             leaked += got["live_instances"]
             failures += bool(problems)
-            rows.append((case.name, got["status"], got["live_instances"], got["seconds"],
+            teardown_s.append(got["teardown_s"])
+            if case.cut_at:
+                unreachable_s.append(got["teardown_s"])
+            rows.append((case.name, got["status"], got["live_instances"], got["seconds"], got["teardown_s"],
                          "ok" if not problems else "; ".join(problems)))
+        for name, fn in (("gc with the list API down", lambda t: fm.gc_list_down(t, fake)),
+                         ("gc from a second store", lambda t: fm.gc_second_store(t, fake, sshd)),
+                         ("local: secrets.env removed (succeeded)", lambda t: fm.local_secrets_removed(t, sshd, fail=False)),
+                         ("local: secrets.env removed (job fails)", lambda t: fm.local_secrets_removed(t, sshd, fail=True))):
+            tmp = work / name.replace(" ", "-").replace(":", "").replace("(", "").replace(")", "")
+            tmp.mkdir()
+            t0 = time.monotonic()
+            try:
+                got = fn(tmp)
+            except Exception as exc:  # noqa: BLE001 - a crashed check is a failed check
+                got = {"problems": [f"{type(exc).__name__}: {exc}"]}
+            left = got.get("live_instances", 0)
+            leaked += left
+            failures += bool(got["problems"])
+            rows.append((name, got.get("status", "-"), left, time.monotonic() - t0, 0.0,
+                         "ok" if not got["problems"] else "; ".join(got["problems"])))
         tmp = work / "kill9"
         tmp.mkdir()
         t0 = time.monotonic()
@@ -49,17 +72,19 @@ def main() -> int:
         leaked += k["live_after_gc"]
         failures += not ok
         rows.append(("kill -9 launcher, then ftplan gc --yes", f"gc: {k['run_status']}", k["live_after_gc"],
-                     time.monotonic() - t0, "ok" if ok else f"unexpected: {k}"))
+                     time.monotonic() - t0, 0.0, "ok" if ok else f"unexpected: {k}"))
     finally:
         sshd.stop()
     width = max(len(r[0]) for r in rows)
-    print(f"{'case':<{width}}  {'outcome':<22} {'left':>4} {'seconds':>8}  check")
-    for name, status, left, secs, verdict in rows:
-        print(f"{name:<{width}}  {status:<22} {left:>4} {secs:>8.2f}  {verdict}")
+    print(f"{'case':<{width}}  {'outcome':<22} {'left':>4} {'seconds':>8} {'teardown':>8}  check")
+    for name, status, left, secs, down, verdict in rows:
+        print(f"{name:<{width}}  {status:<22} {left:>4} {secs:>8.2f} {down:>8.2f}  {verdict}")
     print(f"total_seconds: {time.monotonic() - t_all:.1f}")
     print(f"failed_checks: {failures}")
     print(f"cases: {len(rows)}")
     print(f"leaked_instances: {leaked}")
+    print(f"max_teardown_s: {max(teardown_s, default=0.0):.1f}")
+    print(f"max_teardown_unreachable_s: {max(unreachable_s, default=0.0):.1f}")
     return 0 if failures == 0 and leaked == 0 else 1
 
 
