@@ -168,6 +168,12 @@ def _int(text: str, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
+def _loss(r: dict) -> str:
+    """The cross-entropy a row's notes name (ftplan's own calibration rows say `loss chunked`), else standard."""
+    m = re.search(r"\bloss (standard|chunked|fused)\b", r["notes"])
+    return m.group(1) if m else "standard"
+
+
 def map_row(r: dict) -> Mapped | str:
     """The row as an EstimateRequest and the measured quantity, or the reason it is skipped."""
     if r["kind"] != "measured":
@@ -238,7 +244,8 @@ def map_row(r: dict) -> Mapped | str:
         zero=zero if (zero or n > 1) else None, double_quant=("dq" in r["quantization"].lower()
                                                               or "double" in r["quantization"].lower()),
         lora_dropout=0.1 if src == "S11" else 0.05, framework=framework,
-        loss_upcast=src != "S07")  # Qwen v1's remote code computes the loss on bf16 logits
+        loss_upcast=src != "S07",  # Qwen v1's remote code computes the loss on bf16 logits
+        loss=_loss(r), compile=r["compile"].lower().startswith("yes"))
     measured, quantity, context = None, "allocated", 0.0
     if r["peak_mem"]:
         value = float(r["peak_mem"])
