@@ -69,6 +69,9 @@ def configure_logging(verbose: int = 0, quiet: bool = False, stream=None) -> int
         _saved_root_level.setdefault("level", root.level)
     elif "level" in _saved_root_level:  # a previous -vv in this process: give the root its level back
         root.setLevel(_saved_root_level.pop("level"))
-    target.setLevel(level)
-    logging.getLogger("ftplan").setLevel(level)
+    handler.setLevel(level)
+    # The handler filters; loggers are lowered only to let more through. Raising a logger's level (the
+    # default WARNING) would also silence whatever else listens in this process (a host application, pytest).
+    for logger in {target, logging.getLogger("ftplan")}:
+        logger.setLevel(level if level < logging.WARNING else logging.NOTSET)
     return level
