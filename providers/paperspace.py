@@ -186,7 +186,10 @@ class PaperspaceProvider(RESTProvider):
                 # the launcher's terminate and `ftplan gc` are the real teardown.
                 "autoShutdownEnabled": True,
                 "autoShutdownTimeout": max(1, math.ceil(request.max_lifetime_s / 3600)),
+                "emailPassword": False,  # documented default true: one password e-mail per run otherwise
             }
+            if request.instance_type.endswith("x8"):
+                body["enableNvlink"] = True  # documented field; SkyPilot sets it for the x8 types too
             machine = _data(self.client.post("/machines", json=body) or {})
             if not machine.get("id"):
                 raise ProviderError("paperspace create returned no machine id", provider=self.name)

@@ -231,6 +231,9 @@ def test_only_documented_fields_are_sent(fake_paperspace):
     (script,) = fake_paperspace.calls("POST", "/startup-scripts")
     (machine,) = fake_paperspace.calls("POST", "/machines")
     assert set(script) <= SCRIPT_FIELDS and set(machine) <= MACHINE_FIELDS
+    assert machine["emailPassword"] is False and "enableNvlink" not in machine
+    _provider(fake_paperspace).create(_request(run_id="x8", instance_type="H100x8"))
+    assert fake_paperspace.calls("POST", "/machines")[-1]["enableNvlink"] is True
 
 
 def test_billing_refusal_points_at_the_billing_page(fake_paperspace):
