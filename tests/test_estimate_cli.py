@@ -164,6 +164,13 @@ def test_detail_names_each_allocator_figure():
     assert figures["allocated"] < figures["reserved"] < figures["device"]
 
 
+def test_the_default_seq_len_adapts_to_a_short_context():
+    """tiny-llama (the demo model) has a 512-token context: the default 2048 must not make it an error."""
+    res = run(["estimate", "--model", "tiny-llama", "--method", "qlora", "--gpu", "L4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["settings"]["seq_len"] == 512
+
+
 def test_seq_len_beyond_the_context_is_refused():
     res = run_process(["estimate", "--model", "gpt2", "--method", "lora", "--seq-len", "4096"])
     one_line_error(res, "context")

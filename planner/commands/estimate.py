@@ -104,6 +104,8 @@ def _request(model_arg: str | None, opts: dict):
     if not opts.get("method"):
         raise UserError(f"no method: pass --method ({'|'.join(METHODS)})")
     model = resolve_model(model_arg)
+    if opts["seq_len"] > model.max_position_embeddings and not _explicit("seq_len") and not opts.get("from_config"):
+        opts["seq_len"] = model.max_position_embeddings  # the default 2048 adapts to a shorter context
     if opts["seq_len"] > model.max_position_embeddings:
         raise UserError(f"--seq-len {opts['seq_len']} exceeds {model.name}'s context of "
                         f"{model.max_position_embeddings} tokens; pass --seq-len {model.max_position_embeddings} "
