@@ -21,6 +21,9 @@ RUN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$RUN_DIR" || exit 97
 
 log() { printf '[ftplan-bootstrap %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+# In a run dir the job's modules are in job/; in the repo (bootstrap.sh --plan) they sit beside this script.
+TS="job/torch_select.py"
+[ -f "$TS" ] || TS="$RUN_DIR/torch_select.py"
 
 REMOTE_PYTHON=""
 DEADLINE_S=""
@@ -65,7 +68,7 @@ make_plan() {
   local n=0 py probes=()
   while IFS= read -r py; do
     n=$((n + 1))
-    if timeout 180 "$py" job/torch_select.py probe > ".probe-$n.json" 2>/dev/null; then
+    if timeout 180 "$py" "$TS" probe > ".probe-$n.json" 2>/dev/null; then
       probes+=(".probe-$n.json")
       [ -n "$PY0" ] || PY0="$py"
     fi
@@ -73,7 +76,7 @@ make_plan() {
   [ -n "$PY0" ] || return 1
   local uv_flag=()
   command -v uv >/dev/null 2>&1 && uv_flag=(--uv-on-path)
-  "$PY0" job/torch_select.py plan "${uv_flag[@]}" "--deadline=$(deadline_method)" "${probes[@]}"
+  "$PY0" "$TS" plan "${uv_flag[@]}" "--deadline=$(deadline_method)" "${probes[@]}"
 }
 
 json_get() { "$PY0" -c 'import json, sys
@@ -189,7 +192,7 @@ get_uv() {  # prints the uv binary, or nothing
      && [ -x "$RUN_DIR/.tools/bin/uv" ]; then
     echo "$RUN_DIR/.tools/bin/uv"; return
   fi
-  "$PY0" job/torch_select.py fetch-uv "$RUN_DIR/.tools" 2>/dev/null | tail -n1
+  "$PY0" "$TS" fetch-uv "$RUN_DIR/.tools" 2>/dev/null | tail -n1
 }
 
 if [ -n "$REMOTE_PYTHON" ]; then

@@ -84,6 +84,9 @@ def save(acc, model, optimizer, scheduler, loop_state: dict, out_dir: str, keep:
         save_file(_trainable(acc.unwrap_model(model)), os.path.join(tmp, "trainable.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    if acc.is_main_process and getattr(acc, "scaler", None) is not None:
+        # fp16: the GradScaler's scale and growth tracker, so a resume does not restart at 65536
+        torch.save(acc.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
     acc.wait_for_everyone()
     if acc.is_main_process:
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
@@ -115,10 +118,17 @@ def load(acc, model, optimizer, scheduler, path: str, sharded: bool) -> dict:
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
-        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        # map_location: rank 0 wrote CUDA tensors of cuda:0; loading them there from every rank would put
+        # copies and a context on GPU 0. load_state_dict moves each state to its parameter's device.
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                             weights_only=False))
+        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu",
+                                             weights_only=False))
+    scaler_file = os.path.join(path, "scaler.pt")
+    if getattr(acc, "scaler", None) is not None and os.path.exists(scaler_file):
+        acc.scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=False))
     rng_file = os.path.join(path, f"rng-{acc.process_index}.pt")
     if os.path.exists(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     with open(os.path.join(path, "state.json"), encoding="utf-8") as fh:
         return json.load(fh)

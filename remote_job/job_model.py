@@ -130,10 +130,15 @@ def load_model(cfg: dict, tokenizer_vocab: int, device, dtype, is_main: bool, ba
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg["gradient_checkpointing"],
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        # What peft's prepare_model_for_kbit_training does, minus its upcast of every 16-bit parameter to
+        # fp32 (embeddings, lm_head, norms: +2 bytes x 2 x vocab x hidden, and a per-forward 16-bit copy of
+        # the head under autocast). They stay frozen in 16 bit, as the estimate counts them; RMSNorm
+        # computes in fp32 internally and the loss upcasts the logits. LoRA weights are fp32 (peft).
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)  # non-reentrant:
+            # no enable_input_require_grads needed
     elif cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         if method == "lora":
@@ -156,6 +161,22 @@ def load_model(cfg: dict, tokenizer_vocab: int, device, dtype, is_main: bool, ba
                                       if type(m).__module__.startswith("bitsandbytes")
                                       and type(m).__name__ == "Linear4bit")}
     return model, info
+
+
+def drop_fp32_output_copy(model) -> bool:
+    """accelerate's mixed precision wraps forward as convert_outputs_to_fp32(autocast(forward)): an fp32
+    copy of the logits (4 x batch x seq x vocab bytes, 2 GiB for Llama-3 at 4x1024) the job never reads (it
+    uses the loss). Keep the autocast, drop the conversion. Returns whether a wrapper was removed."""
+    from types import MethodType
+
+    bound = hasattr(model.forward, "__func__")
+    func = model.forward.__func__ if bound else model.forward
+    wrapped = getattr(func, "__wrapped__", None)
+    if type(wrapped).__name__ != "ConvertOutputsToFp32":
+        return False
+    inner = wrapped.model_forward
+    model.forward = MethodType(inner, model) if bound else inner
+    return True
 
 
 def drop_random_base_if_large(cfg: dict, total_params: int) -> None:

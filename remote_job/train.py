@@ -96,17 +96,27 @@ def evaluate(acc, model, examples, batch_size: int, pad_id: int, loss_mode: str 
     if not examples:
         return None
     mine = examples[acc.process_index :: acc.num_processes]
+    # Every rank runs the same number of forwards (DDP broadcasts buffers in each): a rank short of rows
+    # repeats a row with weight 0 instead of skipping ahead to the reduce and hanging the others.
+    n_batches = math.ceil(math.ceil(len(examples) / acc.num_processes) / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     model.eval()
+    if acc.device.type == "cpu":
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs in eval mode and asserts shapes that small
+        # models fail ("N must be divisible by block_n"); its layers stay in train mode (no dropout in them).
+        for m in model.modules():
+            if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit":
+                m.train()
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(acc.device) for k, v in job_data.collate(mine[i : i + batch_size], pad_id).items()}
-            n = (batch["labels"][:, 1:] != job_data.IGNORE).sum()
-            if n == 0:
-                continue
+        for b in range(n_batches):
+            rows = mine[b * batch_size : (b + 1) * batch_size]
+            weight = 1 if rows else 0
+            batch = {k: v.to(acc.device) for k, v in job_data.collate(rows or examples[:1], pad_id).items()}
+            n = (batch["labels"][:, 1:] != job_data.IGNORE).sum() * weight
             loss = job_loss.compute(model, batch, loss_mode)
-            total[0] += loss.double() * n
-            total[1] += n
+            if n > 0:
+                total[0] += loss.double() * n
+                total[1] += n
     model.train()
     total = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
     return round(float(total[0] / total[1]), 5) if total[1] > 0 else None
@@ -211,6 +221,7 @@ def run(cfg: dict) -> int:
         scheduler = transformers.get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg["warmup_ratio"] * total_steps), total_steps)
         model, optimizer = acc.prepare(model, optimizer)
+        job_model.drop_fp32_output_copy(acc.unwrap_model(model))
         sharded = cfg["distributed"] in ("fsdp", "zero2", "zero3")
 
         resume_from = job_checkpoints.newest(out_dir) if cfg["resume"] else None

@@ -218,7 +218,7 @@ def test_tiny_llama_is_the_documented_demo_model():
     cfg = transformers.AutoConfig.for_model(**tiny.to_hf_config())
     assert type(cfg).__name__ == "LlamaConfig"
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
-    assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings) == (176, 512, 512)
+    assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings) == (128, 512, 512)
     assert cfg.tie_word_embeddings is False
     # It really runs: a forward pass with random weights on CPU.
     model = transformers.AutoModelForCausalLM.from_config(cfg)
