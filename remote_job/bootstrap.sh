@@ -65,18 +65,22 @@ find_pythons() {
 # Probe each interpreter (torch import + CUDA init: bounded) and ask torch_select.py for the plan.
 make_plan() {
   PY0=""
-  local n=0 py probes=()
+  local n=0 py probes=() tmp rc
+  tmp="$(mktemp -d)"
   while IFS= read -r py; do
     n=$((n + 1))
-    if timeout 180 "$py" "$TS" probe > ".probe-$n.json" 2>/dev/null; then
-      probes+=(".probe-$n.json")
+    if timeout 180 "$py" "$TS" probe > "$tmp/probe-$n.json" 2>/dev/null; then
+      probes+=("$tmp/probe-$n.json")
       [ -n "$PY0" ] || PY0="$py"
     fi
   done < <(find_pythons)
-  [ -n "$PY0" ] || return 1
+  [ -n "$PY0" ] || { rm -rf "$tmp"; return 1; }
   local uv_flag=()
   command -v uv >/dev/null 2>&1 && uv_flag=(--uv-on-path)
   "$PY0" "$TS" plan "${uv_flag[@]}" "--deadline=$(deadline_method)" "${probes[@]}"
+  rc=$?
+  rm -rf "$tmp"
+  return $rc
 }
 
 json_get() { "$PY0" -c 'import json, sys

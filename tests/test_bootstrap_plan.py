@@ -16,7 +16,7 @@ from job_helpers import JOB_DIR
 
 REAL_PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 TOOLS = ("bash", "date", "dirname", "id", "mv", "rm", "grep", "touch", "cat", "awk", "sed", "head", "tail", "tr",
-         "timeout", "sleep", "setsid", "mkdir", "env")
+         "timeout", "sleep", "setsid", "mkdir", "env", "mktemp")
 
 GPU_ROWS = {"A10G": ("NVIDIA A10G", "8.6", 23028), "H100": ("NVIDIA H100 80GB HBM3", "9.0", 81559),
             "L4": ("NVIDIA L4", "8.9", 23034), "T4": ("Tesla T4", "7.5", 15360),

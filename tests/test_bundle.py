@@ -249,7 +249,7 @@ def sandbox_path(tmp_path: Path) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("bash", "date", "dirname", "id", "mv", "rm", "grep", "touch", "cat", "python3", "awk", "sed", "head",
-                 "tail", "tr", "timeout", "sleep", "setsid", "mkdir"):
+                 "tail", "tr", "timeout", "sleep", "setsid", "mkdir", "mktemp"):
         found = shutil.which(tool, path="/usr/local/bin:/usr/bin:/bin")
         if found and not (bin_dir / tool).exists():
             (bin_dir / tool).symlink_to(found)
