@@ -77,6 +77,7 @@ def save(acc, model, optimizer, scheduler, loop_state: dict, out_dir: str, keep:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     acc.wait_for_everyone()
+    os.makedirs(tmp, exist_ok=True)  # another node's disk has no folder from rank 0
     torch.save(_rng_state(), os.path.join(tmp, f"rng-{acc.process_index}.pt"))
     if sharded:
         acc.save_state(os.path.join(tmp, "engine"))  # FSDP / DeepSpeed write their own sharded state

@@ -50,6 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "num_gpus": 1,
     "expect_gpu": None,  # true: the machine was rented with GPUs; the job refuses to fall back to the CPU
     "distributed": None,
+    "nnodes": 1,             # > 1: torchrun's c10d rendezvous over several machines (job_distributed.py)
+    "node_rank": 0,
+    "rdzv_endpoint": None,   # "host:port" every node reaches (node 0's private address)
+    "rdzv_id": None,         # default: run_id
     "stop_file": "STOP",
     "throttle_s_per_step": 0,
     "hf_token_env": "HF_TOKEN",
@@ -136,7 +140,9 @@ def validate(raw: Any) -> dict:
            "'throttle_s_per_step' must be >= 0")
     _check(cfg["distributed"] in DISTRIBUTED,
            f"'distributed' must be null, \"ddp\", \"fsdp\", \"zero2\" or \"zero3\", got {cfg['distributed']!r}")
-    _check(not (cfg["distributed"] and cfg["num_gpus"] < 2), "'distributed' needs 'num_gpus' >= 2")
+    _check_nodes(cfg)
+    _check(not (cfg["distributed"] and cfg["num_gpus"] * cfg["nnodes"] < 2),
+           "'distributed' needs 'num_gpus' >= 2 or 'nnodes' >= 2")
     _check(cfg["expect_gpu"] is None or isinstance(cfg["expect_gpu"], bool), "'expect_gpu' must be null, true or false")
     _check(not (cfg["method"] == "qlora" and cfg["distributed"] == "zero3"),
            "QLoRA with ZeRO-3 is not supported by this job; use \"fsdp\" or \"zero2\"")
@@ -144,6 +150,22 @@ def validate(raw: Any) -> dict:
         _check(isinstance(cfg[key], str) and cfg[key] != "", f"'{key}' must be a non-empty string")
     _check(not (cfg["merge_adapter"] and cfg["method"] == "full"), "'merge_adapter' only applies to lora/qlora")
     return cfg
+
+
+def _check_nodes(cfg: dict) -> None:
+    """Several nodes: each node's config differs only in node_rank; all name the same rendezvous."""
+    _check(_is_int(cfg["nnodes"]) and cfg["nnodes"] >= 1, "'nnodes' must be an integer >= 1")
+    _check(_is_int(cfg["node_rank"]) and 0 <= cfg["node_rank"] < cfg["nnodes"],
+           f"'node_rank' must be an integer from 0 to nnodes - 1 ({cfg['nnodes'] - 1}), got {cfg['node_rank']!r}")
+    _check(cfg["rdzv_id"] is None or (isinstance(cfg["rdzv_id"], str) and cfg["rdzv_id"] != ""),
+           "'rdzv_id' must be null (the run_id) or a non-empty string")
+    ep = cfg["rdzv_endpoint"]
+    if cfg["nnodes"] == 1:
+        _check(ep is None, "'rdzv_endpoint' only applies with 'nnodes' > 1")
+        return
+    host, _, port = ep.rpartition(":") if isinstance(ep, str) else ("", "", "")
+    _check(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+           f"'rdzv_endpoint' must be \"host:port\" (node 0's private address), got {ep!r}")
 
 
 def load(path: str) -> dict:

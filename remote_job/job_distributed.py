@@ -2,6 +2,12 @@
 
 The engines are existing ones: DDP (torch), FSDP (torch, via accelerate's plugin) and DeepSpeed ZeRO
 (config generated here, engine from the `deepspeed` package). Nothing here reimplements sharding.
+
+Several nodes (`nnodes` > 1): every node runs the same job with its own `node_rank`, and torchrun's c10d
+rendezvous at `rdzv_endpoint` joins them. c10d numbers the nodes in its own order (sorted host/pid), not
+by --node-rank, so each worker re-derives its global rank as node_rank x nproc + local rank before the
+process group exists (`pin_global_rank`): global rank 0, which writes checkpoints, the adapter and the
+summary, is always on node 0, the node the launcher pulls from.
 """
 
 from __future__ import annotations
@@ -20,13 +26,32 @@ def is_worker() -> bool:
 
 
 def needs_launcher(cfg: dict) -> bool:
-    return cfg["num_gpus"] > 1 and not is_worker()
+    return (cfg["num_gpus"] > 1 or cfg.get("nnodes", 1) > 1) and not is_worker()
 
 
 def launch_command(cfg: dict, config_path: str, train_script: str) -> list[str]:
-    """`python -m torch.distributed.run` rather than a `torchrun` on PATH: same interpreter, same venv."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={cfg['num_gpus']}", train_script, "--config", config_path]
+    """`python -m torch.distributed.run` rather than a `torchrun` on PATH: same interpreter, same venv.
+
+    One node: --standalone (a private rendezvous on a free local port). Several: c10d at rdzv_endpoint;
+    --node-rank is passed for the logs (c10d itself ignores it; see pin_global_rank)."""
+    head = [sys.executable, "-m", "torch.distributed.run"]
+    if cfg.get("nnodes", 1) > 1:
+        head += ["--nnodes", str(cfg["nnodes"]), "--node-rank", str(cfg["node_rank"]), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", cfg["rdzv_endpoint"], "--rdzv-id", cfg["rdzv_id"] or cfg["run_id"]]
+    else:
+        head.append("--standalone")
+    return [*head, f"--nproc_per_node={cfg['num_gpus']}", train_script, "--config", config_path]
+
+
+def pin_global_rank(cfg: dict) -> None:
+    """In a worker of a multi-node run, before torch.distributed starts: RANK = node_rank x nproc + local rank.
+
+    The ranks stay unique and dense (every node runs num_gpus workers), the store and world size are
+    torchrun's; only which process is rank 0 changes, to local rank 0 of node_rank 0."""
+    if cfg.get("nnodes", 1) < 2 or "LOCAL_RANK" not in os.environ:
+        return
+    nproc = int(os.environ.get("LOCAL_WORLD_SIZE", cfg["num_gpus"]))
+    os.environ["RANK"] = str(cfg["node_rank"] * nproc + int(os.environ["LOCAL_RANK"]))
 
 
 def run_launcher(cfg: dict, config_path: str, train_script: str) -> int:
@@ -63,7 +88,7 @@ def accelerator_kwargs(cfg: dict, dtype_name: str, out_dir: str, use_cpu: bool) 
     """Keyword arguments for accelerate.Accelerator for this plan."""
     kwargs: dict = {"cpu": use_cpu, "gradient_accumulation_steps": 1}
     mode = cfg["distributed"]
-    if cfg["num_gpus"] < 2 or mode in (None, "ddp"):
+    if cfg["num_gpus"] * cfg.get("nnodes", 1) < 2 or mode in (None, "ddp"):
         return kwargs
     if mode == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin

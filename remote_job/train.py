@@ -137,6 +137,7 @@ def setup_failed(cfg: dict, exc: Exception, t_start: float) -> int:
 def run(cfg: dict) -> int:
     """One worker (the only one on a single GPU/CPU). Returns the process exit code."""
     t_start = time.time()
+    job_distributed.pin_global_rank(cfg)  # several nodes: global rank 0 on node 0, before any rank is read
     import job_model
     import torch
     import transformers
@@ -390,6 +391,8 @@ def launcher(cfg: dict, config_path: str) -> int:
     signal.signal(signal.SIGTERM, to_stop_file)
     signal.signal(signal.SIGINT, to_stop_file)
     rc = job_distributed.run_launcher(cfg, config_path, os.path.abspath(__file__))
+    if cfg["node_rank"] > 0:  # global rank 0 writes the summary and artifacts on node 0, not here
+        return rc
     summary = None
     if os.path.exists(summary_path) and os.path.getmtime(summary_path) >= started:
         with open(summary_path, encoding="utf-8") as fh:
