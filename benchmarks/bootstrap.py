@@ -11,7 +11,9 @@ machine has none. torch is excluded from both timed installs: its CUDA build is 
 (and uv would not find the local CPU wheel). Both environments are then checked to import the job's
 libraries at the same versions. Prints `uv_s`, `pip_s`, `ratio` (uv_s / pip_s: lower is better), `speedup`.
 uv does not byte-compile what it installs unless asked (imports compile the modules they load, once);
-pip compiles everything: `--uv-compile-bytecode` makes uv do the same work.
+pip compiles what it installs. `--uv-compile-bytecode` makes uv compile too, but it compiles the whole
+environment, the preinstalled torch included: more work than pip does. One rep takes minutes: the
+figures move with the machine's load (printed), so compare reps run back to back.
 """
 
 from __future__ import annotations
