@@ -6,7 +6,7 @@
 Two folders, one bundle copy each (job.json + data; the tiny Llama of tests/job_helpers in a local
 "hub" folder both load), two `train.py` launchers with node_rank 0 and 1: torchrun's c10d rendezvous on
 127.0.0.1, gloo on the CPU, DDP of a LoRA job, one process per node. Then the same config with
-nnodes = 1. tokens/s are the job's own (summary.json: training steps only, all ranks' tokens).
+nnodes = 1. tokens/s are the job's own (summary.json `tokens_per_s`: training steps only).
 On a CPU box the two "nodes" share its cores, so this proves the path and shows the rendezvous and
 all-reduce cost; it says nothing about a real network. Medians of --runs; ends with `key: value` lines.
 """

@@ -141,3 +141,18 @@ def test_evaluator_shards_memory_over_every_node_and_names_the_link():
     assert three.peak_gib < one.peak_gib / 2 and three.strategy == "zero3"
     slow = evaluate_nodes("H100", 8, 3, node_network("gcp", "a2-ultragpu-8g"))
     assert slow.train_hours > three.train_hours and "Ethernet" in slow.bounding_link
+
+
+def test_a_short_job_that_fits_one_node_is_never_estimated_on_several():
+    """N nodes are never more than N times faster, so when their fixed hours alone break the 10 % rule
+    the plan skips their estimates (what keeps `ftplan plan` fast on small jobs)."""
+    calls = []
+    evaluate, evaluate_nodes = job(10.0, 2.0)
+
+    def counting(*args):
+        calls.append(args)
+        return evaluate_nodes(*args)
+
+    res = opt.rank(OfferTable([row()]), evaluate, opt.Filters(), opt.CostModel(overheads=OVERHEADS),
+                   evaluate_nodes=counting)
+    assert {o.nodes for o in res.offers} == {1} and calls == []

@@ -63,6 +63,15 @@ def _fits(need, capacity: float, margin: float) -> bool:
     return need.reason is None and need.peak_gib * margin <= capacity
 
 
+def _cannot_pay(base: tuple, n: int, fixed_h: float, spot: bool) -> bool:
+    """True when n nodes cannot cost within MAX_EXTRA of `base` even at perfect scaling: n nodes are
+    never more than n/base-nodes times faster (the estimate only adds communication), so n x billed hours
+    >= n x fixed + base nodes x base training hours."""
+    grp, ev = base
+    floor = n * fixed_h + grp.nodes * ev.need.train_hours
+    return floor > grp.nodes * (ev.billed_spot if spot else ev.billed_od) * (1 + MAX_EXTRA)
+
+
 def candidates(table, need_of: Callable, evaluate_nodes: Callable, f, cost, margin: float,
                timed: Callable) -> Iterator[tuple]:
     """(group with nodes = n, its evaluation) for every multi-node candidate the rule keeps."""
@@ -84,6 +93,8 @@ def candidates(table, need_of: Callable, evaluate_nodes: Callable, f, cost, marg
         for n in range(2, MAX_NODES + 1):
             if f.nodes is not None and n != f.nodes:
                 continue
+            if f.nodes is None and kept and _cannot_pay(kept[0], n, ov.fixed_h, spot_rule):
+                break  # and no larger n can: skip their estimates (this keeps `ftplan plan` fast)
             key = (fam.gpu, fam.count, n, fam.network.gbps)
             need = cache.get(key)
             if need is None:
