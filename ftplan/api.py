@@ -127,7 +127,7 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
     lines = result.top(top, collapse=not all_regions, group_hosts=group_hosts)
     return PlanResult.build(request, result, table, lines, budget=budget, headroom=headroom, market=market,
                             secure_only=secure_only, corrections=corrections,
-                            warnings=([warning] if warning else []) + stale_summary(lines, table))
+                            warnings=([warning] if warning else []) + stale_summary(lines, table) + result.notes)
 
 
 def launch(config: str | Path | None = None, *, provider: str | None = None, host: str | None = None,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from cli_helpers import error_line, ftplan
+from cli_helpers import ftplan as ftplan_cli
 
 from ftplan.planner.estimate.estimator import EstimateRequest
 from ftplan.planner.estimate.models import resolve_model
@@ -156,3 +157,12 @@ def test_a_short_job_that_fits_one_node_is_never_estimated_on_several():
     res = opt.rank(OfferTable([row()]), evaluate, opt.Filters(), opt.CostModel(overheads=OVERHEADS),
                    evaluate_nodes=counting)
     assert {o.nodes for o in res.offers} == {1} and calls == []
+
+
+def test_python_api_plan_carries_the_same_multinode_offers_and_note_as_the_cli(capsys):
+    import ftplan
+
+    api = ftplan.plan(model="llama3.1-70b", method="full", dataset_tokens=100_000_000).to_dict()
+    rc, out, _ = ftplan_cli(capsys, *BIG_JOB, "--json")
+    assert rc == 0 and api == json.loads(out)
+    assert any(o["nodes"] > 1 for o in api["offers"]) and any("multi-node" in w for w in api["warnings"])
