@@ -35,6 +35,18 @@ def test_two_process_qlora_stops_together_and_resumes(tmp_path):
     assert read_json(out / "heartbeat.json")["status"] == "done"
 
 
+@pytest.mark.slow
+def test_eval_with_fewer_rows_than_ranks_does_not_hang(tmp_path):
+    """One eval row, two ranks: rank 1 has none, yet runs the same forwards (DDP broadcasts in each)."""
+    cfg_path = make_job(tmp_path, method="qlora", num_gpus=2, max_steps=2, batch_size=2, n=12,
+                        eval_fraction=0.05, checkpoint_every_steps=1)
+    result = run_job(cfg_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(tmp_path / "out" / "summary.json")
+    assert summary["data"]["eval_rows"] == 1 and summary["num_processes"] == 2
+    assert summary["status"] == "succeeded" and summary["eval_loss"] > 0
+
+
 def _cfg(**overrides):
     raw = job_config(**overrides)
     return jc.validate(raw)

@@ -35,6 +35,9 @@ def test_qlora_eval_on_a_cpu_with_avx512_bf16(tmp_path, intermediate):
     cfg = job_config.load(str(make_job(tmp_path, method="qlora", model={"config": hf})))
     tok = tiny_tokenizer(vocab_size=hf["vocab_size"])
     data = job_data.load_dataset(cfg["_paths"]["dataset"], "auto", tok, 96, False, 0.2, 8, 7)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test in this process made one
     acc = Accelerator(cpu=True)
     model, info = job_model.load_model(cfg, len(tok), acc.device, torch.float32, True, lambda: None)
     assert info["linear4bit_modules"] == 14

@@ -69,6 +69,9 @@ def test_no_fp32_copy_of_the_logits_after_prepare(built):
     from accelerate import Accelerator
 
     spec, model, _info = built
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test in this process made one
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     prepared = acc.prepare(model)
     ids = torch.randint(0, spec.vocab_size, (2, 16))
