@@ -166,3 +166,16 @@ def test_python_api_plan_carries_the_same_multinode_offers_and_note_as_the_cli(c
     rc, out, _ = ftplan_cli(capsys, *BIG_JOB, "--json")
     assert rc == 0 and api == json.loads(out)
     assert any(o["nodes"] > 1 for o in api["offers"]) and any("multi-node" in w for w in api["warnings"])
+
+
+def test_the_launcher_never_takes_a_multinode_offer_until_it_can_start_several_machines(monkeypatch):
+    from types import SimpleNamespace
+
+    from ftplan.planner.launch import estimate_bridge
+
+    req = EstimateRequest(model=resolve_model("llama3.1-70b"), method="full", seq_len=2048, batch_size=1,
+                          dataset_tokens=100_000_000)
+    monkeypatch.setattr(estimate_bridge, "request_from_config", lambda cfg, dataset: req)
+    cfg = SimpleNamespace(launch=SimpleNamespace(providers=["aws", "gcp"], regions=[], spot=None, budget_usd=None))
+    offers = estimate_bridge.launch_offers(cfg, None)
+    assert offers and all(o.nodes == 1 for o in offers)

@@ -57,7 +57,8 @@ def launch_offers(cfg, dataset: Path | None):
     if request.dataset_tokens is None:
         raise UserError("a launch needs the dataset's size to plan: set job.dataset in ftplan.toml or pass --dataset")
     filters = Filters(providers=providers, regions=tuple(cfg.launch.regions),
-                      market=_MARKETS.get(cfg.launch.spot, "any"))
+                      market=_MARKETS.get(cfg.launch.spot, "any"),
+                      nodes=1)  # the launcher starts one machine per run: never a multi-node offer (yet)
     result = plan_offers(request, filters, cfg.launch.budget_usd)
     offers = result.offers
     if not offers and cfg.launch.budget_usd is not None:
