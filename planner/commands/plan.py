@@ -167,9 +167,9 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
                     f"{result.considered} offers; peak {best.peak_gib:.1f} GiB per GPU on the cheapest, "
                     f"+{headroom:.0%} margin required", width))
     pairs = [(_line(n, o), o) for n, o in enumerate(lines, 1)]
-    shown = {o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot) for o in lines}
+    shown = {o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot, o.nodes) for o in lines}
     for o in frontier:
-        key = o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot)
+        key = o.hardware_key() if group_hosts else (o.provider, o.instance_type, o.spot, o.nodes)
         if key not in shown:
             shown.add(key)
             pairs.append((_line("", o), o))
