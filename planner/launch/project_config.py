@@ -30,7 +30,7 @@ TEMPLATE = """\
 [job]
 model = "{model}"                # catalog name (e.g. tiny-llama, llama-3.1-8b, mistral-7b)
 method = "{method}"                  # qlora | lora | full
-dataset = "{dataset}"   # JSONL: alpaca {{instruction,input,output}}, sharegpt or messages
+dataset = "{dataset}"   # JSON or JSONL: alpaca {{instruction,input,output}}, sharegpt or messages (init ships a 70-record example)
 seq_len = 512                      # tokens per example after truncation
 batch_size = 4                     # per GPU
 grad_accum = 4                     # optimizer step every grad_accum micro-batches
