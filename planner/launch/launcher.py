@@ -410,8 +410,10 @@ class Launcher(ArtifactSteps, TeardownSteps):
             calibrate = summary.get("device") == "cuda" or not self.plan.job_config.get("expect_gpu")
             if calibrate and finite_number(summary.get("tokens_per_s")):
                 fields["measured_tokens_per_s"] = finite_number(summary["tokens_per_s"])
-            peak = finite_number(summary.get("peak_mem_allocated_gib")) or finite_number(
-                summary.get("peak_mem_reserved_gib"))
+            # est_peak_mem_gib is the estimate's total (with fragmentation and CUDA context): the job's device
+            # peak is its like (summary["mem_compare"]); allocated only where no device figure exists (CPU).
+            peak = finite_number(summary.get("peak_mem_device_gib")) or finite_number(
+                summary.get("peak_mem_allocated_gib")) or finite_number(summary.get("peak_mem_reserved_gib"))
             if calibrate and peak:
                 fields["measured_peak_mem_gib"] = peak
             self.store.update_run(self.run_id, error=error, **fields)
