@@ -25,6 +25,12 @@ from pathlib import Path
 
 import paramiko
 
+from ftplan.planner.remote.openssh_pull import (
+    OpenSSHFailed,
+    OpenSSHStream,
+    choose_transport,
+    stream_unavailable,
+)
 from ftplan.planner.remote.pull_scripts import MANIFEST_PY, SENDER_PY
 from ftplan.planner.remote.safe_extract import (
     ArchiveFormatError,
@@ -49,21 +55,6 @@ class _ChangedWhileReading(Exception):
 
 class _ConnectionLost(Exception):
     """The SSH connection broke during a pull: reconnect and try again."""
-
-
-class _ChannelReader:
-    """read(n) over an exec channel, counting bytes, that gives up at the pull's hard deadline."""
-
-    def __init__(self, channel: paramiko.Channel, deadline: float):
-        self.channel, self.deadline = channel, deadline
-        self.received = 0
-
-    def read(self, size: int = _CHUNK) -> bytes:
-        if time.monotonic() > self.deadline:
-            raise TimeoutError("the pull's time limit was reached")
-        data = self.channel.recv(size)
-        self.received += len(data)
-        return data
 
 
 class _StderrCollector(threading.Thread):
@@ -96,6 +87,47 @@ class _StderrCollector(threading.Thread):
     def text(self, timeout: float = 60) -> str:
         self.join(timeout)
         return b"".join(self.parts).decode(errors="replace")
+
+
+class _ChannelStream:
+    """A paramiko exec channel as the pull's stream: read(n) of stdout, counting bytes, that gives up at the
+    pull's hard deadline (and after _STALL_S without a byte); stderr collected alongside."""
+
+    def __init__(self, transport: paramiko.Transport, command: str, deadline: float, window: int, packet: int):
+        self.transport, self.deadline = transport, deadline
+        self.received = 0
+        self.chan = transport.open_session(window_size=window, max_packet_size=packet, timeout=60)
+        try:
+            self.chan.settimeout(max(1.0, min(_STALL_S, deadline - time.monotonic())))
+            self.chan.exec_command(command)
+        except BaseException:
+            self.chan.close()
+            raise
+        self._stderr = _StderrCollector(self.chan)
+        self._stderr.start()
+
+    def read(self, size: int = _CHUNK) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the pull's time limit was reached")
+        data = self.chan.recv(size)
+        self.received += len(data)
+        return data
+
+    def exit_status(self) -> int:
+        return self.chan.recv_exit_status()
+
+    def lost(self) -> bool:
+        return not self.transport.is_active()
+
+    def stderr_text(self) -> str:
+        return self._stderr.text()
+
+    @property
+    def overflow(self) -> bool:
+        return self._stderr.overflow
+
+    def close(self) -> None:
+        self.chan.close()
 
 
 def _files_under(path: Path) -> set[str]:
@@ -156,6 +188,10 @@ class PullSteps:
     _PULL_MAX_PACKET = 1 << 20
 
     last_pull_skipped: list[tuple[str, str]]
+    last_pull_transport: str | None = None  # "openssh" or "paramiko": what carried the last stream
+    pull_transport: str | None  # "auto", "openssh" or "paramiko" (None: FTPLAN_PULL_TRANSPORT, else auto)
+    _openssh_off: str | None  # why the system ssh is no longer tried for this session
+    _openssh_said: str | None
 
     def _manifest_command(self, base: str, name: str) -> str:
         qb, qn = shlex.quote(base), shlex.quote(name)
@@ -235,7 +271,8 @@ class PullSteps:
             if skipped:
                 self.log(f"skipped {len(skipped)} unsafe entries of {rel}: " +
                          "; ".join(f"{n!r}: {why}" for n, why in skipped[:5]))
-            self.log(f"pulled {rel} ({received / 2**20:.1f} MiB in {elapsed:.1f}s), {len(local)} files verified")
+            self.log(f"pulled {rel} ({received / 2**20:.1f} MiB in {elapsed:.1f}s through "
+                     f"{self.last_pull_transport}), {len(local)} files verified")
             return sorted(local_dir / p for p in local)
         raise AssertionError("unreachable")
 
@@ -253,22 +290,44 @@ class PullSteps:
 
     def _pull_once(self, rel: str, base: str, name: str, staging: Path,
                    deadline: float) -> tuple[dict[str, str], int, list[tuple[str, str]]]:
-        """One stream extracted into `staging` and checked against its manifest."""
+        """One stream extracted into `staging` and checked against its manifest: through the system
+        `ssh` client where it can be used (openssh_pull), else (or when ssh fails before any byte)
+        through paramiko. Both go through the same extraction and verification."""
+        command = self._pull_command(base, name)
+        if self._pull_via_openssh():
+            try:
+                self.last_pull_transport = "openssh"
+                return self._verified_stream(rel, staging, lambda: OpenSSHStream(
+                    self._target, self._default_alias, command, deadline, stall_s=_STALL_S, stderr_max=_STDERR_MAX))
+            except OpenSSHFailed as exc:
+                self._openssh_off = f"ssh failed: {exc}"
+                self.log(f"ssh could not stream {rel} from {self.host} ({exc}); using paramiko from now on")
+                shutil.rmtree(staging, ignore_errors=True)
         self._ensure()
         transport = self._client.get_transport()
-        chan: paramiko.Channel | None = None
+        self.last_pull_transport = "paramiko"
+        return self._verified_stream(rel, staging, lambda: _ChannelStream(
+            transport, command, deadline, self._PULL_WINDOW, self._PULL_MAX_PACKET))
+
+    def _pull_via_openssh(self) -> bool:
+        choice = choose_transport(self.pull_transport)
+        if choice == "paramiko":
+            return False
+        why = self._openssh_off or stream_unavailable(self._target, self._default_alias)
+        if why and why != self._openssh_said:
+            self._openssh_said = why
+            if choice == "openssh" or not why.startswith("no ssh client"):
+                self.log(f"pulling through paramiko, not the system ssh: {why}")
+        return why is None
+
+    def _verified_stream(self, rel: str, staging: Path,
+                         open_stream) -> tuple[dict[str, str], int, list[tuple[str, str]]]:
         skipped: list[tuple[str, str]] = []
+        stream = None
         try:
-            chan = transport.open_session(
-                window_size=self._PULL_WINDOW, max_packet_size=self._PULL_MAX_PACKET, timeout=60
-            )
-            chan.settimeout(max(1.0, min(_STALL_S, deadline - time.monotonic())))
-            chan.exec_command(self._pull_command(base, name))
-            stderr = _StderrCollector(chan)
-            stderr.start()
-            reader = _ChannelReader(chan, deadline)
+            stream = open_stream()
             try:
-                local = safe_extract(reader.read, staging, skipped=skipped)
+                local = safe_extract(stream.read, staging, skipped=skipped)
             except ArchiveTooLargeError as exc:
                 if "than the" in str(exc) and "announced" in str(exc):
                     raise _ChangedWhileReading(f"{rel} on {self.host} grew while it was read ({exc})") from None
@@ -276,30 +335,30 @@ class PullSteps:
             except UnsafeArchiveError as exc:  # not raised with `skipped`; kept for safety
                 raise IntegrityError(f"refused artifact {rel} from {self.host}: {exc}") from None
             except ArchiveFormatError as exc:
-                if not transport.is_active():
+                if stream.lost():
                     raise _ConnectionLost(f"connection closed mid-stream ({exc})") from None
                 if "truncated" not in str(exc):  # a hostile or broken header: no point asking again
                     raise IntegrityError(f"refused artifact {rel} from {self.host}: {exc}") from None
-                chan.recv_exit_status()
-                err = stderr.text().partition(f"\n{_MANIFEST_MARKER}\n")[0].strip()
+                stream.exit_status()
+                err = stream.stderr_text().partition(f"\n{_MANIFEST_MARKER}\n")[0].strip()
                 raise SSHRunnerError(f"pulling {rel} from {self.host} failed: {err[-300:] or exc}") from None
             trailing = 0
-            while data := reader.read(_CHUNK):  # tar's end-of-archive record padding
+            while data := stream.read(_CHUNK):  # tar's end-of-archive record padding
                 trailing += len(data)
                 if trailing > _TRAILER_MAX:
                     raise IntegrityError(f"refused artifact {rel} from {self.host}: data after the end of the archive")
-            rc = chan.recv_exit_status()
-            err, found, manifest_text = stderr.text().rpartition(f"\n{_MANIFEST_MARKER}\n")
+            rc = stream.exit_status()
+            err, found, manifest_text = stream.stderr_text().rpartition(f"\n{_MANIFEST_MARKER}\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise _ConnectionLost(f"{type(exc).__name__}: {exc}") from None
         finally:
-            if chan is not None:
-                chan.close()
-        if not found and not transport.is_active():
+            if stream is not None:
+                stream.close()
+        if not found and stream.lost():
             raise _ConnectionLost("connection closed before the manifest arrived")
         if rc == _CHANGED_RC:
             raise _ChangedWhileReading(f"{rel} changed on {self.host} while it was read")
-        if rc != 0 or not found or stderr.overflow:
+        if rc != 0 or not found or stream.overflow:
             raise SSHRunnerError(f"sending {rel} from {self.host} failed (exit {rc}): {err.strip()[-300:]}")
         try:
             remote = self._parse_manifest(manifest_text)
@@ -314,4 +373,4 @@ class PullSteps:
                 f"artifact {rel} from {self.host} does not match its remote sha256 manifest "
                 f"(missing {missing[:3]}, unexpected {extra[:3]}, different {bad[:3]})"
             )
-        return local, reader.received, skipped
+        return local, stream.received, skipped

@@ -61,6 +61,7 @@ class SSHSession:
         alive_interval_s: float = ALIVE_INTERVAL_S,
         dead_after_s: float = DEAD_AFTER_S,
         first_boot_s: float | None = None,
+        pull_transport: str | None = None,
     ):
         self.host, self.port, self.user = host, int(port), user
         self.key_path = Path(key_path)
@@ -74,7 +75,13 @@ class SSHSession:
         self.reconnect_grace_s = reconnect_grace_s
         self.alive_interval_s, self.dead_after_s = alive_interval_s, dead_after_s
         self.log = log or (lambda _msg: None)
-        alias = host_key_alias or (f"[{host}]:{port}" if int(port) != 22 else host)
+        self._default_alias = f"[{host}]:{port}" if int(port) != 22 else host
+        alias = host_key_alias or self._default_alias
+        # Artifact pulls: "openssh" / "paramiko" / "auto" (the system ssh when usable); None: the
+        # FTPLAN_PULL_TRANSPORT variable, else auto. See artifact_pull.py and openssh_pull.py.
+        self.pull_transport = pull_transport
+        self._openssh_off: str | None = None
+        self._openssh_said: str | None = None
         self._target = Target(
             host, int(port), user, self.key_path, PinStore(self.known_hosts), alias,
             parse_published_keys(expected_host_keys), auth_retry_s, refused_is_fatal,
