@@ -119,6 +119,7 @@ def build_job_config(cfg: ProjectConfig, run_id: str, gpu_count: int = 1, gpu: s
     """The remote job's config (remote_job/job_config.py keys) from the project file; the offer's GPU count
     runs one process per GPU, and a GPU offer makes the job refuse to fall back to the CPU."""
     from ftplan.planner.estimate.models import resolve_model
+    from ftplan.planner.launch.estimate_bridge import job_config_settings
 
     spec = resolve_model(cfg.job.model)
     j = cfg.job
@@ -130,10 +131,12 @@ def build_job_config(cfg: ProjectConfig, run_id: str, gpu_count: int = 1, gpu: s
         "dataset": j.dataset, "seq_len": j.seq_len, "batch_size": j.batch_size, "grad_accum": j.grad_accum,
         "epochs": j.epochs, "max_steps": j.max_steps or None, "learning_rate": j.learning_rate,
         "lora": {"r": j.lora_r, "alpha": j.lora_alpha, "dropout": j.lora_dropout, "targets": j.lora_targets},
-        "optimizer": j.optimizer, "gradient_checkpointing": j.gradient_checkpointing, "seed": j.seed,
+        "seed": j.seed,
         "checkpoint_every_steps": j.checkpoint_every_steps, "heartbeat_every_s": j.heartbeat_every_s,
         "throttle_s_per_step": j.throttle_s_per_step, "resume": True,
         "num_gpus": max(1, int(gpu_count)), "expect_gpu": bool(gpu) and str(gpu).lower() != "cpu",
+        # loss, precision, optimizer, packing, checkpointing: the values the launch's estimate assumed
+        **job_config_settings(cfg, gpu),
     }
 
 
@@ -191,7 +194,7 @@ def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, s
         from ftplan.planner.runs.corrections import apply_corrections
 
         j = cfg.job
-        req = request_from_config(cfg, dataset, gpu_count=gpu_count)
+        req = request_from_config(cfg, dataset, gpu_count=gpu_count, gpu=g.name)
         est = estimate(req, g, gpu_count)
         from ftplan.planner.runs.store import Store, default_store_path
 

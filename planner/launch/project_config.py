@@ -96,7 +96,10 @@ class JobSection(BaseModel):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    optimizer: str = "paged_adamw_8bit"
+    # remote_job/job_config.py's values: checked here, not on the rented machine
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
+    loss: Literal["fused", "chunked", "standard"] = "fused"
+    packing: bool = Field(False, strict=True)  # "yes" is a typo, not true
     gradient_checkpointing: bool = True
     checkpoint_every_steps: int = Field(50, gt=0)
     heartbeat_every_s: float = Field(2.0, gt=0)
