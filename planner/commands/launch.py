@@ -179,13 +179,19 @@ def _make_display(quiet: bool):
 @click.argument("run_id")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--update-firewall/--no-update-firewall", default=None,
+              help="AWS/GCP: if this machine's address changed, move the run's SSH rule to it (default: ask).")
 @click.pass_context
-def attach(ctx, run_id, store_path, as_json):
+def attach(ctx, run_id, store_path, as_json, update_firewall):
     """Re-attach to a live run: follow it, or take it over if its launcher died."""
+    import sys
+
     from ftplan.planner.launch.attach import attach_run
 
     store = _store(store_path)
-    result = attach_run(store, run_id, display=_make_display(quiet=as_json))
+    ask = (lambda q: click.confirm(q, default=False, err=True)) if sys.stdin.isatty() else None
+    result = attach_run(store, run_id, display=_make_display(quiet=as_json), update_firewall=update_firewall,
+                        confirm=ask)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

@@ -4,7 +4,9 @@
   progress events are mirrored until the owning launcher closes the run. Nothing is taken over and
   nothing is torn down here; the launcher that owns the run does that.
 * Launcher dead (kill -9, lost laptop): rebuild the plan from the run record and the `launch_context`
-  event, then `Launcher.take_over` watches the job to its end, pulls and tears down.
+  event, then `Launcher.take_over` watches the job to its end, pulls and tears down. Before reconnecting
+  to an AWS/GCP machine that does not answer, the SSH rule follows this machine's new egress address
+  (with consent: `update_firewall` or `confirm`; see ssh_firewall.py).
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from ftplan.planner.runs.store import Store
 
 
 def attach_run(store: Store, run_id: str, *, display: Any = None, provider_factory: Callable[..., Any] | None = None,
-               runner_factory: Callable[..., Any] | None = None, follow_poll_s: float = 1.0) -> LaunchResult:
-    """Follow a run whose launcher is alive, or take it over (watch, pull, tear down) if it died."""
+               runner_factory: Callable[..., Any] | None = None, follow_poll_s: float = 1.0,
+               update_firewall: bool | None = None, confirm: Callable[[str], bool] | None = None,
+               probe: Callable[[str, int], bool] | None = None, ssh_cidr: str | None = None) -> LaunchResult:
+    """Follow a run whose launcher is alive, or take it over (watch, pull, tear down) if it died.
+
+    `update_firewall` True/False answers "move the SSH rule to this machine's new address?" up front;
+    None asks `confirm(question)` (no `confirm`: no). `ssh_cidr` is the range to allow instead of the /32."""
     from ftplan.planner.errors import UserError
     from ftplan.planner.runs.store import FINAL_STATUSES, pid_alive
     from ftplan.providers.base import Instance
@@ -60,7 +67,35 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
     from ftplan.planner.launch.launcher import Launcher
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
+    _follow_the_user(store, run.id, row, inst, launcher._provider(row.provider), display,
+                     update_firewall=update_firewall, confirm=confirm, probe=probe, ssh_cidr=ssh_cidr)
     return launcher.take_over(row.id, inst, offer)
+
+
+def _follow_the_user(store: Store, run_id: str, row: Any, inst: Any, provider: Any, display: Any, *,
+                     update_firewall: bool | None, confirm: Callable[[str], bool] | None,
+                     probe: Callable[[str, int], bool] | None, ssh_cidr: str | None) -> None:
+    """The firewall step of a take-over: recorded as an event and in the instance row, so `gc` and a later
+    attach see the rule as it is now."""
+    from ftplan.planner.launch.ssh_firewall import reopen_if_moved, sshd_answers
+    from ftplan.providers.errors import ProviderError
+
+    def note(message: str, data: dict[str, Any]) -> None:
+        store.add_event(run_id, "firewall_updated", message, phase="attaching", data=data)
+        display.phase("attaching", message)
+
+    try:
+        new = reopen_if_moved(provider, inst, update_firewall=update_firewall, confirm=confirm,
+                              probe=probe or sshd_answers, note=note, wanted_cidr=ssh_cidr)
+    except ProviderError as exc:
+        from ftplan.planner.errors import UserError
+
+        raise UserError(f"could not update the SSH rule of {inst.id}: {exc}; the run keeps going, "
+                        f"retry 'ftplan attach {run_id}'") from None
+    if new:
+        import json
+
+        store.db.execute("UPDATE instances SET instance_json = ? WHERE id = ?", (json.dumps(inst.to_dict()), row.id))
 
 
 def _follow(store: Store, run_id: str, display: Any, poll_s: float) -> LaunchResult:

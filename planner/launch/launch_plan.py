@@ -56,6 +56,7 @@ class LaunchPlan:
     wait_ready_timeout_s: float = 1200.0
     ssh_connect_timeout_s: float | None = None  # None: the provider's first_boot_s (catalogs/provider_overheads.json)
     ssh_reconnect_s: float = 300.0          # a connection lost mid-run is retried this long
+    ssh_cidr: str | None = None             # AWS/GCP port-22 source range; None = the adapter's /32 lookup
     pull_margin_s: float = 600.0
     identity: Path | None = None            # an already-authorized key (local/ssh); else a per-run key
     remote_python: str | None = None
@@ -257,7 +258,7 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
         spot_recovery=launch_cfg.spot_recovery, max_offer_tries=launch_cfg.max_offer_tries,
         sync_every_s=launch_cfg.sync_every_min * 60, poll_interval_s=launch_cfg.poll_interval_s,
         wait_ready_timeout_s=launch_cfg.wait_ready_timeout_s, ssh_connect_timeout_s=launch_cfg.ssh_connect_timeout_s,
-        ssh_reconnect_s=launch_cfg.ssh_reconnect_s,
+        ssh_reconnect_s=launch_cfg.ssh_reconnect_s, ssh_cidr=launch_cfg.ssh_cidr,
         pull_margin_s=launch_cfg.pull_margin_min * 60, identity=identity, remote_python=launch_cfg.remote_python,
         remote_root=remote_root, estimate=estimate,
         provider_options=options,

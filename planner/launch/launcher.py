@@ -219,7 +219,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 run_id=self.run_id, instance_type=offer.instance_type, gpu=offer.gpu, gpu_count=offer.gpu_count,
                 region=offer.region, zone=offer.zone, spot=offer.spot, ssh_public_key=public_key,
                 max_lifetime_s=int(self._hard_cap_s(offer.price_hour) or 24 * 3600) + int(p.pull_margin_s),
-                store_id=self.store.store_id,
+                store_id=self.store.store_id, ssh_cidr=p.ssh_cidr,
                 cloud_type=(getattr(offer, "cloud", "") or "").upper() or None,  # RunPod secure/community
             )
             row = self.store.add_instance_intent(

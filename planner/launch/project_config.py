@@ -146,6 +146,7 @@ class LaunchSection(BaseModel):
     ssh_reconnect_s: float = Field(300, gt=0)       # a connection lost mid-run is retried this long, then it fails
     pull_margin_min: float = Field(10, ge=0)        # budget kept aside for pulling artifacts and teardown
     remote_python: str | None = None
+    ssh_cidr: str | None = None                     # AWS/GCP port-22 source range; None = this machine's /32
     offers: list[PinnedOffer] = []                  # pinned offers: skip the catalog, try these in order
     bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see ftplan.planner.remote.bundle)
 
@@ -154,6 +155,16 @@ class LaunchSection(BaseModel):
     def _known_providers(cls, value: list[str]) -> list[str]:
         _check_names(value)
         return value
+
+    @field_validator("ssh_cidr")
+    @classmethod
+    def _cidr(cls, value: str | None) -> str | None:
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=False)) if value else None
+        except ValueError:
+            raise ValueError(f"'{value}' is not a CIDR block such as 203.0.113.0/24") from None
 
 
 class ProjectConfig(BaseModel):
