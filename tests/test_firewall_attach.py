@@ -1,10 +1,11 @@
-"""A firewall that lets you back in (issue 22 item 5), on AWS through moto.
+"""A firewall that lets you back in (issue 22 item 5), on AWS through moto and GCP through the fake Compute.
 
-Real parts: the launcher in its own process (AWS adapter -> moto's EC2 server, real security group, real
+Real parts: the launcher in its own process (AWS adapter -> moto's EC2 server and its security group, or the
+GCP adapter -> the fake Compute server and its firewall rule; real
 sshd on 127.0.0.1, real bundle and runner, the fault-matrix stand-in job), killed -9 mid-training like a
 laptop that died; then `attach_run` in this process after a "network change". Between SSH and sshd sits a
-gate that plays the security group: it relays a connection only when moto's port-22 rule of the run's
-group covers the address this "laptop" now has, and drops it otherwise, as EC2 would.
+gate that plays the cloud firewall: it relays a connection only when the provider's port-22 rule of the run
+(read back from moto / the fake) covers the address this "laptop" now has, and drops it otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from test_fault_matrix import EXAMPLE, _wait_for, stop_leftover_jobs, stub_files
+from test_gc_side_resources import PROJECT, gcp  # noqa: F401  (fixture)
 from test_provider_aws import _session_ec2, ec2, moto, moto_server  # noqa: F401  (fixtures)
 
 from ftplan.planner.errors import UserError
@@ -98,7 +100,7 @@ Launcher(Store(Path(store_path)), plan, provider_factory=lambda n, **o: _default
 """
 
 
-def _project(tmp: Path, moto_url: str, sshd, job: Path, fault: Path) -> Path:
+def _project(tmp: Path, cloud: str, url: str, job: Path, fault: Path) -> Path:
     (tmp / "remote").mkdir()
     cfg = tmp / "ftplan.toml"
     cfg.write_text(f"""
@@ -107,7 +109,7 @@ model = "tiny-llama"
 dataset = "{EXAMPLE}"
 checkpoint_every_steps = 2
 [launch]
-providers = ["aws"]
+providers = ["{cloud}"]
 budget_usd = 5
 poll_interval_s = 0.1
 sync_every_min = 0.005
@@ -121,6 +123,7 @@ runs_dir = "{tmp / 'runs'}"
 [launch.bundle_extra_files]
 "job/train.py" = "{job}"
 "fault.json" = "{fault}"
+""" + (f"""
 [[launch.offers]]
 provider = "aws"
 instance_type = "g5.xlarge"
@@ -128,31 +131,74 @@ gpu = "A10G"
 region = "us-east-1"
 price_hour = 1.006
 [providers.aws]
-endpoint_url = "{moto_url}"
+endpoint_url = "{url}"
 poll_interval_s = 0.01
 teardown_wait_s = 2
 remote_root = "{tmp / 'remote'}"
-""")
+""" if cloud == "aws" else f"""
+[[launch.offers]]
+provider = "gcp"
+instance_type = "n1-standard-8"
+gpu = "T4"
+region = "us-central1"
+zone = "us-central1-b"
+price_hour = 0.73
+[providers.gcp]
+project = "{PROJECT}"
+api_endpoint = "{url}"
+poll_interval_s = 0.01
+remote_root = "{tmp / 'remote'}"
+"""))
     return cfg
 
 
-def _ssh_sources(client, group_id: str) -> list[str]:
-    perms = client.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]["IpPermissions"]
-    return sorted(r["CidrIp"] for p in perms if p.get("FromPort") == 22 for r in p.get("IpRanges", []))
+class Cloud:
+    """The rule as the provider holds it, read back through its own API (moto) or state (the fake)."""
+
+    def __init__(self, name: str, request):
+        self.name = name
+        if name == "aws":
+            self.ec2 = request.getfixturevalue("ec2")
+            self.url = request.getfixturevalue("moto").url
+        else:
+            self.fake = request.getfixturevalue("gcp")
+            self.url = self.fake.endpoint
+
+    def sources(self, inst: dict) -> list[str]:
+        if self.name == "aws":
+            group = inst["extra"]["security_group_id"]
+            perms = self.ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["IpPermissions"]
+            return sorted(r["CidrIp"] for p in perms if p.get("FromPort") == 22 for r in p.get("IpRanges", []))
+        return sorted(self.fake.firewalls[(PROJECT, inst["extra"]["firewall"])]["sourceRanges"])
+
+    def rule_gone(self, inst: dict) -> bool:
+        if self.name == "aws":
+            group = inst["extra"]["security_group_id"]
+            return not self.ec2.describe_security_groups(
+                Filters=[{"Name": "group-id", "Values": [group]}])["SecurityGroups"]
+        return (PROJECT, inst["extra"]["firewall"]) not in self.fake.firewalls
+
+    def instance_running(self, inst: dict) -> bool:
+        if self.name == "aws":
+            got = self.ec2.describe_instances(InstanceIds=[inst["id"]])["Reservations"][0]["Instances"][0]
+            return got["State"]["Name"] == "running"
+        return any(i.get("status") == "RUNNING" for (_, _, name), i in self.fake.instances.items() if name == inst["id"])
 
 
-def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnects(tmp_path, moto, ec2, sshd,  # noqa: F811
+@pytest.mark.parametrize("cloud_name", ["aws", "gcp"])
+def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnects(cloud_name, request, tmp_path, sshd,
                                                                                    monkeypatch):
-    group: dict[str, str] = {}
+    cloud = Cloud(cloud_name, request)
+    seen: dict[str, dict] = {}
 
     def rule_covers(address: str) -> bool:
-        if "id" not in group:
-            return True  # before the launcher recorded the group (cannot happen once SSH is used)
-        return any(ipaddress.ip_address(address) in ipaddress.ip_network(c) for c in _ssh_sources(ec2, group["id"]))
+        if "inst" not in seen:
+            return True  # the launch's own connections: the rule was made for AT_LAUNCH (checked below)
+        return any(ipaddress.ip_address(address) in ipaddress.ip_network(c) for c in cloud.sources(seen["inst"]))
 
     gate = SecurityGroupGate(sshd.port, rule_covers)
     job, fault = stub_files(tmp_path, {"steps": 40, "step_s": 0.1})
-    cfg = _project(tmp_path, moto.url, sshd, job, fault)
+    cfg = _project(tmp_path, cloud_name, cloud.url, job, fault)
     store_path = tmp_path / "runs.sqlite3"
     env = {**os.environ, ENV_OVERRIDE: AT_LAUNCH, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(cfg), str(store_path), str(sshd.client_key),
@@ -167,10 +213,9 @@ def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnect
         store = Store(store_path)
         run = store.list_runs()[0]
         row = store.instances(run.id, open_only=True)[-1]
-        inst = row.json("instance_json")
-        group["id"] = inst["extra"]["security_group_id"]
-        # The configured range reached the security group instead of a looked-up /32.
-        assert _ssh_sources(ec2, group["id"]) == ["198.51.100.0/24"], err[-2000:]
+        inst = seen["inst"] = row.json("instance_json")
+        # The configured range reached the firewall instead of a looked-up /32.
+        assert cloud.sources(inst) == ["198.51.100.0/24"], err[-2000:]
 
         # The laptop wakes up on another network: the rule keeps it out now.
         gate.source = AFTER_MOVE
@@ -181,7 +226,7 @@ def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnect
         def via_gate(**kw):
             from ftplan.planner.remote.ssh_runner import SSHRunner
 
-            rule_at_reconnect.append(_ssh_sources(ec2, group["id"]))
+            rule_at_reconnect.append(cloud.sources(inst))
 
             kw.update(host="127.0.0.1", port=gate.port, user=sshd.user)
             return SSHRunner(**kw)
@@ -198,9 +243,8 @@ def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnect
                        confirm=lambda q: questions.append(q) or False)
         assert "--update-firewall" in str(declined.value) and AFTER_MOVE in str(declined.value)
         assert len(questions) == 1 and "198.51.100.0/24" in questions[0] and f"{AFTER_MOVE}/32" in questions[0]
-        assert _ssh_sources(ec2, group["id"]) == ["198.51.100.0/24"]
-        state = ec2.describe_instances(InstanceIds=[row.provider_instance_id])["Reservations"][0]["Instances"][0]
-        assert state["State"]["Name"] == "running"
+        assert cloud.sources(inst) == ["198.51.100.0/24"]
+        assert cloud.instance_running(inst)
         assert store.get_run(run.id).status not in ("succeeded", "failed", "cancelled")
 
         # With --update-firewall: the rule now names the new address only, and the run is taken over to its end.
@@ -214,7 +258,16 @@ def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnect
     assert [e.json("data_json") for e in moved] == [{"old": "198.51.100.0/24", "new": f"{AFTER_MOVE}/32"}]
     summary = json.loads((Path(result.artifacts_dir) / "out" / "summary.json").read_text())
     assert summary["steps"] == 40
-    state = ec2.describe_instances(InstanceIds=[row.provider_instance_id])["Reservations"][0]["Instances"][0]
-    assert state["State"]["Name"] in ("shutting-down", "terminated")
-    assert not ec2.describe_security_groups(Filters=[{"Name": "group-id", "Values": [group["id"]]}])["SecurityGroups"]
+    assert not cloud.instance_running(inst)
+    assert cloud.rule_gone(inst)      # teardown removed the rule with the instance
     assert gate.refused >= 1   # the old rule really kept the moved laptop out
+
+
+def test_a_configured_ssh_cidr_that_is_not_a_cidr_is_a_one_line_error(tmp_path, capsys):
+    from cli_helpers import error_line
+
+    cfg = tmp_path / "ftplan.toml"
+    cfg.write_text(f'[job]\ndataset = "{EXAMPLE}"\n[launch]\nproviders = ["aws"]\nbudget_usd = 5\n'
+                   'ssh_cidr = "my office"\n')
+    line = error_line(capsys, "launch", "--config", str(cfg), "--dry-run")
+    assert "ssh_cidr" in line and "'my office' is not a CIDR block such as 203.0.113.0/24" in line
