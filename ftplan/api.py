@@ -42,15 +42,18 @@ def _request(model: str, method: str, options: dict[str, Any]):
 
 
 def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, corrected: bool = True,
-             **options: Any) -> EstimateResult:
+             nodes: int = 1, node_gbps: float | None = None, **options: Any) -> EstimateResult:
     """Peak memory per GPU, fits or not, tokens/s and hours: `ftplan estimate` as a function.
 
     `model` is a catalog name/alias, a Hugging Face id or a local config.json; `method` one of full,
     freeze, lora, qlora, prompt, prefix. `options` are the flags of `ftplan estimate --help` with underscores
     (seq_len, batch_size, grad_accum, lora_r, lora_targets, optimizer, precision, offload, attention, zero,
-    packing, loss, dataset (a file), dataset_tokens, epochs, from_config, ...). Without `gpu` every GPU type
-    is estimated; with it, `would_fit` says what would fit when it does not. `corrected` applies what
-    finished runs measured (the default run store), as the CLI does for a single GPU.
+    packing, peak_seq_len, loss, lora_dropout, fused_optimizer, compile, modules_to_save, dora,
+    transformers_version, num_virtual_tokens, train_layers, activation_offload, dataset (a file),
+    dataset_tokens, epochs, from_config, ...; `loss` defaults to `standard`, the HF Trainer's). Without `gpu`
+    every GPU type is estimated; with it, `would_fit` says what would fit when it does not. `corrected`
+    applies what finished runs measured (the default run store), as the CLI does for a single GPU.
+    `nodes` machines of `gpus` GPUs each (`node_gbps` between them) is `ftplan estimate --nodes`.
     """
     from ftplan.planner.errors import UserError
     from ftplan.planner.estimate.estimator import estimate as run_estimate
@@ -59,10 +62,14 @@ def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, 
 
     if gpus <= 0:
         raise UserError(f"gpus must be a positive number, got {gpus}")
+    if nodes <= 0 or (node_gbps is not None and not node_gbps > 0):
+        raise UserError(f"nodes and node_gbps must be positive numbers, got {nodes} and {node_gbps}")
     from ftplan.planner.commands.estimate import _settings
 
     req, how = _request(model, method, options)
     settings = _settings(req)
+    if nodes > 1 or node_gbps is not None:
+        return _estimate_nodes(req, how, settings, gpu, gpus, nodes, node_gbps)
     if gpu is not None:
         card = resolve_gpu(gpu)
         est = run_estimate(req, card, gpus)
@@ -78,6 +85,27 @@ def estimate(model: str, method: str, *, gpu: str | None = None, gpus: int = 1, 
                           settings=settings)
 
 
+def _estimate_nodes(req, how, settings, gpu, gpus: int, nodes: int, node_gbps: float | None) -> EstimateResult:
+    """`ftplan estimate --nodes N [--node-gbps G]`: memory sharded over every GPU, the network between nodes."""
+    from ftplan.planner.commands.estimate_multinode import _fewest_nodes, _network, _network_fields
+    from ftplan.planner.estimate.gpus import resolve_gpu, table_gpus
+    from ftplan.planner.estimate.internode import estimate_nodes
+
+    network = _network(node_gbps)
+    fields = _network_fields(nodes, gpus, network)
+    if gpu is not None:
+        card = resolve_gpu(gpu)
+        mn = estimate_nodes(req, card, gpus, nodes, network)
+        more = None if mn.estimate.fits else _fewest_nodes(req, card, gpus, nodes, network)
+        return EstimateResult(model=req.model.name, method=req.method, gpu_count=gpus, rows=[mn.estimate],
+                              single_gpu=True, would_fit=[FitHint("nodes", f"--nodes {more}")] if more else [],
+                              dataset=how, settings=settings, network=fields, bounding_links=[mn.bounding_link])
+    rows = [estimate_nodes(req, g, gpus, nodes, network) for g in table_gpus()]
+    return EstimateResult(model=req.model.name, method=req.method, gpu_count=gpus, rows=[r.estimate for r in rows],
+                          dataset=how, settings=settings, network=fields,
+                          bounding_links=[r.bounding_link for r in rows])
+
+
 def _csv(value: str | Iterable[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -89,11 +117,12 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
          regions: str | Iterable[str] | None = None, gpu: str | Iterable[str] | None = None, market: str = "any",
          min_vcpus: float | None = None, min_ram: float | None = None, preemption_rate: float = 0.1,
          checkpoint_minutes: float = 30.0, top: int = 10, all_regions: bool = False, secure_only: bool = False,
-         group_hosts: bool | None = None, **options: Any) -> PlanResult:
+         group_hosts: bool | None = None, nodes: int | None = None, **options: Any) -> PlanResult:
     """The cheapest instances that hold the job, across providers, with the run's total: `ftplan plan`.
 
     Takes every `estimate` option plus the plan's filters (`providers`, `regions`, `gpu` as a name, a
-    comma-separated string or a list; `market` any|spot|on-demand). `top` offers are listed, as in the
+    comma-separated string or a list; `market` any|spot|on-demand; `nodes` 1-4 machines per offer, default
+    one and several where that is needed or pays). `loss` defaults to what `ftplan launch`'s job runs. `top` offers are listed, as in the
     CLI table, offers that differ only in host size folded into their cheapest (`group_hosts`, default: unless
     `all_regions`, `min_vcpus` or `min_ram` asks for the host); `secure_only` keeps RunPod's secure cloud.
     Raises `UserError` when nothing fits (the message names the cheapest way out).
@@ -113,9 +142,14 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
         raise UserError(f"top must be a positive number, got {top}")
     if preemption_rate < 0 or checkpoint_minutes <= 0:
         raise UserError("preemption_rate must be >= 0 and checkpoint_minutes > 0")
-    request, _how = _request(model, method, options)
+    if nodes is not None and nodes not in (1, 2, 3, 4):
+        raise UserError(f"nodes must be 1, 2, 3 or 4, got {nodes}")
+    from ftplan.planner.launch.estimate_bridge import LAUNCH_LOSS
+
+    request, _how = _request(model, method, {"loss": LAUNCH_LOSS, **options})
     filters, table = resolve_filters(_csv(providers), _csv(regions), _csv(gpu), market, min_vcpus, min_ram,
                                      max_hourly, ("secure",) if secure_only else ())
+    filters.nodes = nodes
     warning = stale_warning(table)
     corrections = stored_corrections(request.model.name, request.method)
     result = plan_offers(request, filters, budget, headroom=headroom, preemption_rate=preemption_rate,

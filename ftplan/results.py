@@ -39,6 +39,9 @@ class EstimateResult:
     would_fit: list[FitHint] = field(default_factory=list)
     dataset: str | None = None               # how the dataset was counted, when one was given
     settings: dict[str, Any] | None = None   # the request's knobs as resolved (e.g. from a --from-config file)
+    # nodes > 1 (`nodes=`): the network between them and, per row, the link that bounds the collectives
+    network: dict[str, Any] | None = None    # nodes, gpus_per_node, network, network_source
+    bounding_links: list[str] = field(default_factory=list)
 
     @property
     def estimate(self) -> Estimate:
@@ -105,6 +108,13 @@ class EstimateResult:
                              "hours": None if e.hours is None else round(e.hours, 3)} for e in self.rows]}
         if self.settings is not None:
             out["settings"] = dict(self.settings)
+        if self.network is not None:  # as `ftplan estimate --nodes N --json` adds them
+            if self.single_gpu:
+                out["bounding_link"] = self.bounding_links[0]
+            else:
+                for entry, link in zip(out["gpus"], self.bounding_links, strict=True):
+                    entry["bounding_link"] = link
+            out.update(self.network)
         return out
 
 
@@ -136,6 +146,7 @@ class PlanResult:
     warnings: list[str] = field(default_factory=list)
     corrections: list[str] = field(default_factory=list)
     secure_only: bool = False
+    loss: str = "standard"                   # the cross-entropy the memory was estimated for
 
     @property
     def best(self) -> RankedOffer:
@@ -152,14 +163,14 @@ class PlanResult:
             frontier=result.frontier(), rejected=list(result.rejected),
             catalogs=[CatalogInfo(f.provider, f.origin, str(f.oldest), f.age_days(), list(f.price_dates or ()),
                                   f.undated) for f in table.files],
-            warnings=warnings, corrections=[c.note() for c in corrections.values()])
+            warnings=warnings, corrections=[c.note() for c in corrections.values()], loss=request.loss)
 
     def to_dict(self) -> dict[str, Any]:
         """Exactly what `ftplan plan ... --json` prints for the same arguments."""
         return {
             "model": self.model, "method": self.method, "budget_usd": self.budget_usd, "headroom": self.headroom,
             "market": self.market, "considered": self.considered, "feasible": self.feasible,
-            "secure_only": self.secure_only,
+            "secure_only": self.secure_only, "loss": self.loss,
             "catalogs": [{"provider": c.provider, "origin": c.origin, "retrieved_at": c.retrieved_at,
                           "age_days": c.age_days, "price_dates": list(c.price_dates), "undated_rows": c.undated_rows}
                          for c in self.catalogs],

@@ -92,6 +92,74 @@ def test_plan_filters_take_lists_or_comma_strings():
     assert a.to_dict()["offers"] == b.to_dict()["offers"]
 
 
+def test_estimate_takes_every_new_knob_as_the_cli_does():
+    opts = dict(loss="chunked", lora_dropout=0.1, packing=False, peak_seq_len=700, fused_optimizer=True,
+                compile=True, modules_to_save="lm_head", dora=True, activation_offload=True, seq_len=1024)
+    result = ftplan.estimate(model="llama3.1-8b", method="lora", gpu="A100-80GB", **opts)
+    cli = _cli_json("estimate", "--model", "llama3.1-8b", "--method", "lora", "--gpu", "A100-80GB", "--loss",
+                    "chunked", "--lora-dropout", "0.1", "--no-packing", "--peak-seq-len", "700",
+                    "--fused-optimizer", "--compile", "--modules-to-save", "lm_head", "--dora",
+                    "--activation-offload", "--seq-len", "1024", "--json")
+    assert result.to_dict() == cli
+    s = result.to_dict()["settings"]
+    assert (s["loss"], s["peak_seq_len"], s["dora"], s["modules_to_save"]) == ("chunked", 700, True, ["lm_head"])
+    plain = ftplan.estimate(model="llama3.1-8b", method="lora", gpu="A100-80GB", seq_len=1024)
+    assert result.memory.logits != plain.memory.logits and result.memory.trainable > plain.memory.trainable
+
+
+def test_estimate_prompt_and_freeze_knobs_and_moe_version_change_the_estimate():
+    few = ftplan.estimate(model="mistral-7b", method="prompt", gpu="L4", num_virtual_tokens=8)
+    many = ftplan.estimate(model="mistral-7b", method="prompt", gpu="L4", num_virtual_tokens=200)
+    assert few.params_trainable < many.params_trainable
+    two = ftplan.estimate(model="mistral-7b", method="freeze", gpu="L4", train_layers=2)
+    eight = ftplan.estimate(model="mistral-7b", method="freeze", gpu="L4", train_layers=8)
+    assert two.params_trainable < eight.params_trainable
+    v4 = ftplan.estimate(model="mixtral-8x7b", method="qlora", gpu="H100", transformers_version="4.46")
+    v5 = ftplan.estimate(model="mixtral-8x7b", method="qlora", gpu="H100", transformers_version="5.2")
+    assert v4.memory.weights < v5.memory.weights  # 4.x quantizes the per-expert Linears
+
+
+def test_estimate_over_several_nodes_equals_the_cli_json():
+    result = ftplan.estimate(model="llama3.1-8b", method="full", gpu="H100", gpus=8, nodes=2, node_gbps=100)
+    cli = _cli_json("estimate", "--model", "llama3.1-8b", "--method", "full", "--gpu", "H100", "--gpus", "8",
+                    "--nodes", "2", "--node-gbps", "100", "--json")
+    assert result.to_dict() == cli and cli["nodes"] == 2 and cli["bounding_link"]
+    table = ftplan.estimate(model="llama3.1-8b", method="full", gpus=8, nodes=2)
+    assert table.to_dict() == _cli_json("estimate", "--model", "llama3.1-8b", "--method", "full", "--gpus", "8",
+                                        "--nodes", "2", "--json")
+
+
+def test_plan_assumes_the_launched_jobs_loss_and_estimate_the_trainers():
+    kwargs = dict(model="llama3.1-8b", method="qlora", dataset_tokens=2_000_000, seq_len=4096)
+    launched = ftplan.plan(**kwargs)
+    assert launched.to_dict() == _cli_json("plan", "--model", "llama3.1-8b", "--method", "qlora",
+                                           "--dataset-tokens", "2000000", "--seq-len", "4096", "--json")
+    standard = ftplan.plan(**kwargs, loss="standard")
+    assert (launched.loss, standard.loss) == ("fused", "standard")
+    assert launched.best.peak_gib < standard.best.peak_gib  # no full-vocabulary logits
+    assert ftplan.estimate(model="llama3.1-8b", method="qlora").to_dict()["settings"]["loss"] == "standard"
+
+
+def test_plan_takes_the_nodes_filter():
+    result = ftplan.plan(model="llama3.1-70b", method="full", dataset_tokens=1_000_000, nodes=2)
+    assert result.offers and {o.nodes for o in result.offers} == {2}
+    with pytest.raises(ftplan.UserError, match="nodes"):
+        ftplan.plan(model="llama3.1-8b", method="qlora", nodes=9)
+
+
+def test_text_outputs_say_which_loss_they_assumed():
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "ftplan.planner.cli", *args], capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    est = run("estimate", "--model", "mistral-7b", "--method", "qlora", "--gpu", "L4")
+    plan = run("plan", "--model", "mistral-7b", "--method", "qlora", "--dataset-tokens", "1000000", "--wide")
+    assert [ln for ln in est.splitlines() if ln.startswith("loss: standard")]
+    assert [ln for ln in plan.splitlines() if ln.startswith("loss: fused")]
+
+
 @pytest.mark.parametrize("call, needle", [
     (lambda: ftplan.estimate(model="no-such-model", method="qlora"), "no-such-model"),
     (lambda: ftplan.estimate(model="mistral-7b", method="qlora", gpu="H900"), "H900"),

@@ -168,13 +168,19 @@ def _knobs(req) -> str:
     """The non-default techniques in effect, for the header line."""
     on = [name for name, flag in (("dora", req.dora), ("compile", req.compile), ("fused optimizer", req.fused_optimizer),
                                   ("activation offload", req.activation_offload)) if flag]
-    if req.loss != "standard":
-        on.append(f"{req.loss} loss")
     if not req.packing:
         on.append(f"padded to {req.step_seq_len}")
     if req.modules_to_save:
         on.append("trains " + "+".join(req.modules_to_save))
     return (", " + ", ".join(on)) if on else ""
+
+
+def loss_note(loss: str) -> str:
+    """The one line `estimate` and `plan` print about the cross-entropy they assumed."""
+    if loss == "standard":
+        return "loss: standard (full fp32 logits, the HF Trainer's); ftplan launch's job runs --loss fused"
+    what = {"fused": "no full-vocabulary logits", "chunked": "torchtune's chunks: every chunk's logits kept"}[loss]
+    return f"loss: {loss} ({what}; --loss fused is what ftplan launch's job runs)"
 
 
 def _print_detail(req, est, suggestions, how) -> None:
@@ -200,6 +206,7 @@ def _print_detail(req, est, suggestions, how) -> None:
     click.echo(f"  {'= device total':<20} {mem.total:8.2f}   nvidia-smi; {verdict} "
                f"({_signed(est.headroom_gib)} GiB headroom of {est.gpu.usable_gib:.1f})")
     click.echo(f"throughput: {est.tokens_per_s:,.0f} tokens/s")
+    click.echo(loss_note(req.loss))
     if est.training_tokens is not None:
         src = f" [{how}]" if how else ""
         click.echo(f"time: {_fmt_hours(est.hours)} for {est.training_tokens:,} tokens ({req.epochs:g} epochs){src}")
@@ -230,6 +237,7 @@ def _print_table(req, rows) -> None:
                    f"{_signed(est.headroom_gib):>9} {est.tokens_per_s:>10,.0f} {_fmt_hours(est.hours):>9}")
     if marked:
         click.echo("* no bf16 on this GPU: estimated as fp16-mixed (plan needs --precision fp16-mixed)")
+    click.echo(loss_note(req.loss))
 
 
 def _corrected(est, req):

@@ -7,6 +7,7 @@ Plain text output on purpose: importing rich would cost more than the whole rank
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -21,6 +22,20 @@ from ftplan.planner.pricing.offers import split_csv
 # click.Option objects, so the two commands can never drift apart.
 _NOT_SHARED = {"gpu_name", "gpu_count", "as_json", "nodes", "node_gbps"}
 ESTIMATE_PARAMS = [p for p in estimate_command.estimate.params if p.name not in _NOT_SHARED]
+
+
+def _launch_loss(param):
+    """`plan` prices what `ftplan launch` would run: its --loss defaults to the job's loss, not `standard`."""
+    from ftplan.planner.launch.estimate_bridge import LAUNCH_LOSS
+
+    if param.name != "loss":
+        return param
+    own = copy.copy(param)
+    own.default = LAUNCH_LOSS
+    return own
+
+
+ESTIMATE_PARAMS = [_launch_loss(p) for p in ESTIMATE_PARAMS]
 
 
 def build_request(model_arg: str, **opts):
@@ -197,6 +212,7 @@ def plan(budget, max_hourly, headroom, providers, regions, gpus, market, min_vcp
     if any(o.nodes > 1 for _, o in pairs):
         notes.append("nodes > 1: one run over several machines of that type in one placement group; $/h and "
                      "total count every node.")
+    notes.append(estimate_command.loss_note(request.loss))
     notes.append("Hours include provisioning, setup, model download and the artifact pull; spot adds expected "
                  "preemption time. Prices are catalog snapshots, not live quotes; availability is not checked.")
     for note in notes:
