@@ -138,3 +138,14 @@ def test_bad_job_keys_are_one_line_errors_with_exit_2(tmp_path, line, key):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method, distributed, zero, loss", [("full", "fsdp", 3, "standard"),
+                                                             ("lora", None, 0, "fused")])
+def test_several_gpus_shard_in_the_job_as_in_the_estimate(tmp_path, method, distributed, zero, loss):
+    cfg = load_project(_project(tmp_path, f'method = "{method}"\noptimizer = "auto"'))
+    job = job_config.validate(build_job_config(cfg, "ft-test", 4, "A10G"))
+    req = request_from_config(cfg, EXAMPLE, gpu_count=4, gpu="A10G")
+    assert job["num_gpus"] == 4 and job["distributed"] == distributed
+    assert req.resolved_zero(4) == zero  # FSDP full shard = the estimator's ZeRO-3; DDP = ZeRO-0
+    assert req.loss == loss  # the job's chunked head cannot run on a sharded lm_head: it uses the standard loss

@@ -43,6 +43,7 @@ class JobSettings:
     packing: bool
     lora_dropout: float
     gradient_checkpointing: bool
+    distributed: str | None    # job config `distributed`: "fsdp" for a full fine-tune on several GPUs, else DDP
 
 
 def _logits_transformed(spec) -> bool:
@@ -53,8 +54,9 @@ def _logits_transformed(spec) -> bool:
     return any(extra.get(key) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS)
 
 
-def job_settings(cfg, gpu: str | None, spec=None) -> JobSettings:
-    """What the launched job runs on `gpu` (an offer's GPU name; None or "cpu" for a machine not in the table)."""
+def job_settings(cfg, gpu: str | None, spec=None, gpu_count: int = 1) -> JobSettings:
+    """What the launched job runs on `gpu_count` x `gpu` (an offer's GPU; None or "cpu" for a machine not in
+    the table)."""
     from ftplan.planner.estimate.gpus import resolve_gpu
     from ftplan.remote_job.job_optim import choose
 
@@ -73,14 +75,19 @@ def job_settings(cfg, gpu: str | None, spec=None) -> JobSettings:
     # remote_job/device_check.pick_dtype: bf16 where the GPU has it natively (capability >= 8.0), else fp16.
     bf16 = card is None or card.supports_bf16
     chosen = choose(j.optimizer, j.method)
-    loss_estimate = "standard" if j.loss == "standard" or _logits_transformed(spec) else LAUNCH_LOSS
+    # Several GPUs: the estimator shards a full fine-tune (ZeRO-3 / FSDP full shard) and keeps (Q)LoRA whole
+    # per GPU (DDP); the job is told the same. A sharded head makes the job use the standard loss.
+    distributed = "fsdp" if gpu_count > 1 and j.method == "full" else None
+    loss_estimate = ("standard" if j.loss == "standard" or _logits_transformed(spec) or distributed
+                     else LAUNCH_LOSS)
     return JobSettings(
         device="cuda" if cuda else "unknown", loss=j.loss, loss_estimate=loss_estimate,
         precision=("bf16" if bf16 else "fp16") if card is not None else "auto",
         precision_estimate="bf16-mixed" if bf16 else "fp16-mixed",
         optimizer=j.optimizer, optimizer_estimate=_OPTIMIZER_NAMES[chosen],
         fused_optimizer=(chosen == "adamw" and cuda) or chosen == "paged_adamw",
-        packing=j.packing, lora_dropout=j.lora_dropout, gradient_checkpointing=j.gradient_checkpointing)
+        packing=j.packing, lora_dropout=j.lora_dropout, gradient_checkpointing=j.gradient_checkpointing,
+        distributed=distributed)
 
 
 def request_from_config(cfg, dataset: Path | None, *, gpu_count: int = 1, gpu: str | None = None):
@@ -93,7 +100,7 @@ def request_from_config(cfg, dataset: Path | None, *, gpu_count: int = 1, gpu: s
 
     j = cfg.job
     spec = resolve_model(j.model)
-    s = job_settings(cfg, gpu if gpu is not None else "A100-80GB", spec)
+    s = job_settings(cfg, gpu if gpu is not None else "A100-80GB", spec, gpu_count)
     tokens = None
     longest = None
     epochs = float(j.epochs)
@@ -113,11 +120,11 @@ def request_from_config(cfg, dataset: Path | None, *, gpu_count: int = 1, gpu: s
                            dataset_tokens=int(tokens) if tokens is not None else None, epochs=epochs)
 
 
-def job_config_settings(cfg, gpu: str | None) -> dict:
+def job_config_settings(cfg, gpu: str | None, gpu_count: int = 1) -> dict:
     """The job config keys `job_settings` decides (merged into launch_plan.build_job_config's dict)."""
-    s = job_settings(cfg, gpu)
+    s = job_settings(cfg, gpu, gpu_count=max(1, int(gpu_count)))
     return {"loss": s.loss, "precision": s.precision, "optimizer": s.optimizer, "packing": s.packing,
-            "gradient_checkpointing": s.gradient_checkpointing}
+            "gradient_checkpointing": s.gradient_checkpointing, "distributed": s.distributed}
 
 
 def launch_offers(cfg, dataset: Path | None):

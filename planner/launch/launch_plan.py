@@ -137,7 +137,7 @@ def build_job_config(cfg: ProjectConfig, run_id: str, gpu_count: int = 1, gpu: s
         "throttle_s_per_step": j.throttle_s_per_step, "resume": True,
         "num_gpus": max(1, int(gpu_count)), "expect_gpu": bool(gpu) and str(gpu).lower() != "cpu",
         # loss, precision, optimizer, packing, checkpointing: the values the launch's estimate assumed
-        **job_config_settings(cfg, gpu),
+        **job_config_settings(cfg, gpu, gpu_count),
     }
 
 
