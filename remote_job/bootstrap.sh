@@ -255,6 +255,14 @@ else
   PY="$VENV/bin/python"
 fi
 
+# --- 4b. the machine's watchdog (job/watchdog.py; settings FTPLAN_WATCHDOG_* from secrets.env): its own session,
+# so it outlives this script and the SSH session: budget stop, spot notices, upload + power-off after the grace.
+if [ -n "${FTPLAN_WATCHDOG_PRICE_HOUR:-}" ] && [ -f job/watchdog.py ]; then
+  case "${FTPLAN_WATCHDOG_BUCKET:-}" in s3://*) "$PY" -c 'import boto3' 2>/dev/null || "$PY" -m pip install -q boto3 >/dev/null 2>&1 || log "no boto3: the watchdog cannot upload to s3";; esac
+  RUNPOD_POD_ID="${RUNPOD_POD_ID:-$RUNPOD_ID}" setsid nohup "$PY" job/watchdog.py --run-dir "$RUN_DIR" >> watchdog.log 2>&1 < /dev/null &
+  log "watchdog started (pid $!)"
+fi
+
 # --- 5. train --------------------------------------------------------------------------------
 log "starting: $PY job/train.py --config job.json"
 "$PY" job/train.py --config job.json &

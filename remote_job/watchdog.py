@@ -179,14 +179,20 @@ class Watchdog:
 
     def power_off(self, reason: str) -> None:
         self.state = "powering_off"
-        self.act("power_off", reason=reason, command=self.a.poweroff_cmd)
-        if self.a.poweroff_cmd:
+        # FTPLAN_NO_SHUTDOWN=1 (the machine's opt-out, as bootstrap.sh's deadline) stops the built-in power-off;
+        # a command the user configured (ftplan.toml launch.poweroff_cmd) still runs.
+        allowed = (os.environ.get("FTPLAN_NO_SHUTDOWN", "0") != "1"
+                   or os.environ.get("FTPLAN_WATCHDOG_POWEROFF_CONFIGURED") == "1")
+        self.act("power_off", reason=reason, command=self.a.poweroff_cmd if allowed else None)
+        if self.a.poweroff_cmd and allowed:
             os.system(self.a.poweroff_cmd)  # noqa: S605  (the operator's configured command, not user data)
 
     def run(self) -> int:
         self.ended_at = 0.0
         self.act("started", pid=os.getpid())
         while True:
+            if not os.path.isdir(self.run_dir):  # the launcher cleaned the run folder up: nothing left to guard
+                return 0
             try:
                 if not self.tick():
                     return 0
@@ -195,21 +201,31 @@ class Watchdog:
             time.sleep(self.a.poll_s)
 
 
+def _env(name: str, default=None):
+    """Defaults from FTPLAN_WATCHDOG_<NAME>: the launcher ships them in the 0600 secrets.env that bootstrap.sh
+    sources, so bootstrap starts the watchdog with no arguments of its own."""
+    value = os.environ.get("FTPLAN_WATCHDOG_" + name)
+    return default if value is None else (value or None) if default is None else value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default=".")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--stop-file", default="STOP")
-    p.add_argument("--price-hour", type=float, required=True)
-    p.add_argument("--budget-usd", type=float, default=None)
-    p.add_argument("--started-at", type=float, default=None, help="unix time the machine started billing")
-    p.add_argument("--pull-margin-s", type=float, default=600.0)
-    p.add_argument("--grace-minutes", type=float, default=15.0)
-    p.add_argument("--bucket", default=None, help="s3://bucket/prefix or gs://bucket/prefix")
-    p.add_argument("--metadata", choices=("aws", "gcp", "none"), default="none")
-    p.add_argument("--metadata-url", default=None, help="metadata server base URL (tests)")
-    p.add_argument("--poweroff-cmd", default="sudo -n shutdown -h now")
-    p.add_argument("--poll-s", type=float, default=10.0)
+    price = _env("PRICE_HOUR")
+    p.add_argument("--price-hour", type=float, required=price is None, default=price)
+    p.add_argument("--budget-usd", type=float, default=_env("BUDGET_USD"))
+    p.add_argument("--started-at", type=float, default=_env("STARTED_AT"),
+                   help="unix time the machine started billing")
+    p.add_argument("--pull-margin-s", type=float, default=_env("PULL_MARGIN_S", 600.0))
+    p.add_argument("--grace-minutes", type=float, default=_env("GRACE_MINUTES", 15.0))
+    p.add_argument("--bucket", default=_env("BUCKET"), help="s3://bucket/prefix or gs://bucket/prefix")
+    p.add_argument("--metadata", choices=("aws", "gcp", "none"), default=_env("METADATA", "none"))
+    p.add_argument("--metadata-url", default=_env("METADATA_URL"), help="metadata server base URL (tests)")
+    p.add_argument("--poweroff-cmd", default=_env("POWEROFF_CMD", "sudo -n shutdown -h now"),
+                   help="'' for none (machines ftplan does not own)")
+    p.add_argument("--poll-s", type=float, default=_env("POLL_S", 10.0))
     p.add_argument("--checkpoint-wait-s", type=float, default=90.0)
     a = p.parse_args(argv)
     if not (a.price_hour > 0 and math.isfinite(a.price_hour)):

@@ -24,7 +24,7 @@ from ftplan.planner.launch.launch_plan import (  # noqa: F401  (build_plan, buil
 )
 from ftplan.planner.launch.project_config import ProjectConfig, load_project, with_overrides, write_template
 
-EXIT_CODES = {"succeeded": 0, "failed": 1, "stopped_over_budget": 3, "cancelled": 130}
+EXIT_CODES = {"succeeded": 0, "detached": 0, "failed": 1, "stopped_over_budget": 3, "cancelled": 130}
 
 
 def _store(path: str | None):
@@ -70,6 +70,8 @@ def init(path, model, method, dataset, budget, force):
 @click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key already authorized there.")
 @click.option("--ssh-port", type=int, help="For --provider local: the port of the sshd on 127.0.0.1 (default 22).")
 @click.option("--remote-python", help="Python on the machine to run the job with (skip the venv setup).")
+@click.option("--ssh-cidr", help="AWS/GCP: open SSH to this source range (e.g. your VPN's 203.0.113.0/24) "
+                                 "instead of this machine's public /32.")
 @click.option("--model")
 @click.option("--method", type=click.Choice(["qlora", "lora", "full"]))
 @click.option("--dataset", type=click.Path(), help="Training data (JSONL: alpaca, sharegpt or messages).")
@@ -78,14 +80,21 @@ def init(path, model, method, dataset, budget, force):
 @click.option("--on-over-budget", type=click.Choice(["stop", "continue"]))
 @click.option("--spot-recovery/--no-spot-recovery", default=None)
 @click.option("--sync-every", type=float, help="Pull checkpoints back every N minutes during training.")
+@click.option("--detach", is_flag=True, help="Return once training started; the machine guards itself "
+              "(watchdog + deadline). Then: ftplan attach RUN, ftplan pull RUN.")
+@click.option("--bucket", help="s3://BUCKET/PREFIX or gs://BUCKET/PREFIX: the machine uploads its artifacts there "
+              "when nobody pulled them within the grace period.")
+@click.option("--grace-minutes", type=float, help="After training, the machine waits this long for a pull, then "
+              "uploads (with --bucket) and powers off (default 15).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Show the plan and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the outcome.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="Where artifacts land (default ./runs).")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Run store (default: user data dir).")
 @click.pass_context
-def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, model, method, dataset, max_steps, budget,
-           on_over_budget, spot_recovery, sync_every, yes, dry_run, as_json, runs_dir, store_path):
+def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, ssh_cidr, model, method, dataset, max_steps, budget,
+           on_over_budget, spot_recovery, sync_every, detach, bucket, grace_minutes, yes, dry_run, as_json, runs_dir,
+           store_path):
     """Provision, train, pull artifacts, tear down."""
     from ftplan.planner.launch.project_config import check_provider_names
 
@@ -103,6 +112,7 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
         "launch.budget_usd": budget, "launch.on_over_budget": on_over_budget,
         "launch.spot_recovery": spot_recovery, "launch.sync_every_min": sync_every, "launch.runs_dir": runs_dir,
         "launch.providers": [provider] if provider else None, "launch.remote_python": remote_python,
+        "launch.ssh_cidr": ssh_cidr, "launch.bucket": bucket, "launch.grace_minutes": grace_minutes,
     })
     if host and provider not in (None, "ssh"):
         raise UserError("--host is only for --provider ssh (a machine you already have)")
@@ -124,6 +134,7 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
 
     plan = build_plan(cfg, dataset_path, host=host, identity=Path(identity) if identity else None,
                       store_path=store_path)
+    plan.detach = detach
     summary = plan_summary(plan)
     if dry_run:
         if as_json:
@@ -155,6 +166,11 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
     result = Launcher(store, plan, display=display).run()
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
+    elif result.status == "detached":
+        pull_hint = f"ftplan pull {result.run_id}" if plan.bucket else f"ftplan attach {result.run_id} (pulls over SSH)"
+        click.echo(f"run {result.run_id}: training, detached\nwhile you are away: {result.guards}\n"
+                   f"follow or take over: ftplan attach {result.run_id}\nartifacts: {pull_hint}\n"
+                   f"state: ftplan runs")
     else:
         click.echo(f"run {result.run_id}: {result.status}"
                    + (f" ({result.error})" if result.error else "")

@@ -65,6 +65,11 @@ class LaunchPlan:
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     job_secrets: dict[str, str] = field(default_factory=dict)  # e.g. HF_TOKEN; never stored
     extra_files: dict[str, Path] = field(default_factory=dict)  # bundle extras (local model folder, job/ overrides)
+    detach: bool = False                    # return once training started; the watchdog guards the machine
+    bucket: str | None = None               # s3://... | gs://...: the watchdog uploads to <bucket>/<run id>/
+    grace_minutes: float = 15.0             # the watchdog waits this long after training for a launcher to pull
+    poweroff_cmd: str | None = None         # None: by provider (shutdown on VMs, runpodctl on RunPod, none on own)
+    bucket_env: dict[str, str] = field(default_factory=dict)  # scoped bucket credentials for the machine; never stored
 
     @property
     def run_dir(self) -> Path:
@@ -74,16 +79,19 @@ class LaunchPlan:
 @dataclass
 class LaunchResult:
     run_id: str
-    status: str                      # succeeded | failed | stopped_over_budget | cancelled
+    status: str                      # succeeded | failed | stopped_over_budget | cancelled | detached
     artifacts_dir: str
     estimated: dict[str, float | None]
     actual: dict[str, float | None]
     error: str | None = None
     teardown_confirmed: bool = True
     instances: list[dict[str, Any]] = field(default_factory=list)
+    guards: str | None = None        # detached: what guards the machine now that no launcher watches it
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        if out["guards"] is None:
+            del out["guards"]
         for key in ("estimated", "actual"):  # 4 decimals: 0.36 s, 0.01 cent; not float noise
             out[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in (out[key] or {}).items()}
         return out
@@ -264,7 +272,20 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
         provider_options=options,
         job_secrets=job_secrets_from_env(),
         extra_files={k: Path(v) for k, v in launch_cfg.bundle_extra_files.items()},
+        bucket=launch_cfg.bucket, grace_minutes=launch_cfg.grace_minutes, poweroff_cmd=launch_cfg.poweroff_cmd,
+        bucket_env=bucket_env_from(launch_cfg.bucket_env),
     )
+
+
+def bucket_env_from(names: dict[str, str]) -> dict[str, str]:
+    """The scoped bucket key the user named (ftplan.toml [launch] bucket_env: machine variable -> the local
+    variable holding it), shipped in the machine's 0600 secrets.env. Nothing is shipped implicitly: with no
+    names the machine uses its own instance role / service account, never the user's default long-lived keys."""
+    missing = sorted({local for local in names.values() if not os.environ.get(local)})
+    if missing:
+        raise UserError(f"launch.bucket_env names {', '.join(missing)}, which is not set here; export the scoped "
+                        "bucket key, or drop bucket_env to use the machine's instance role")
+    return {remote: os.environ[local] for remote, local in names.items()}
 
 
 def _cloud_candidates(cfg: ProjectConfig, dataset: Path):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ftplan.planner.launch.budget import BudgetGuard, Progress, finite_number
+from ftplan.planner.launch.detached import DetachSteps
 from ftplan.planner.launch.launch_plan import (  # noqa: F401  (re-exported: the public names of this module before the split)
     Candidate,
     InstanceLost,
@@ -50,7 +51,7 @@ from ftplan.planner.launch.teardown import scrubbed as _scrub
 from ftplan.planner.runs.store import Store, scrub_data
 
 
-class Launcher(ArtifactSteps, TeardownSteps):
+class Launcher(ArtifactSteps, TeardownSteps, DetachSteps):
     """One run, start to end; `run()` for a new launch, `take_over()` for `ftplan attach` after a crash."""
 
     def __init__(self, store: Store, plan: LaunchPlan, *, provider_factory: Callable[..., Any] | None = None,
@@ -89,7 +90,7 @@ class Launcher(ArtifactSteps, TeardownSteps):
             price_hour=first.price_hour, budget_usd=p.budget_usd, est_hours=p.estimate.get("hours"),
             est_usd=p.estimate.get("usd"), est_peak_mem_gib=p.estimate.get("peak_mem_gib"),
             est_tokens_per_s=p.estimate.get("tokens_per_s"), artifacts_dir=str(p.run_dir.resolve()),
-            config_json=p.job_config,
+            config_json={**p.job_config, **({"bucket": p.bucket} if p.bucket else {})},  # bucket: for `ftplan pull`
             provider_options_json={k: v for k, v in p.provider_options.items()},
         )
         self.store.add_event(self.run_id, "launch_context", "", data=self._context())
@@ -142,8 +143,11 @@ class Launcher(ArtifactSteps, TeardownSteps):
             except Exception as exc:  # noqa: BLE001 - any failure still ends in teardown and a record
                 status, error = "failed", f"{self._phase}: {type(exc).__name__}: {_scrub(exc)}"
             finally:
-                with shielded(self.display.warn):
-                    teardown_ok = self._teardown(status)
+                if status != "detached":   # a detached run's machine stays: its watchdog and deadline guard it
+                    with shielded(self.display.warn):
+                        teardown_ok = self._teardown(status)
+        if status == "detached":
+            return self._detached_result()
         return self._finish(status, error, teardown_ok)
 
     # ---- phases -------------------------------------------------------------------------------
@@ -173,6 +177,8 @@ class Launcher(ArtifactSteps, TeardownSteps):
                 self._connect(row, inst, endpoint, key_path)
                 self._enter("uploading", f"shipping the job to {endpoint.host}")
                 self._upload(bundle, resume)
+                if p.detach:
+                    return self._detach(inst)
                 outcome = self._train(row, inst, offer)
                 self._enter("pulling", "pulling artifacts back")
                 self._pull_all()
@@ -314,9 +320,13 @@ class Launcher(ArtifactSteps, TeardownSteps):
                              data={"deadline_s": deadline, "resume": resume})
         # The on-instance shutdown deadline is for rented machines only: never power off the user's own.
         owned = bool(self.live) and self.live[-1][2].provider in UNMANAGED_PROVIDERS
+        self._deadline_s = None if owned else deadline
+        env = self._watchdog_env(owned)
+        self._watchdog_env_sent = env
+        secrets = {**self.plan.job_secrets, **self.plan.bucket_env}   # scoped bucket key: registered, scrubbed
         self._call_runner(lambda: runner.start(self.run_id, remote_python=self.plan.remote_python,
-                                               secrets=self.plan.job_secrets or None, deadline_s=deadline,
-                                               shutdown="off" if owned else "arm"))
+                                               secrets=secrets or None, deadline_s=deadline,
+                                               shutdown="off" if owned else "arm", env=env or None))
 
     def _train(self, row: int, inst: Any, offer: Candidate) -> str:
         p = self.plan

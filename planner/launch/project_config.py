@@ -8,6 +8,7 @@ sections name the *environment variable* that holds a key (`api_key_env`), not t
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,10 @@ spot_recovery = true               # after a spot loss, resume on the next offer
 max_offer_tries = 3                # offers to try when a provider has no capacity
 sync_every_min = 10                # pull checkpoints back this often during training
 runs_dir = "runs"                  # artifacts land in runs/<run-id>/
+grace_minutes = 15                 # after training, the machine waits this long for a pull, then powers off
+# bucket = "s3://my-bucket/ftplan"  # the watchdog uploads there when nobody pulled (ftplan pull RUN)
+# bucket_env = {{ AWS_ACCESS_KEY_ID = "RUN_BUCKET_KEY_ID", AWS_SECRET_ACCESS_KEY = "RUN_BUCKET_SECRET" }}
+#                                  # a scoped bucket key, read from those variables; default: the instance role
 
 # Per-provider settings. Keys are read from the environment variable named here, never from this file.
 [providers.local]                  # this machine over SSH (for trying the whole chain on a laptop)
@@ -149,11 +154,22 @@ class LaunchSection(BaseModel):
     ssh_cidr: str | None = None                     # AWS/GCP port-22 source range; None = this machine's /32
     offers: list[PinnedOffer] = []                  # pinned offers: skip the catalog, try these in order
     bundle_extra_files: dict[str, str] = {}         # archive path -> local path (see ftplan.planner.remote.bundle)
+    bucket: str | None = None                       # s3://BUCKET/PREFIX | gs://BUCKET/PREFIX (see _bucket_url)
+    grace_minutes: float = Field(15, ge=0)          # after training, wait this long for a launcher to pull
+    poweroff_cmd: str | None = None                 # the watchdog's power-off (default: by provider)
+    bucket_env: dict[str, str] = {}                 # machine var -> NAME of the local env var holding a scoped key
 
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: list[str]) -> list[str]:
         _check_names(value)
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(s3|gs)://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/\S*)?", value):
+            raise ValueError(f"{value!r} is not a bucket URL; use s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
         return value
 
     @field_validator("ssh_cidr")

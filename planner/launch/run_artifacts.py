@@ -63,6 +63,35 @@ class ArtifactSteps:
         for rel in ("out", "train.log"):
             self._pull(rel)
         self.store.add_event(self.run_id, "pulled", f"{len(self.pulled)} files", phase="pulling")
+        self._mark_pulled()
+        self._watchdog_report()
+
+    def _mark_pulled(self) -> None:
+        """`launcher_pulled` in the remote run folder: the watchdog then powers off without uploading."""
+        try:
+            path = f"{self.runner.run_dir(self.run_id)}/launcher_pulled"
+            with self.runner.sftp.open(path, "w") as fh:
+                fh.write("pulled by ftplan\n")
+        except Exception as exc:  # noqa: BLE001 - the watchdog then uploads after its grace: safe, only slower
+            self.store.add_event(self.run_id, "pulled_marker_failed", _scrub(exc), phase="pulling")
+
+    def _watchdog_report(self) -> dict[str, Any] | None:
+        """What the machine's watchdog did (watchdog.json), as an event and a line on the display."""
+        try:
+            doc = self.runner.read_json(self.run_id, "watchdog.json")
+        except Exception:  # noqa: BLE001 - no watchdog on this run (free machine) or unreadable: nothing to show
+            return None
+        if not isinstance(doc, dict):
+            return None
+        from ftplan.planner.runs.store import scrub_data
+        from ftplan.providers.errors import scrub
+
+        doc = scrub_data(doc)   # it came from the machine
+        summary = scrub(watchdog_summary(doc))
+        self.store.add_event(self.run_id, "watchdog", summary, phase=self._phase,
+                             data={"state": doc.get("state"), "actions": (doc.get("actions") or [])[-10:]})
+        self.display.log(f"watchdog: {summary}")
+        return doc
 
     def _runner_reached(self) -> bool:
         """Whether SSH ever got in: a machine never reached has nothing to salvage, kill or clean."""
@@ -118,7 +147,7 @@ class ArtifactSteps:
 
     def _bundle(self, *, resume: bool) -> Path:
         """The job bundle; on recovery it also carries the newest pulled checkpoint to resume from."""
-        cfg = dict(self.plan.job_config)
+        cfg = {k: v for k, v in self.plan.job_config.items() if k != "bucket"}  # the run record's, not the job's
         extra = dict(self.plan.extra_files)
         cfg["resume"] = True  # the job resumes only if out/checkpoints has something
         if resume:
@@ -130,6 +159,25 @@ class ArtifactSteps:
                     extra["out/tokenizer"] = tok
                 self.store.add_event(self.run_id, "resume_from", ckpt.name, phase="recovering")
         return self.bundle_builder(cfg, self.plan.dataset, self.plan.run_dir / "bundle.tar.gz", extra_files=extra)
+
+
+def watchdog_summary(doc: dict[str, Any]) -> str:
+    """One line from watchdog.json: its state and what it did (stop, upload, power off)."""
+    acts = [a for a in (doc.get("actions") or []) if isinstance(a, dict) and a.get("action") != "started"]
+    said = []
+    for a in acts[-4:]:
+        what = str(a.get("action"))
+        if a.get("reason"):
+            what += f" ({a['reason']})"
+        elif a.get("to"):
+            what += f" to {a['to']}"
+        elif a.get("error"):
+            what += f" ({a['error']})"
+        said.append(what)
+    spent = doc.get("spent_usd")
+    money = f", ${spent:.4f} of ${doc['budget_usd']:.2f} by its clock" if isinstance(spent, (int, float)) and \
+        isinstance(doc.get("budget_usd"), (int, float)) else ""
+    return f"{doc.get('state', '?')}{money}" + (": " + "; ".join(said) if said else "")
 
 
 def _newest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -249,7 +249,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
 
     def run_is_live(run_id: str | None) -> bool:
         run = store.get_run(run_id) if run_id else None
-        return bool(run and run.status not in FINAL_STATUSES and pid_alive(run.launcher_pid, run.launcher_host))
+        return bool(run and run.status not in FINAL_STATUSES and (pid_alive(run.launcher_pid, run.launcher_host)
+                                                                  or run.phase == "detached"))  # its watchdog guards it
 
     def options_for(name: str, run_id: str | None) -> dict:
         opts = dict(cfg.provider_options(name)) if name in cfg.providers else {}
