@@ -165,7 +165,8 @@ def _plan(cfg, request, providers: tuple[str, ...], budget: float | None):
 
     offers = list(plan_offers(request, filters(), budget).offers)
     fp16_only = tuple(g.name for g in table_gpus() if not g.supports_bf16 and g.vendor == "NVIDIA")
-    if fp16_only and request.precision == "bf16-mixed":
+    # (only while the optimizer rejects bf16-less GPUs outright: never the same offer twice)
+    if fp16_only and request.precision == "bf16-mixed" and not any(o.gpu in fp16_only for o in offers):
         fp16 = replace(request, precision="fp16-mixed")
         offers += plan_offers(fp16, filters(fp16_only), budget).offers
     return sorted(offers, key=lambda o: o.total_usd)
