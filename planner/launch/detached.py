@@ -43,7 +43,9 @@ class DetachSteps:
                "FTPLAN_WATCHDOG_POLL_S": repr(min(10.0, max(1.0, float(p.poll_interval_s))))}
         if p.poweroff_cmd is not None:
             env["FTPLAN_WATCHDOG_POWEROFF_CONFIGURED"] = "1"
-        if p.budget_usd is not None:   # this machine's share: what earlier (lost) machines did not spend
+        # this machine's share: what earlier (lost) machines did not spend; `--on-over-budget continue` leaves
+        # the cap to the on-instance deadline, as the launcher's guard does
+        if p.budget_usd is not None and p.on_over_budget == "stop":
             env["FTPLAN_WATCHDOG_BUDGET_USD"] = repr(max(0.0, p.budget_usd - self.guard.spent_before_usd))
         if p.bucket:
             env["FTPLAN_WATCHDOG_BUCKET"] = f"{p.bucket.rstrip('/')}/{self.run_id}"
