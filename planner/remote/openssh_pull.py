@@ -43,7 +43,6 @@ TRANSPORTS = ("auto", "openssh", "paramiko")
 ENV_VAR = "FTPLAN_PULL_TRANSPORT"
 _CONNECT_TIMEOUT_S = 15
 _PIPE_SIZE = 1 << 20  # Linux F_SETPIPE_SZ: 1 MiB reads instead of 64 KiB ones
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Names ssh reads verbatim: no known_hosts pattern characters (*?!,), no leading '-' or '@'/'|' markers.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.:\[\]/][A-Za-z0-9_.:\[\]/-]*\Z")
 _SAFE_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\Z")
@@ -70,6 +69,8 @@ def stream_unavailable(target: Target, default_alias: str) -> str | None:
         return f"host key name {target.alias!r} is not one ssh reads verbatim"
     if not _SAFE_NAME.match(target.host) or not _SAFE_USER.match(target.user):
         return "host or user name is not one ssh reads verbatim"
+    if any(c in tempfile.gettempdir() for c in '%"'):  # ssh expands % tokens in UserKnownHostsFile
+        return f"the temporary folder {tempfile.gettempdir()!r} has a character ssh would misread"
     return None
 
 
@@ -143,10 +144,11 @@ class OpenSSHStream:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         self._out = self.proc.stdout.fileno()
-        try:
-            fcntl.fcntl(self._out, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:  # not Linux, or above the system's pipe-max-size: 64 KiB reads then
-            pass
+        if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
+            try:
+                fcntl.fcntl(self._out, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:  # above the system's pipe-max-size: 64 KiB reads then
+                pass
         self._stderr = threading.Thread(target=self._collect, name="ftplan-pull-ssh-stderr", daemon=True)
         self._stderr.start()
 
