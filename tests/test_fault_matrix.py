@@ -78,6 +78,11 @@ dump("summary.json", {"status": status, "steps": step, "total_steps": total, "lo
                       "tokens_per_s": 1000 / step_s, "peak_mem_allocated_gib": 0.01, "resumed_from_step": start or None})
 if fault.get("out_becomes_link"):  # a hostile machine answers the final pull with out -> .
     os.rename(out, out + ".real"); os.symlink(".", out)
+if fault.get("rm_out"):  # the machine's out/ is gone by the final pull
+    shutil.rmtree(out)
+if fault.get("empty_out"):  # ... or empty
+    for x in os.listdir(out):
+        p = os.path.join(out, x); shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 print("stub job %s at step %d (resumed from %d)" % (status, step, start), flush=True)
 '''
 
@@ -103,6 +108,7 @@ class Case:
     store_fault: bool = False                     # the run store refuses writes once teardown starts
     verify: Any = None                            # callable(got) -> list of problems (what a user would check)
     absent: tuple[str, ...] = ()                  # paths under runs/<id>/ that must NOT exist afterwards
+    rig: Any = None                               # callable(tmp, sshd) -> a machine set-up (test_first_contact_matrix)
 
 
 def _fail(op, kind, times=1):
@@ -356,6 +362,7 @@ class _SignalDisplay:
         self.fired = False
         self.warnings: list[str] = []
         self.teardown_t0: float | None = None
+        self.rig = None
 
     def _maybe_cut(self, phase: str, step: int | None = None) -> None:
         if self.cut and self.proxy and self.proxy.mode == "open" and phase == self.cut[0]:
@@ -367,6 +374,8 @@ class _SignalDisplay:
             self.teardown_t0 = time.monotonic()
             if self.store is not None:   # the disk under the run store fills / turns read-only
                 self.store.db.execute("PRAGMA query_only = ON")
+        if self.rig is not None:
+            self.rig.hook(name, None)
         self._maybe_cut(name)
         if self.at and not self.fired and name == self.at[0]:
             if name == "training":
@@ -377,6 +386,8 @@ class _SignalDisplay:
             os.kill(os.getpid(), signal.SIGINT)
 
     def progress(self, progress, **kw):
+        if self.rig is not None:
+            self.rig.hook("training", progress.step)
         self._maybe_cut("training", progress.step)
         if progress.step >= 2 and self.at and self.at[0] == "training" and not self.fired:
             self.fired = True
@@ -418,7 +429,7 @@ poll_interval_s = 0.1
 sync_every_min = 0.005
 pull_margin_min = 0
 ssh_connect_timeout_s = {over.get("ssh_timeout", 2)}
-ssh_reconnect_s = 5
+ssh_reconnect_s = {over.get("ssh_reconnect", 5)}
 wait_ready_timeout_s = 10
 max_offer_tries = 3
 remote_python = "{sys.executable}"
@@ -495,25 +506,31 @@ def run_case(case: Case, tmp: Path, fake, sshd) -> dict[str, Any]:
     saved_env = {k: os.environ.get(k) for k in case.env}
     os.environ.update(case.env)
     proxy = CutProxy(sshd.port) if case.cut_at else None
+    rig = case.rig(tmp, sshd) if case.rig else None   # its own sshd/proxy, runner and phase hook
     try:
         if case.arm:
             case.arm(fake)
         job, fault = stub_files(tmp, case.fault)
         project = dict(case.project, **({"ssh_port": proxy.port} if proxy else {}))
+        project.update(rig.project if rig else {})
         cfg = load_project(write_project(tmp, fake, sshd, job, fault, **project))
         cfg.launch.runs_dir = str(tmp / "runs")
-        plan = build_plan(cfg, EXAMPLE, identity=sshd.client_key)
+        plan = build_plan(cfg, EXAMPLE, identity=rig.identity if rig else sshd.client_key)
         store = Store(tmp / "runs.sqlite3")
         display = _SignalDisplay(case.signal_at, case.second_signal, case.during_training, fake, cut=case.cut_at,
                                  proxy=proxy, store=store if case.store_fault else None)
+        display.rig = rig
         factory = _failing_create(case.create_raises) if case.create_raises else None
         t0 = time.monotonic()
-        result = Launcher(store, plan, display=display, provider_factory=factory).run()
+        result = Launcher(store, plan, display=display, provider_factory=factory,
+                          runner_factory=rig.runner_factory if rig else None).run()
         seconds = time.monotonic() - t0
         teardown_s = time.monotonic() - display.teardown_t0 if display.teardown_t0 else 0.0
     finally:
         if proxy:
             proxy.close()
+        if rig:
+            rig.close()
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -530,7 +547,7 @@ def run_case(case: Case, tmp: Path, fake, sshd) -> dict[str, Any]:
         "absent_ok": not any((run_dir / a).exists() or (run_dir / a).is_symlink() for a in case.absent),
         "teardown_warned": any("tearing down" in w for w in display.warnings), "run_dir": run_dir,
         "warnings": display.warnings, "teardown_confirmed": result.teardown_confirmed,
-        "store": store, "run_id": result.run_id, "tmp": tmp, "fake": fake,
+        "store": store, "run_id": result.run_id, "tmp": tmp, "fake": fake, "rig": rig,
     }
     if case.store_fault:   # the store could not record the end: the result says what happened
         got["status"], got["error"] = result.status, result.error or ""
