@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,57 @@ def test_an_ssh_that_fails_before_any_byte_falls_back_to_paramiko(make_runner, r
     assert runner.last_pull_transport == "paramiko"
     assert (tmp_path / "local" / "weights.bin").read_bytes() == b"weights"
     assert any("ssh could not stream" in m for m in messages)
+
+
+# The machine's python3: the first time, a part of the real stream and then silence (the sender hangs
+# with the channel open); afterwards the real sender.
+STALLING_PYTHON = r"""#!/bin/sh
+if [ ! -e MARK ]; then
+  PYTHON "$@" | head -c 200000
+  touch MARK
+  sleep 15
+  exit 0
+fi
+exec PYTHON "$@"
+"""
+
+
+def test_a_dead_peer_mid_stream_is_detected_by_ssh_keepalives(sshd, tcp_proxy, remote_root, known_hosts, tmp_path,
+                                                               ssh_spy):
+    """The connection goes silent after the first bytes: ssh's ServerAlive probes (the session's 1 s / 3 s
+    here) end it, and the pull reconnects and completes - instead of waiting out the 60 s stall limit."""
+    data = os.urandom(2**20)
+    _remote_file(remote_root, "run-bh", data)
+    mark = tmp_path / "stalled"
+    script = tmp_path / "stalling-python3"
+    script.write_text(STALLING_PYTHON.replace("PYTHON", sys.executable).replace("MARK", str(mark)))
+    script.chmod(0o755)
+
+    class Stalling(SSHRunner):
+        _PULL_PYTHONS = (str(script),)
+
+    proxy = tcp_proxy(sshd)
+    messages: list[str] = []
+    runner = Stalling(proxy.host, proxy.port, sshd.user, sshd.client_key, known_hosts, remote_root=str(remote_root),
+                      connect_timeout_s=20, alive_interval_s=1, dead_after_s=3, log=messages.append)
+
+    def cut_when_stalled() -> None:
+        for _ in range(300):
+            if mark.exists():
+                proxy.blackhole()  # the open connections (paramiko's and ssh's) go silent; new ones work
+                return
+            threading.Event().wait(0.05)
+
+    with runner:
+        runner.connect()
+        cutter = threading.Thread(target=cut_when_stalled, daemon=True)
+        cutter.start()
+        got = runner.pull("run-bh", "out/weights.bin", tmp_path / "local")
+        cutter.join(1)
+    assert got == [tmp_path / "local" / "weights.bin"]
+    assert (tmp_path / "local" / "weights.bin").read_bytes() == data
+    assert runner.last_pull_transport == "openssh"
+    lost = [m for m in messages if "connection lost while pulling" in m]
+    assert lost and "closed mid-stream" in lost[0], messages
+    call = ssh_spy()[0]["argv"]
+    assert "ServerAliveInterval=1" in call and "ServerAliveCountMax=3" in call

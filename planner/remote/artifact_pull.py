@@ -298,7 +298,8 @@ class PullSteps:
             try:
                 self.last_pull_transport = "openssh"
                 return self._verified_stream(rel, staging, lambda: OpenSSHStream(
-                    self._target, self._default_alias, command, deadline, stall_s=_STALL_S, stderr_max=_STDERR_MAX))
+                    self._target, self._default_alias, command, deadline, stall_s=_STALL_S, stderr_max=_STDERR_MAX,
+                    alive_interval_s=self.alive_interval_s, dead_after_s=self.dead_after_s))
             except OpenSSHFailed as exc:
                 self._openssh_off = f"ssh failed: {exc}"
                 self.log(f"ssh could not stream {rel} from {self.host} ({exc}); using paramiko from now on")

@@ -79,9 +79,12 @@ def known_hosts_text(alias: str, keys: list[paramiko.PKey]) -> str:
     return "".join(f"{alias} {key.get_name()} {key.get_base64()}\n" for key in keys)
 
 
-def ssh_argv(target: Target, default_alias: str, known_hosts: Path, log_file: Path, command: str) -> list[str]:
-    """The ssh command line: batch mode, only the pinned key accepted, keepalives that detect a dead peer."""
-    dead_count = max(1, round(DEAD_AFTER_S / ALIVE_INTERVAL_S))
+def ssh_argv(target: Target, default_alias: str, known_hosts: Path, log_file: Path, command: str, *,
+             alive_interval_s: float = ALIVE_INTERVAL_S, dead_after_s: float = DEAD_AFTER_S) -> list[str]:
+    """The ssh command line: batch mode, only the pinned key accepted, keepalives that detect a dead peer
+    (the session's own interval and dead-after, as its paramiko watchdog uses)."""
+    interval = max(1, round(alive_interval_s))
+    dead_count = max(1, round(dead_after_s / interval))
     argv = [
         "ssh", "-F", "none", "-T", "-n", "-x", "-a", "-E", str(log_file),
         "-o", "BatchMode=yes",
@@ -100,7 +103,7 @@ def ssh_argv(target: Target, default_alias: str, known_hosts: Path, log_file: Pa
         "-o", "ControlPath=none",
         "-o", "ConnectionAttempts=1",
         "-o", f"ConnectTimeout={_CONNECT_TIMEOUT_S}",
-        "-o", f"ServerAliveInterval={max(1, round(ALIVE_INTERVAL_S))}",
+        "-o", f"ServerAliveInterval={interval}",
         "-o", f"ServerAliveCountMax={dead_count}",
         "-o", "Compression=no",
         # AES-GCM first (hardware AES; OpenSSH's default chacha20 is slower here), the defaults after.
@@ -120,7 +123,8 @@ class OpenSSHStream:
     pull's deadline and stall limit; stderr (the manifest) is collected by a thread, capped at `stderr_max`."""
 
     def __init__(self, target: Target, default_alias: str, command: str, deadline: float, *,
-                 stall_s: float, stderr_max: int):
+                 stall_s: float, stderr_max: int, alive_interval_s: float = ALIVE_INTERVAL_S,
+                 dead_after_s: float = DEAD_AFTER_S):
         self.target, self.deadline, self.stall_s, self.stderr_max = target, deadline, stall_s, stderr_max
         self.received = 0
         self.parts: list[bytes] = []
@@ -134,7 +138,8 @@ class OpenSSHStream:
                 fh.write(known_hosts_text(target.alias, target.pins.pinned(target.alias)))
             self.log_file = self._dir / "ssh.log"
             self.proc = subprocess.Popen(
-                ssh_argv(target, default_alias, known, self.log_file, command),
+                ssh_argv(target, default_alias, known, self.log_file, command,
+                         alive_interval_s=alive_interval_s, dead_after_s=dead_after_s),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
             )
         except OSError as exc:  # ssh vanished since it was looked up, or cannot be run
