@@ -1,12 +1,14 @@
 """Pull a file or folder of a run back from the machine: one verified stream, swapped into place only
 after it checked out, never replacing a verified copy with less, always within a hard time bound.
 
-One exec channel carries a tar stream, written by a small Python sender that hashes each file in the
-same pass and hands it to sshd with zero-copy sendfile (pull_scripts.SENDER_PY); the sha256 manifest
+One remote command writes a tar stream, from a small Python sender that hashes each file in the same
+pass and hands it to sshd with zero-copy sendfile (pull_scripts.SENDER_PY); the sha256 manifest
 follows on stderr. Locally the stream is extracted safely while hashing (safe_extract), then checked
-against that manifest. The channel uses a 64 MiB window and 1 MiB packets: far fewer packets for
-paramiko's Python loop (benchmarks/transfer.py on a quiet 2-core loopback: 0.9-1.1x OpenSSH scp,
-which verifies nothing; ~2.1-2.4x `sftp.get`).
+against that manifest. The command runs through the system `ssh` client where it can be used
+(openssh_pull.py: only the pinned host key accepted), else through a paramiko exec channel with a
+64 MiB window and 1 MiB packets; both feed the same extraction and checks. benchmarks/transfer.py on
+the shared 2-core loopback (load ~5): ssh 0.89x OpenSSH scp (paired median), paramiko 0.68x; scp
+verifies nothing. FTPLAN_PULL_TRANSPORT=paramiko (or the runner's `pull_transport`) turns ssh off.
 
 A mixin of SSHRunner (it uses the runner's connection, run dirs, log and time budget).
 """

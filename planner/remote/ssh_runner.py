@@ -12,7 +12,8 @@ Design choices (measured in the project's SSH research):
   unreachable and every further call fails at once, so terminate is reached in seconds;
 - the job starts in a login shell (`bash -lc`) so conda/pyenv/`/opt` pythons set up by the image's
   profile are found; `preflight()` waits for cloud-init and for the GPU driver first;
-- artifacts come back through artifact_pull.py (one verified stream per pull);
+- artifacts come back through artifact_pull.py (one verified stream per pull, through the system ssh
+  client when there is one: openssh_pull.py);
 - secrets travel only inside a 0600 file written over SFTP, never on a command line, and
   `remove_secrets()` deletes it from machines ftplan does not own.
 """
