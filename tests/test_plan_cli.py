@@ -67,7 +67,13 @@ def test_table_output_marks_frontier_and_lists_rejections(capsys):
     assert sum(1 for line in lines if line.lstrip()[:2] in {f"{i} " for i in range(1, 6)}) == 5
     assert any(line.rstrip().endswith("*") for line in lines)
     assert "rejected (cheapest first):" in out
-    assert "has no bf16" in out  # T4s are rejected for a bf16 job, with the fix named
+    assert "has no bf16" not in out  # T4s are planned in fp16, as the launched job runs them
+
+
+def test_gpus_without_bf16_are_planned_in_fp16(capsys):
+    data = plan_json(capsys, "--gpu", "T4", "--top", "3")
+    assert data["offers"], data
+    assert all(o["strategy"].endswith("fp16") for o in data["offers"])
 
 
 def test_filters_apply(capsys):

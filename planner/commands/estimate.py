@@ -236,7 +236,7 @@ def _print_table(req, rows) -> None:
         click.echo(f"{name:<20} {est.gpu.usable_gib:>6.1f} {est.memory.total:>7.1f} {fits:>5} "
                    f"{_signed(est.headroom_gib):>9} {est.tokens_per_s:>10,.0f} {_fmt_hours(est.hours):>9}")
     if marked:
-        click.echo("* no bf16 on this GPU: estimated as fp16-mixed (plan needs --precision fp16-mixed)")
+        click.echo("* no bf16 on this GPU: estimated as fp16-mixed (as plan and launch do)")
     click.echo(loss_note(req.loss))
 
 

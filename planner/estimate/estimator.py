@@ -52,14 +52,14 @@ def estimate(req: EstimateRequest, gpu: GPU, gpu_count: int = 1) -> Estimate:
         raise UserError(f"--gpus must be a positive number, got {gpu_count}")
     fallback = req.precision.startswith("bf16") and not gpu.supports_bf16
     if fallback:
-        # What a job on this card runs: fp16 autocast with fp32 masters (plan needs --precision fp16-mixed).
+        # What a job on this card runs: fp16 autocast with fp32 masters (as plan and launch do).
         req = replace(req, precision="fp16-mixed")
     mem = estimate_memory(req, gpu_count)
     notes = list(mem.notes)
     usable = gpu.usable_gib
     fits = mem.total <= usable
     if fallback:
-        notes.append(f"{gpu.name} has no bf16: estimated as fp16-mixed (plan needs --precision fp16-mixed)")
+        notes.append(f"{gpu.name} has no bf16: estimated as fp16-mixed (as plan and launch do)")
     if req.method == "qlora" and gpu.vendor != "NVIDIA":
         notes.append(f"bitsandbytes 4-bit support on {gpu.vendor} GPUs is experimental")
     tps = tokens_per_second(req, gpu, gpu_count)

@@ -663,13 +663,15 @@ def estimate_evaluators(request: EstimateRequest, headroom: float = 0.10,
     tokens = training_tokens(request)
     if tokens is None:
         raise UserError("planning needs the dataset size: pass --dataset FILE or --dataset-tokens N")
-    zero3 = replace(request, zero=3)
-    peaks: dict[tuple[int, bool], float] = {}
+    # GPUs without bf16 (T4, V100, P100, K80) run the job in fp16 autocast (as `estimate` and the launched job
+    # do), so they are estimated that way rather than rejected.
+    fp16 = replace(request, precision="fp16-mixed") if request.precision.startswith("bf16") else request
+    peaks: dict[tuple[str, int, bool], float] = {}
 
-    def peak(count: int, sharded: bool) -> float:
-        key = (count, sharded)
+    def peak(req: EstimateRequest, count: int, sharded: bool) -> float:
+        key = (req.precision, count, sharded)
         if key not in peaks:
-            peaks[key] = estimate_memory(zero3 if sharded else request, count).total
+            peaks[key] = estimate_memory(replace(req, zero=3) if sharded else req, count).total
         return peaks[key]
 
     def card(gpu_name: str):
@@ -680,17 +682,16 @@ def estimate_evaluators(request: EstimateRequest, headroom: float = 0.10,
             return Need(reason=f"{gpu_name} is not in the GPU table")
         if gpu.vendor != "NVIDIA":
             return Need(reason=f"{gpu.name} is a {gpu.vendor} GPU; the training job needs CUDA")
-        if request.precision.startswith("bf16") and not gpu.supports_bf16:
-            return Need(reason=f"{gpu.name} has no bf16; pass --precision fp16-mixed to consider it")
         return gpu
 
     def need(gpu, count: int, link_gpu=None, bound: str = "") -> Need:
-        req = request
-        total = peak(count, False)
+        base = request if gpu.supports_bf16 else fp16
+        req = base
+        total = peak(base, count, False)
         if (count > 1 and request.zero is None and request.resolved_zero(count) != 3
                 and total * (1 + headroom) > gpu.usable_gib):
-            req = zero3
-            total = peak(count, True)
+            req = replace(base, zero=3)
+            total = peak(base, count, True)
         tps = tokens_per_second(req, link_gpu or gpu, count)
         corr = (corrections or {}).get(gpu.name.lower())
         if corr is not None:
@@ -698,7 +699,8 @@ def estimate_evaluators(request: EstimateRequest, headroom: float = 0.10,
             total *= corr.memory_factor or 1.0
         hours = tokens / tps / 3600
         return Need(peak_gib=total, train_hours=hours, usable_gib=gpu.usable_gib,
-                    strategy=_strategy(count, req.resolved_zero(count)), bounding_link=bound)
+                    strategy=_strategy(count, req.resolved_zero(count)) + ("" if base is request else " fp16"),
+                    bounding_link=bound)
 
     def evaluate(gpu_name: str, count: int) -> Need:
         gpu = card(gpu_name)
