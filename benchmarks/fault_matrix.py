@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/fault_matrix.py
 
-Starts its own sshd on 127.0.0.1 and the fake Lambda API server; prints one line per case
+Starts its own sshd on 127.0.0.1, the fake Lambda API server, moto's EC2 server and the fake Compute server
+(the first-contact cases of tests/test_first_contact_matrix.py and the adapter cases of
+tests/test_first_contact_adapters.py run here too); prints one line per case
 (case, outcome, instances left, seconds, teardown seconds) and ends with `key: value` lines: `cases: N`,
 `leaked_instances: 0` when every path ended with the instance terminated, and `max_teardown_s` (from the
 teardown phase's start to the run's end, measured; `max_teardown_unreachable_s` for the cases whose machine
@@ -21,8 +23,57 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import test_fault_matrix as fm  # noqa: E402
+import test_first_contact_adapters as fa  # noqa: E402
+import test_first_contact_matrix as fc  # noqa: E402
 from fakes.lambda_api import shared_fake_lambda  # noqa: E402
 from sshd_fixture import SSHD  # noqa: E402
+
+_STOP: list = []
+
+
+def _adapter_cases(work: Path) -> list:
+    """moto's EC2 and the fake Compute, set up as the tests' fixtures do (planted credentials, ADC)."""
+    import json
+
+    import pytest
+    from fakes.aws_moto import MotoEC2, isolate_aws_env
+    from fakes.gcp_compute import FakeCompute
+
+    mp = pytest.MonkeyPatch()
+    _STOP.append(mp.undo)
+    (work / "aws-home").mkdir()
+    isolate_aws_env(mp, work / "aws-home", "AKIABENCH00000000001", "planted/bench+secret+000000000000000000")
+    moto = MotoEC2().start()
+    _STOP.append(moto.stop)
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto.url)
+    adc = work / "adc.json"
+    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "ftplan-bench.apps.googleusercontent.com",
+                               "client_secret": "planted", "refresh_token": "planted",
+                               "token": "ya29.planted-bench-token", "expiry": "2099-01-01T00:00:00Z"}))
+    mp.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    mp.setenv("GOOGLE_CLOUD_PROJECT", fa.PROJECT)
+
+    def aws(fn):
+        def run(tmp, sshd):
+            moto.reset()
+            return fn(tmp, moto, ec2, sshd)
+        return run
+
+    def gcp(tmp, sshd):
+        fake = FakeCompute()
+        fake.start()
+        try:
+            return fa.gcp_reservation_only_next(tmp, fake, sshd)
+        finally:
+            fake.stop()
+
+    return [("aws: EC2 hides the new instance (2 calls) and group (1)", aws(fa.aws_hidden_instance)),
+            ("aws: type not offered here -> next offer", aws(fa.aws_not_offered_next)),
+            ("aws: billing refusal stops, names the page", aws(fa.aws_billing_refused)),
+            ("gcp: on-demand A3 High 1g refused -> next offer", gcp),
+            ("local: nothing listening", fa.local_nothing_listening)]
 
 
 def main() -> int:
@@ -36,7 +87,7 @@ def main() -> int:
     unreachable_s: list[float] = []
     t_all = time.monotonic()
     try:
-        for i, case in enumerate(fm.cases()):
+        for i, case in enumerate(fm.cases() + fc.first_contact_cases()):
             tmp = work / f"case{i}"
             tmp.mkdir()
             got = fm.run_case(case, tmp, fake, sshd)
@@ -64,6 +115,19 @@ def main() -> int:
             failures += bool(got["problems"])
             rows.append((name, got.get("status", "-"), left, time.monotonic() - t0, 0.0,
                          "ok" if not got["problems"] else "; ".join(got["problems"])))
+        for name, fn in _adapter_cases(work):
+            tmp = work / name.split(":")[0].replace(" ", "-")
+            tmp.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=tmp))
+            try:
+                got = fn(tmp, sshd)
+                problems = fa.verdict(got)
+            except Exception as exc:  # noqa: BLE001 - a crashed check is a failed check
+                got, problems = {"status": "-", "live_instances": 0, "seconds": 0.0}, [f"{type(exc).__name__}: {exc}"]
+            leaked += got["live_instances"]
+            failures += bool(problems)
+            rows.append((name, got["status"], got["live_instances"], got["seconds"], 0.0,
+                         "ok" if not problems else "; ".join(problems)))
         tmp = work / "kill9"
         tmp.mkdir()
         t0 = time.monotonic()
@@ -75,6 +139,8 @@ def main() -> int:
                      time.monotonic() - t0, 0.0, "ok" if ok else f"unexpected: {k}"))
     finally:
         sshd.stop()
+        for stop in _STOP:
+            stop()
     width = max(len(r[0]) for r in rows)
     print(f"{'case':<{width}}  {'outcome':<22} {'left':>4} {'seconds':>8} {'teardown':>8}  check")
     for name, status, left, secs, down, verdict in rows:
