@@ -122,7 +122,8 @@ sys.stdout.buffer.write(data)
 """
 
 
-def test_a_tampered_stream_through_openssh_fails_verification(sshd, remote_root, known_hosts, tmp_path, ssh_spy):
+@pytest.mark.parametrize("transport", ["openssh", "paramiko"])
+def test_a_tampered_stream_fails_verification(transport, sshd, remote_root, known_hosts, tmp_path, ssh_spy):
     _remote_file(remote_root, "run-flip", os.urandom(2**20))
     script = tmp_path / "tampering-python3"
     script.write_text(TAMPERING_PYTHON.replace("PYTHON", sys.executable))
@@ -132,12 +133,12 @@ def test_a_tampered_stream_through_openssh_fails_verification(sshd, remote_root,
         _PULL_PYTHONS = (str(script),)
 
     with Tampered(sshd.host, sshd.port, sshd.user, sshd.client_key, known_hosts, remote_root=str(remote_root),
-                  connect_timeout_s=20) as runner:
+                  connect_timeout_s=20, pull_transport=transport) as runner:
         runner.connect()
         with pytest.raises(IntegrityError, match=r"different \['weights.bin'\]\); gave up after 2 attempts"):
             runner.pull("run-flip", "out/weights.bin", tmp_path / "local", attempts=2)
-        assert runner.last_pull_transport == "openssh"
-    assert len(ssh_spy()) == 2
+        assert runner.last_pull_transport == transport
+    assert len(ssh_spy()) == (2 if transport == "openssh" else 0)
     assert list((tmp_path / "local").iterdir()) == []
 
 

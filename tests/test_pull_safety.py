@@ -62,12 +62,16 @@ def _hostile_machine(tmp_path: Path, stream: bytes, manifest: dict[str, str]) ->
     return Hostile
 
 
-@pytest.fixture
-def pulled(make_runner, sshd, remote_root, known_hosts, tmp_path):
-    """A verified local copy of out/ made by an honest pull, and a factory of hostile machines."""
+@pytest.fixture(params=["openssh", "paramiko"])
+def pulled(request, make_runner, sshd, remote_root, known_hosts, tmp_path, monkeypatch):
+    """A verified local copy of out/ made by an honest pull, and a factory of hostile machines; each test
+    runs with the stream carried by the system ssh client and by paramiko (the fallback)."""
+    monkeypatch.setenv("FTPLAN_PULL_TRANSPORT", request.param)
     _remote_run(remote_root, "run-safe")
     local = tmp_path / "runs"
-    make_runner().pull("run-safe", "out", local)
+    honest = make_runner()
+    honest.pull("run-safe", "out", local)
+    assert honest.last_pull_transport == request.param
     assert (local / "out" / "adapter" / "weights.bin").read_bytes() == b"w" * 5000
     runners: list[SSHRunner] = []
 
