@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from ftplan.planner.remote.ssh_runner import HostKeyChangedError, IntegrityError, SSHRunner
@@ -237,3 +238,27 @@ def test_a_dead_peer_mid_stream_is_detected_by_ssh_keepalives(sshd, tcp_proxy, r
     assert lost and "closed mid-stream" in lost[0], messages
     call = ssh_spy()[0]["argv"]
     assert "ServerAliveInterval=1" in call and "ServerAliveCountMax=3" in call
+
+
+def test_no_ssh_before_a_host_key_is_pinned_or_for_a_name_ssh_would_misread(tmp_path, ssh_spy):
+    """ssh is only ever given a key ftplan pinned after a login; an alias with known_hosts pattern
+    characters (which ssh would read as a wildcard) keeps the pull on paramiko."""
+    from ftplan.planner.remote.openssh_pull import stream_unavailable
+    from ftplan.planner.remote.ssh_connect import PinStore, Target
+
+    pins = PinStore(tmp_path / "known_hosts")
+    target = Target("127.0.0.1", 2222, "ubuntu", tmp_path / "id", pins, "[127.0.0.1]:2222")
+    assert stream_unavailable(target, "[127.0.0.1]:2222") == "no host key pinned yet"
+    key = paramiko.Ed25519Key.from_private_key_file(str(_keygen(tmp_path / "hk")))
+    pins.pin("[127.0.0.1]:2222", key)
+    assert stream_unavailable(target, "[127.0.0.1]:2222") is None
+    pins.pin("aws/i-*", key)
+    wild = Target("127.0.0.1", 2222, "ubuntu", tmp_path / "id", pins, "aws/i-*")
+    assert "not one ssh reads verbatim" in stream_unavailable(wild, "[127.0.0.1]:2222")
+    dash = Target("-oProxyCommand=x", 22, "ubuntu", tmp_path / "id", pins, "[127.0.0.1]:2222")
+    assert "host or user" in stream_unavailable(dash, "-oProxyCommand=x")
+
+
+def _keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
