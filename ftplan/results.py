@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from ftplan.planner.estimate.estimator import Estimate
     from ftplan.planner.estimate.memory import MemoryEstimate
-    from ftplan.planner.pricing.optimizer import RankedOffer, Rejected
+    from ftplan.planner.pricing.plan_result import RankedOffer, Rejected
 
 
 @dataclass

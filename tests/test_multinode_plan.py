@@ -10,6 +10,7 @@ from cli_helpers import ftplan as ftplan_cli
 
 from ftplan.planner.estimate.estimator import EstimateRequest
 from ftplan.planner.estimate.models import resolve_model
+from ftplan.planner.pricing import evaluators
 from ftplan.planner.pricing import optimizer as opt
 from ftplan.planner.pricing.offers import OfferTable
 
@@ -136,7 +137,7 @@ def test_evaluator_shards_memory_over_every_node_and_names_the_link():
 
     req = EstimateRequest(model=resolve_model("llama3.1-70b"), method="full", seq_len=2048, batch_size=1,
                           dataset_tokens=100_000_000)
-    evaluate, evaluate_nodes = opt.estimate_evaluators(req)
+    evaluate, evaluate_nodes = evaluators.estimate_evaluators(req)
     one = evaluate("H100", 8)
     three = evaluate_nodes("H100", 8, 3, node_network("aws", "p5.48xlarge"))
     assert three.peak_gib < one.peak_gib / 2 and three.strategy == "zero3"

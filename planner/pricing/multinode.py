@@ -27,7 +27,7 @@ MAX_EXTRA = 0.10  # a faster multi-node candidate may cost this much more than t
 def families(table) -> list:
     """Rows of the multi-node instance types, grouped like optimizer.group_rows but per instance type
     (each type has its own network); cached on the table."""
-    from ftplan.planner.pricing.optimizer import _Group
+    from ftplan.planner.pricing.plan_result import _Group
 
     cached = getattr(table, "_mn_families", None)
     if cached is not None:
