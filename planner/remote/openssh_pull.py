@@ -154,6 +154,8 @@ class OpenSSHStream:
                 fcntl.fcntl(self._out, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
             except OSError:  # above the system's pipe-max-size: 64 KiB reads then
                 pass
+        self._poll = select.poll()
+        self._poll.register(self._out, select.POLLIN)
         self._stderr = threading.Thread(target=self._collect, name="ftplan-pull-ssh-stderr", daemon=True)
         self._stderr.start()
 
@@ -171,8 +173,7 @@ class OpenSSHStream:
         if now > self.deadline:
             raise TimeoutError("the pull's time limit was reached")
         wait = max(0.0, min(self.stall_s, self.deadline - now))
-        ready, _, _ = select.select([self._out], [], [], wait)
-        if not ready:
+        if not self._poll.poll(wait * 1000):  # poll, not select: no FD_SETSIZE limit in a busy process
             raise TimeoutError(f"no data from ssh for {wait:.0f}s")
         data = os.read(self._out, size)
         if not data and self.received == 0:
