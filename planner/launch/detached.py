@@ -51,6 +51,18 @@ class DetachSteps:
             env["FTPLAN_WATCHDOG_BUCKET"] = f"{p.bucket.rstrip('/')}/{self.run_id}"
         return env
 
+    def _training_started(self, inst: Any) -> bool:
+        """`--detach` returns once the job wrote its first heartbeat (setup done, training under way), so a job
+        that fails at once is still seen, pulled and torn down by this launcher. False: the job already ended."""
+        runner = self.runner
+        self.display.phase("uploading", "waiting for the first training step before detaching")
+        while True:
+            if self._call_runner(lambda: runner.read_json(self.run_id, "out/heartbeat.json"), inst):
+                return True
+            if not self._call_runner(lambda: runner.is_running(self.run_id), inst):
+                return False
+            time.sleep(self.plan.poll_interval_s)
+
     def _detach(self, inst: Any) -> str:
         """`--detach`: training started; leave the machine to its watchdog and on-instance deadline."""
         self._enter("training", "training (detached)")

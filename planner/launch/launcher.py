@@ -177,7 +177,7 @@ class Launcher(ArtifactSteps, TeardownSteps, DetachSteps):
                 self._connect(row, inst, endpoint, key_path)
                 self._enter("uploading", f"shipping the job to {endpoint.host}")
                 self._upload(bundle, resume)
-                if p.detach:
+                if p.detach and self._training_started(inst):
                     return self._detach(inst)
                 outcome = self._train(row, inst, offer)
                 self._enter("pulling", "pulling artifacts back")
