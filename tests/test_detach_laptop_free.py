@@ -205,3 +205,57 @@ def test_real_job_detached_adapter_comes_back_from_the_bucket_and_loads(tmp_path
         assert weights and any("lora_A" in k for k in weights)
     finally:
         stop_leftover_jobs(tmp_path / "remote")
+
+
+def detached_launch(tmp_path: Path, fake, sshd, s3, fault: dict, *, budget: float = 5) -> tuple[subprocess.CompletedProcess, Path, Path, dict]:
+    """`ftplan launch --detach --bucket s3://runs/ftplan` in its own process, with the stand-in job."""
+    powered = tmp_path / "powered_off"
+    job, fault_file = stub_files(tmp_path, fault)
+    cfg = write_project(tmp_path, fake, sshd, job, fault_file)
+    text = cfg.read_text().replace("budget_usd = 5\n", f"budget_usd = {budget}\n", 1)
+    cfg.write_text(text.replace("[launch]\n", f'[launch]\npoweroff_cmd = "touch {powered}"\n{BUCKET_ENV}\n', 1))
+    store = tmp_path / "runs.sqlite3"
+    env = {**os.environ, LAMBDA_KEY_ENV: fake.api_key, "PYTHONPATH": str(ROOT), **s3["laptop"], **s3["scoped"]}
+    fake.ssh_host = "127.0.0.1"
+    launch = subprocess.run(
+        [*FTPLAN_PROCESS, "launch", "--config", str(cfg), "--identity", str(sshd.client_key), "--yes", "--json",
+         "--detach", "--bucket", "s3://runs/ftplan", "--grace-minutes", str(GRACE_MIN), "--store", str(store),
+         "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return launch, store, powered, env
+
+
+def test_a_job_that_fails_at_once_is_not_detached_but_pulled_and_torn_down(tmp_path, fake_lambda, sshd, s3):  # noqa: F811
+    try:
+        launch, store, _, _ = detached_launch(tmp_path, fake_lambda, sshd, s3, {"fail_at": 1})
+        result = json.loads(launch.stdout)
+        assert launch.returncode == 1 and result["status"] == "failed", launch.stderr[-2000:]
+        assert "injected failure" in result["error"]
+        assert len(fake_lambda.live_instances()) == 0
+    finally:
+        stop_leftover_jobs(tmp_path / "remote")
+
+
+def test_over_budget_with_no_launcher_alive_stops_at_a_checkpoint_that_reaches_the_bucket(
+        tmp_path, fake_lambda, sshd, s3):  # noqa: F811
+    """A slow job ($0.75/h, 80 s of steps left) on a $0.01 budget (48 s): the watchdog, not a launcher, stops it."""
+    try:
+        launch, store, powered, env = detached_launch(tmp_path, fake_lambda, sshd, s3,
+                                                      {"steps": 400, "step_s": 0.2}, budget=0.01)
+        assert launch.returncode == 0, launch.stderr[-2000:]
+        run_id = json.loads(launch.stdout)["run_id"]
+        wait_for(powered.exists, 180, "the watchdog's power-off command")
+        status = json.loads((tmp_path / "remote" / run_id / "watchdog.json").read_text())
+        stops = [a for a in status["actions"] if a["action"] == "stop_requested"]
+        assert stops and "budget" in stops[0]["reason"]
+        assert status["spent_usd"] <= status["budget_usd"]
+        keys = bucket_keys(s3["laptop"], f"ftplan/{run_id}/final/")
+        assert any(k.endswith("/COMPLETE") and "/checkpoints/checkpoint-" in k for k in keys), keys
+        pull = subprocess.run([*FTPLAN_PROCESS, "pull", run_id, "--store", str(store), "--dest",
+                               str(tmp_path / "pulled")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert pull.returncode == 0, pull.stderr
+        summary = json.loads((tmp_path / "pulled" / "summary.json").read_text())
+        assert summary["status"] == "stopped" and summary["steps"] < 400
+    finally:
+        stop_leftover_jobs(tmp_path / "remote")
