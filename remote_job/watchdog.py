@@ -3,6 +3,7 @@
 Started by bootstrap.sh beside training (detached, standard library only), it reads the job's heartbeat and
   * stops training at a checkpoint (the STOP file) when the measured rate projects past the budget: the same
     rule as the launcher's guard (ftplan.planner.launch.budget), so whichever sees it first acts;
+  * uploads each complete checkpoint to `<bucket>/checkpoints/` as the job makes it;
   * on a spot interruption notice (AWS IMDSv2 `spot/instance-action`, GCP metadata `instance/preempted`)
     asks for a checkpoint at once and uploads it when it appears;
   * once training has ended, waits `--grace-minutes` for a launcher to pull (the launcher writes
@@ -143,6 +144,11 @@ class Watchdog:
                 self.state = "preempted"
                 self.request_stop(notice)
                 self.upload_latest_checkpoint()
+            elif self.a.bucket:   # checkpoints reach the bucket as they are made: a lost machine loses little
+                ckpt = job_bucket.latest_checkpoint(self.out_dir)
+                if ckpt and ckpt != self.uploaded_checkpoint:
+                    self.upload(ckpt, "checkpoints/" + os.path.basename(ckpt))
+                    self.uploaded_checkpoint = ckpt
             return True
         if self.state not in ("finished", "uploaded"):
             self.state = "finished"

@@ -110,8 +110,11 @@ def test_detached_run_uploads_to_the_bucket_powers_off_and_pulls_verified(tmp_pa
         remote = tmp_path / "remote" / run_id
         wait_for(powered.exists, 120, "the watchdog's power-off command")
         status = json.loads((remote / "watchdog.json").read_text())
-        actions = [a["action"] for a in status["actions"]]
+        actions = [a["action"] + ("" if a.get("what") in (None, "final") else ":" + a["what"])
+                   for a in status["actions"]]
         assert actions.index("training_ended") < actions.index("uploaded") < actions.index("power_off")
+        # checkpoints went up as they were made, before training ended
+        assert any(a.startswith("uploaded:checkpoints/") for a in actions[:actions.index("training_ended")])
         assert status["actions"][-1]["reason"] == "no launcher pulled within the grace period"
         assert f"ftplan/{run_id}/final/MANIFEST.sha256.json" in bucket_keys(s3["laptop"], f"ftplan/{run_id}/")
         assert status["spent_usd"] <= status["budget_usd"] == 5

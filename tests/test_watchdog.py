@@ -255,3 +255,28 @@ def test_a_tampered_fetch_keeps_the_earlier_good_copy(tmp_path, s3):
         job_bucket.download_tree("s3://runs/t/final", str(dest))
     assert (dest / "a.bin").read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".partial-")] == []
+
+
+def test_checkpoints_reach_the_bucket_as_they_are_made(tmp_path, s3):
+    run = make_run(tmp_path, {"step": 2, "total_steps": 100, "elapsed_s": 2})
+    proc = start(run, "--price-hour", "1", "--bucket", "s3://runs/run-5", "--poweroff-cmd", "", env=s3)
+    try:
+        for step in (2, 4):
+            ckpt = run / "out" / "checkpoints" / f"checkpoint-{step}"
+            ckpt.mkdir(parents=True)
+            (ckpt / "adapter_model.safetensors").write_bytes(os.urandom(64))
+            (ckpt / "COMPLETE").write_text("")
+            assert wait_for(lambda s=step: (run / "watchdog.json").exists() and any(
+                a.get("what") == f"checkpoints/checkpoint-{s}" for a in status(run)["actions"]))
+        half = run / "out" / "checkpoints" / "checkpoint-6"   # still being written: no COMPLETE yet
+        half.mkdir()
+        (half / "adapter_model.safetensors").write_bytes(b"partial")
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+    import boto3
+
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="runs")["Contents"]}
+    assert {"run-5/checkpoints/checkpoint-2/MANIFEST.sha256.json",
+            "run-5/checkpoints/checkpoint-4/MANIFEST.sha256.json"} <= keys
+    assert not any(k.startswith("run-5/checkpoints/checkpoint-6/") for k in keys)
