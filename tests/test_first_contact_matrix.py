@@ -194,10 +194,13 @@ def first_contact_cases() -> list[Case]:
         Case("ssh: black hole that recovers within the grace", "succeeded", rig=BlackholeThatRecovers,
              fault={"steps": 30, "step_s": 0.1}, expect_artifacts=("out/summary.json",)),
         Case("preflight: GPU offer without nvidia-smi", "failed", rig=GPUWithoutDriver, expect_error="nvidia-smi"),
-        *[Case(f"pull: hostile out/ ({kind})", ("succeeded", "failed"), rig=hostile_machine(kind), fault=quick,
-               verify=_nothing_escaped) for kind in HOSTILE_STREAMS],
-        Case("pull: out/ missing on the machine", ("succeeded", "failed"), fault={**quick, "rm_out": True}),
-        Case("pull: out/ empty on the machine", ("succeeded", "failed"), fault={**quick, "empty_out": True}),
+        # A stream the extractor refuses fails the run with the reason (nothing written); the machine goes.
+        *[Case(f"pull: hostile out/ ({kind})", "failed", rig=hostile_machine(kind), fault=quick,
+               expect_error="refused artifact out", verify=_nothing_escaped) for kind in HOSTILE_STREAMS],
+        Case("pull: out/ missing on the machine", "failed", fault={**quick, "rm_out": True},
+             expect_error="out does not exist"),
+        Case("pull: out/ empty on the machine", "failed", fault={**quick, "empty_out": True},
+             expect_error="no summary"),
     ]
 
 
