@@ -185,6 +185,7 @@ class Cloud:
         return any(i.get("status") == "RUNNING" for (_, _, name), i in self.fake.instances.items() if name == inst["id"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cloud_name", ["aws", "gcp"])
 def test_attach_after_a_network_change_moves_the_rule_with_consent_and_reconnects(cloud_name, request, tmp_path, sshd,
                                                                                    monkeypatch):
