@@ -272,3 +272,12 @@ def test_a_configured_ssh_cidr_that_is_not_a_cidr_is_a_one_line_error(tmp_path, 
                    'ssh_cidr = "my office"\n')
     line = error_line(capsys, "launch", "--config", str(cfg), "--dry-run")
     assert "ssh_cidr" in line and "'my office' is not a CIDR block such as 203.0.113.0/24" in line
+
+
+def test_ssh_cidr_flag_that_is_not_a_cidr_is_a_one_line_error(tmp_path, capsys):
+    from cli_helpers import error_line
+
+    cfg = tmp_path / "ftplan.toml"
+    cfg.write_text(f'[job]\ndataset = "{EXAMPLE}"\n[launch]\nproviders = ["aws"]\nbudget_usd = 5\n')
+    line = error_line(capsys, "launch", "--config", str(cfg), "--ssh-cidr", "10.0.0.300/8", "--dry-run")
+    assert line == "error: invalid value for ssh-cidr: Value error, '10.0.0.300/8' is not a CIDR block such as 203.0.113.0/24"
