@@ -130,3 +130,17 @@ def test_table_lists_each_physical_card_once():
     assert len(names) == len(set(names))
     mems = [g.usable_mib for g in table_gpus()]
     assert mems == sorted(mems)
+
+
+@pytest.mark.parametrize("xdg", [None, "/tmp/ftplan-xdg", "relative/ignored", ""])
+def test_cache_dir_equals_platformdirs(monkeypatch, xdg):
+    """The cold-start path reads the XDG rule itself; it must stay what platformdirs says."""
+    import platformdirs
+
+    from ftplan.planner.estimate.gpus import user_cache_dir
+
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert user_cache_dir() == platformdirs.user_cache_dir("ftplan")
