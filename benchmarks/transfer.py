@@ -12,13 +12,15 @@ verification), so that all see the same warm page cache and machine load. Throug
 time; the median of the repetitions is reported. Ends with `key: value` lines: the load average before
 and after, pull_mib_s (the default transport), pull_openssh_mib_s, pull_paramiko_mib_s, scp_mib_s,
 sftp_get_mib_s, ratio_vs_scp (the default transport's) and, per transport, the median and range of the
-ratios to the scp of the same repetition (paired: less sensitive to a shared machine's load).
+ratios to the scp of the same repetition (paired: less sensitive to a shared machine's load), and the
+local CPU seconds per GiB each transport cost (this process plus its ssh client).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,6 +48,12 @@ def make_random_file(path: Path, mib: int) -> None:
             fh.write(os.urandom(MIB))
 
 
+def local_cpu_s() -> float:
+    """CPU seconds of this process and of its waited-for children (the ssh client)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=512, help="artifact size in MiB (default 512)")
@@ -59,6 +67,7 @@ def main() -> int:
     server = SSHD(work / "sshd").start()
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {m: [] for m in ("openssh", "paramiko", "scp", "sftp_get")}
+    cpu_s: dict[str, list[float]] = {"openssh": [], "paramiko": []}  # this process + its finished ssh
     try:
         remote_root = work / "remote"
         artifact = remote_root / "bench" / "out" / "artifact.bin"
@@ -75,9 +84,11 @@ def main() -> int:
                f"{server.user}@{server.host}:{artifact}", str(work / "scp.bin")]
         for rep in range(args.reps):
             for transport, runner in runners.items():
+                cpu = local_cpu_s()
                 t = time.perf_counter()
                 runner.pull("bench", "out/artifact.bin", work / "pulled")
                 times[transport].append(time.perf_counter() - t)
+                cpu_s[transport].append(local_cpu_s() - cpu)
                 if runner.last_pull_transport != transport:
                     print(f"error: the {transport} pull went through {runner.last_pull_transport}", file=sys.stderr)
                     return 1
@@ -125,6 +136,9 @@ def main() -> int:
         print(f"ratio_vs_scp_paired_median_{method}: {statistics.median(ratios):.2f}")
         print(f"ratio_vs_scp_paired_range_{method}: {ratios[0]:.2f}-{ratios[-1]:.2f}")
     print(f"ratio_vs_scp_paired_median: {statistics.median(paired(default)):.2f}")
+    # Local CPU seconds per GiB pulled: steadier than speed on a shared machine (the client's own cost).
+    for method in ("openssh", "paramiko"):
+        print(f"local_cpu_s_per_gib_{method}: {statistics.median(cpu_s[method]) * 1024 / size_mib:.2f}")
     return 0
 
 

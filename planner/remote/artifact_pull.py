@@ -7,8 +7,9 @@ follows on stderr. Locally the stream is extracted safely while hashing (safe_ex
 against that manifest. The command runs through the system `ssh` client where it can be used
 (openssh_pull.py: only the pinned host key accepted), else through a paramiko exec channel with a
 64 MiB window and 1 MiB packets; both feed the same extraction and checks. benchmarks/transfer.py on
-the shared 2-core loopback (load ~5): ssh 0.89x OpenSSH scp (paired median), paramiko 0.68x; scp
-verifies nothing. FTPLAN_PULL_TRANSPORT=paramiko (or the runner's `pull_transport`) turns ssh off.
+the shared 2-core loopback (4 runs, load 2-5): ssh 0.89-1.04x OpenSSH scp (paired medians), paramiko
+0.52-1.02x with a far wider spread; scp verifies nothing. FTPLAN_PULL_TRANSPORT=paramiko (or the
+runner's `pull_transport`) turns ssh off.
 
 A mixin of SSHRunner (it uses the runner's connection, run dirs, log and time budget).
 """
