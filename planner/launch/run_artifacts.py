@@ -115,6 +115,12 @@ class ArtifactSteps:
         machine was never reached; call it inside `_ssh_bounded()`."""
         if not self._runner_reached():
             return
+        try:
+            self._salvage_files()
+        finally:  # this launcher handles the machine: its watchdog stands down instead of waiting its grace
+            self._mark_pulled()
+
+    def _salvage_files(self) -> None:
         if self.job_finished:
             for rel in ("out", "train.log"):
                 try:
