@@ -42,7 +42,7 @@ lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.05
 lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-optimizer = "paged_adamw_8bit"
+optimizer = "auto"                 # auto: paged 8-bit AdamW for QLoRA, fused AdamW on CUDA for LoRA/full
 gradient_checkpointing = true
 checkpoint_every_steps = 50        # also what a budget stop or a spot loss can resume from
 seed = 42
@@ -102,7 +102,7 @@ class JobSection(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     # remote_job/job_config.py's values: checked here, not on the rented machine
-    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "auto"
     loss: Literal["fused", "chunked", "standard"] = "fused"
     packing: bool = Field(False, strict=True)  # "yes" is a typo, not true
     gradient_checkpointing: bool = True
