@@ -43,17 +43,9 @@ def families(table) -> list:
         if grp is None:
             grp = index[key] = _Group(r[O.PROVIDER], r[O.GPU], r[O.GPU_COUNT], r[O.GPU_MEM], r[O.GRANULARITY],
                                       network=node_network(r[O.PROVIDER], r[O.INSTANCE_TYPE]))
-        grp.all_rows.append(i)
-        if O.on_demand_ok(r):
-            grp.od_rows.append(i)
-        if O.spot_ok(r):
-            grp.spot_rows.append(i)
+        grp.add(i, r)
     for grp in index.values():
-        grp.all_rows.sort(key=lambda i: rows[i][O.PRICE])
-        grp.od_rows.sort(key=lambda i: rows[i][O.PRICE])
-        grp.od_prices = [rows[i][O.PRICE] for i in grp.od_rows]
-        grp.spot_rows.sort(key=lambda i: rows[i][O.SPOT])
-        grp.spot_prices = [rows[i][O.SPOT] for i in grp.spot_rows]
+        grp.sort_by_price(rows)
     out = list(index.values())
     table._mn_families = out
     return out

@@ -130,17 +130,9 @@ def group_rows(table: OfferTable) -> list[_Group]:
         grp = index.get(key)
         if grp is None:
             grp = index[key] = _Group(*key)
-        grp.all_rows.append(i)
-        if O.on_demand_ok(r):  # GCP A4 / A3 Ultra / A3 High 1-4g: reservation, spot or flex-start only
-            grp.od_rows.append(i)
-        if O.spot_ok(r):
-            grp.spot_rows.append(i)
+        grp.add(i, r)
     for grp in index.values():
-        grp.all_rows.sort(key=lambda i: rows[i][O.PRICE])
-        grp.od_rows.sort(key=lambda i: rows[i][O.PRICE])
-        grp.od_prices = [rows[i][O.PRICE] for i in grp.od_rows]
-        grp.spot_rows.sort(key=lambda i: rows[i][O.SPOT])
-        grp.spot_prices = [rows[i][O.SPOT] for i in grp.spot_rows]
+        grp.sort_by_price(rows)
     groups = list(index.values())
     table._groups = groups
     return groups

@@ -134,6 +134,21 @@ class _Group:
     nodes: int = 1              # > 1: one instance type rented as several nodes (multinode.py)
     network: object = None      # its internode.NodeNetwork
 
+    def add(self, i: int, r: tuple) -> None:
+        self.all_rows.append(i)
+        if O.on_demand_ok(r):  # GCP A4 / A3 Ultra / A3 High 1-4g: reservation, spot or flex-start only
+            self.od_rows.append(i)
+        if O.spot_ok(r):
+            self.spot_rows.append(i)
+
+    def sort_by_price(self, rows: list[tuple]) -> None:
+        """Once, after every row was added: each market's rows and prices in cost order."""
+        self.all_rows.sort(key=lambda i: rows[i][O.PRICE])
+        self.od_rows.sort(key=lambda i: rows[i][O.PRICE])
+        self.od_prices = [rows[i][O.PRICE] for i in self.od_rows]
+        self.spot_rows.sort(key=lambda i: rows[i][O.SPOT])
+        self.spot_prices = [rows[i][O.SPOT] for i in self.spot_rows]
+
 
 @dataclass
 class _GroupEval:
