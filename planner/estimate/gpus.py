@@ -6,7 +6,6 @@ on them directly. Lookups are case-insensitive and ignore spaces, '-' and '_' ("
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -133,7 +132,11 @@ def validated_cache_path(kind: str, raw: bytes, code: bytes = b"") -> Path:
     of the validating module's source (`code`) and the ftplan version, so an edit to either validates
     again. FTPLAN_CACHE_DIR overrides the dir."""
     root = os.environ.get("FTPLAN_CACHE_DIR") or user_cache_dir()
-    digest = hashlib.sha256(hashlib.sha256(raw).digest() + hashlib.sha256(code).digest()).hexdigest()[:20]
+    # CRC-32 + length of each part: this key only notices edits (the cache is no trust boundary: whoever can
+    # write the data file can write the cache too), and zlib loads in a fraction of OpenSSL's hashlib.
+    import zlib
+
+    digest = f"{zlib.crc32(raw):08x}{len(raw):x}-{zlib.crc32(code):08x}{len(code):x}"
     return Path(root) / "validated" / f"{kind}-{__version__}-{digest}.json"
 
 
