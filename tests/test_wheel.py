@@ -5,6 +5,7 @@ Python API from it, in a folder far from this repository (so nothing is read fro
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,7 +30,13 @@ def wheel(tmp_path_factory) -> Path:
         isolation = [] if int(setuptools.__version__.split(".")[0]) < 77 else ["--no-build-isolation"]
     except ImportError:
         isolation = []
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *isolation, "-q", "-w", str(out)],
+    # Build from a copy: an in-place build writes build/ and *.egg-info into the checkout, and two xdist
+    # workers building the same tree at once race on them.
+    src = out / "src"
+    skip_top = {".venv", ".git", "build", "dist", ".pytest_cache", ".ruff_cache", ".hypothesis", "runs"}
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [
+        n for n in names if (Path(d) == ROOT and (n in skip_top or n.endswith(".egg-info"))) or n == "__pycache__"])
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", *isolation, "-q", "-w", str(out)],
                    check=True, capture_output=True, text=True, cwd=out)
     [whl] = out.glob("ftplan-*.whl")
     return whl
