@@ -50,6 +50,11 @@ class InstanceRequest:
     image: str | None = None          # override the provider's default deep-learning image
     store_id: str = ""                # owner tag: the run store that launched it (see STORE_TAG)
     cloud_type: str | None = None     # RunPod "SECURE" / "COMMUNITY" (sent as cloudType); None = SECURE
+    # Multi-node runs (issue 13): the placement from `Provider.create_placement` every node is created into,
+    # this node's rank (0 = the rendezvous host) and the node count. `ssh` picks hosts[node_rank].
+    placement: dict[str, Any] | None = None
+    node_rank: int = 0
+    nodes: int = 1
 
 
 @dataclass
@@ -75,6 +80,9 @@ class Instance:
     ssh: SSHEndpoint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     store_id: str = ""                # the owner tag as listed ("" = untagged, e.g. made by an older ftplan)
+    private_ip: str | None = None     # the address the other nodes of a multi-node run reach it on
+    launched_at: float | None = None  # provider-reported launch time (epoch s): when billing started
+    ended_at: float | None = None     # provider-reported end (epoch s); None: running, or the provider does not say
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,6 +157,28 @@ class Provider(ABC):
         provider controls (AWS console output, GCP guest attributes); None when the provider publishes
         none or has not published them yet (the caller then pins after the first successful login)."""
         return None
+
+    # Optional: multi-node runs (issue 13). Providers without a placement primitive keep `multinode = ""`
+    # and the planner offers no multi-node candidates on them.
+    multinode: str = ""   # the primitive, e.g. "cluster placement group" (AWS), "compact placement policy" (GCP)
+
+    def create_placement(self, run_id: str, region: str, zone: str | None, nodes: int, *,
+                         store_id: str = "") -> dict[str, Any]:
+        """One placement for `nodes` instances of `run_id` close together in one zone (AWS: a cluster placement
+        group; GCP: a compact resource policy), tagged like the run's instances. Returns it as a side-resource
+        dict (`provider`, `kind`, `id`, `name`, `run_id`, `region`, `zone`) that `list_side_resources` lists too,
+        so `ftplan gc` finds it after a crash. Pass it as `InstanceRequest.placement` of every node: instances
+        created into the same placement reach each other on every port (the run's firewall admits its own
+        instances). Raises ProviderError when the provider has no such primitive."""
+        from ftplan.providers.errors import ProviderError
+
+        raise ProviderError(f"{self.name or type(self).__name__} cannot place several nodes together; "
+                            "multi-node runs need aws or gcp (or --provider ssh with several --host)",
+                            provider=self.name)
+
+    def delete_placement(self, placement: dict[str, Any]) -> None:
+        """Delete a placement from `create_placement` once its instances are terminated. Idempotent."""
+        self.delete_side_resource(placement)
 
     # Optional: widen or move the SSH ingress rule after a network change (`ftplan attach`).
     def allow_ssh_from(self, instance: Instance, cidr: str) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ftplan.planner.launch.billed_span import billed_span
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 # Providers that reach a machine we do not rent: terminate() never touches it, so the launcher itself
 # must stop the job there on every non-success path.
@@ -121,7 +123,13 @@ class TeardownSteps:
             ok = self._guarded(lambda r=row, i=inst, o=offer: self._terminate(r, i, o),
                                f"recording the end of {inst.id}") and ok
         ok = self._guarded(self._sweep_tagged, "sweeping by run tag") and ok
+        ok = self._guarded(self._release_placements, "deleting the run's placement") and ok
         return ok
+
+    def _release_placements(self) -> bool:
+        """Multi-node runs delete their placement group/policy here, after every node is gone (overridden by
+        the multi-node steps). True when nothing is left."""
+        return True
 
     def _guarded(self, step: Callable[[], bool], what: str) -> bool:
         """A teardown step whose store write fails (disk full, read-only store) must not end teardown with a
@@ -168,7 +176,8 @@ class TeardownSteps:
             return False
         now = time.time()
         created = self.store.get_instance(row).created_at or now
-        self.store.add_cost(self.run_id, row, created, now, offer.price_hour)
+        started, ended = billed_span(provider, inst, created, now)   # the provider's clock where it reports one
+        self.store.add_cost(self.run_id, row, started, ended, offer.price_hour)
         self.guard.stop_billing(row, now)
         self.store.set_instance_terminated(row)
         self.store.add_event(self.run_id, "instance_terminated", inst.id, phase="teardown",
