@@ -243,6 +243,9 @@ class PaperspaceProvider(RESTProvider):
     def _apply(self, instance: Instance, m: dict[str, Any]) -> None:
         instance.state = _STATES.get(str(m.get("state")), InstanceState.UNKNOWN)
         instance.public_ip = m.get("publicIp") or instance.public_ip
+        # Machine.dtCreated / dtDeleted (date-time): the provider's clock for the billed span (issue 14)
+        instance.launched_at = _epoch(m.get("dtCreated")) or instance.launched_at
+        instance.ended_at = _epoch(m.get("dtDeleted")) or instance.ended_at
 
     def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
         deadline = time.monotonic() + timeout_s
@@ -285,7 +288,9 @@ class PaperspaceProvider(RESTProvider):
 
     def _delete_machine(self, instance: Instance) -> None:
         try:
-            self.client.delete(f"/machines/{instance.id}")
+            gone = self.client.delete(f"/machines/{instance.id}")
+            if isinstance(gone, dict) and isinstance(gone.get("data"), dict):   # {data: Machine with dtDeleted}
+                self._apply(instance, gone["data"])
             return
         except APIError as exc:
             if exc.status not in (400, 409, 422):
@@ -337,3 +342,16 @@ def disk_size(gib: int) -> int:
 def _data(body: dict[str, Any]) -> dict[str, Any]:
     """Paperspace wraps some answers as `{data: ..., event: ...}` and returns others bare."""
     return body.get("data", body) if isinstance(body, dict) else {}
+
+
+def _epoch(value: Any) -> float | None:
+    """An API date-time ("2026-12-07T17:28:28.123Z") as epoch seconds; None when absent or unreadable."""
+    import datetime as dt
+
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()

@@ -176,8 +176,8 @@ class TeardownSteps:
             return False
         now = time.time()
         created = self.store.get_instance(row).created_at or now
-        started, ended = billed_span(provider, inst, created, now)   # the provider's clock where it reports one
-        self.store.add_cost(self.run_id, row, started, ended, offer.price_hour)
+        span = billed_span(provider, inst, created, now)   # the provider's clock where it reports one
+        self.store.add_cost(self.run_id, row, *span, offer.price_hour, **span.cost_fields())
         self.guard.stop_billing(row, now)
         self.store.set_instance_terminated(row)
         self.store.add_event(self.run_id, "instance_terminated", inst.id, phase="teardown",
@@ -281,7 +281,10 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             providers[key] = make_provider(name, **opts)
         return providers[key]
 
-    def close_rows(provider_name: str, instance_id: str | None, run_id: str | None) -> None:
+    def close_rows(provider_name: str, instance_id: str | None, run_id: str | None, inst: Any = None,
+                   billed_by: Any = None) -> None:
+        """Close the run's open rows; each is billed from the provider's clock where it reports one (a detached
+        run's machine powered itself off long before the user came back), else to now."""
         if not run_id:
             return
         now = time.time()
@@ -289,7 +292,14 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
             if row.provider != provider_name or (instance_id and row.provider_instance_id not in (None, instance_id)):
                 continue
             if row.created_at and row.price_hour is not None:
-                store.add_cost(row.run_id, row.id, row.created_at, now, row.price_hour)
+                known = inst if inst is not None else (Instance.from_dict(row.json("instance_json"))
+                                                       if row.json("instance_json") else None)
+                if known is not None and billed_by is not None:
+                    span = billed_span(billed_by, known, row.created_at, now,
+                                       powered_off_at=watchdog_powered_off_at(store, row.run_id))
+                    store.add_cost(row.run_id, row.id, *span, row.price_hour, **span.cost_fields())
+                else:
+                    store.add_cost(row.run_id, row.id, row.created_at, now, row.price_hour)
             store.set_instance_state(row.id, "terminated" if row.provider_instance_id else "create_failed",
                                      error=row.error or "closed by ftplan gc")
         run = store.get_run(run_id) if run_id else None
@@ -333,7 +343,7 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                     provider(name, inst.run_id).terminate(inst)
                     report["terminated"] += 1
                     if not foreign:
-                        close_rows(name, inst.id, inst.run_id)
+                        close_rows(name, inst.id, inst.run_id, inst, provider(name, inst.run_id))
                 except Exception as exc:  # noqa: BLE001
                     item["action"] = "failed"
                     report["errors"].append(f"{name} {inst.id}: terminate failed: {scrub(exc)}")
@@ -372,7 +382,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                 report["instances"].append(item)
                 continue
         if terminate:
-            close_rows(row.provider, row.provider_instance_id, row.run_id)
+            close_rows(row.provider, row.provider_instance_id, row.run_id, None,
+                       provider(row.provider, row.run_id) if row.provider_instance_id else None)
         report["instances"].append(item)
     # 3. Side resources (key pairs, security groups, firewall rules) of a create that never returned: no
     #    instance owns them, so no terminate deletes them. Kept while their run's launcher lives (it may be
@@ -433,3 +444,15 @@ def _orphan_reason(store, run_id: str | None) -> str:
     if run.status in ("succeeded", "failed", "stopped_over_budget", "cancelled"):
         return f"its run is {run.status}"
     return f"its launcher is gone (pid {run.launcher_pid})"
+
+
+def watchdog_powered_off_at(store, run_id: str | None) -> float | None:
+    """When the run's machine-side watchdog ran its power-off, from the newest `watchdog` event recorded
+    (attach, `runs --refresh`); None when none was seen."""
+    if not run_id:
+        return None
+    for ev in reversed(store.events(run_id, "watchdog")):
+        for act in reversed((ev.json("data_json") or {}).get("actions") or []):
+            if isinstance(act, dict) and act.get("action") == "power_off" and isinstance(act.get("at"), (int, float)):
+                return float(act["at"])
+    return None

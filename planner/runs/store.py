@@ -119,10 +119,17 @@ def _m3_store_identity(db: sqlite3.Connection) -> None:
     db.execute(f"INSERT INTO store_meta VALUES ('store_id', 'st{secrets.token_hex(6)}')")
 
 
+def _m4_cost_clock(db: sqlite3.Connection) -> None:
+    """Which clock a cost row was billed from (issue 14): "provider" (its launch and end times), "provider start",
+    "provider end", "watchdog" (the machine's power-off) or "launcher" (rows before m4: NULL, the launcher's)."""
+    db.executescript("ALTER TABLE costs ADD COLUMN clock TEXT;")
+
+
 MIGRATIONS: list[tuple[int, str, Any]] = [
     (1, "core tables: runs, instances, events, costs", _m1_core),
     (2, "launcher identity and measured throughput", _m2_launcher_and_measurements),
     (3, "store identity (the owner tag of every instance)", _m3_store_identity),
+    (4, "the clock each cost row was billed from", _m4_cost_clock),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -345,13 +352,15 @@ class Store:
         return [Row(dict(r)) for r in self.db.execute(sql + " ORDER BY ts, id", params)]
 
     def add_cost(self, run_id: str, instance_row: int | None, started_at: float, ended_at: float,
-                 price_hour: float) -> float:
-        hours = max(0.0, ended_at - started_at) / 3600.0
+                 price_hour: float, *, clock: str | None = None, billed_hours: float | None = None) -> float:
+        """One billed span. `billed_hours`: what the provider charges for it (granularity, minimum) when known,
+        else the span itself; `clock`: whose times these are (see `_m4_cost_clock`)."""
+        hours = max(0.0, ended_at - started_at) / 3600.0 if billed_hours is None else max(0.0, billed_hours)
         usd = hours * price_hour
         self.db.execute(
-            "INSERT INTO costs (run_id, instance_row, started_at, ended_at, price_hour, hours, usd)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, instance_row, started_at, ended_at, price_hour, hours, usd),
+            "INSERT INTO costs (run_id, instance_row, started_at, ended_at, price_hour, hours, usd, clock)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, instance_row, started_at, ended_at, price_hour, hours, usd, clock or "launcher"),
         )
         return usd
 

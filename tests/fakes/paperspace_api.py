@@ -163,6 +163,7 @@ class FakePaperspace(FakeCloudAPI):
             "diskSize": body.get("diskSize"), "startupScriptId": body.get("startupScriptId"),
             "autoShutdownEnabled": body.get("autoShutdownEnabled", False),
             "autoShutdownTimeout": body.get("autoShutdownTimeout"), "_polls": 0,
+            "dtCreated": _iso_now(), "dtDeleted": None,   # documented Machine fields (Format: date-time)
         }
         return _json({"data": self._public(self.machines[mid]), "event": {"id": f"ev{mid}", "state": "new"}})
 
@@ -195,6 +196,7 @@ class FakePaperspace(FakeCloudAPI):
         if self.refuse_delete_running and m["state"] != "off":
             return _error(400, "BAD_REQUEST", "Machine must be off before it can be deleted")
         del self.machines[mid]
+        m["dtDeleted"] = _iso_now()
         return _json({"data": self._public(m), "event": {"state": "new"}})
 
 
@@ -224,3 +226,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 def fake_paperspace() -> FakePaperspace:
     """A running FakePaperspace with fresh state."""
     return FakePaperspace.fresh()
+
+
+def _iso_now() -> str:
+    """A JSON date-time as the API serialises it, e.g. 2026-12-07T17:28:28.123Z."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
