@@ -113,3 +113,14 @@ def test_a_store_from_before_migration_4_keeps_its_costs(tmp_path):
     new = Store(path)
     (row,) = new.costs("r")
     assert row.usd == 2.0 and row.clock is None
+
+
+def test_the_report_says_whose_clock_billed_the_run(tmp_path):
+    from ftplan.planner.runs.reports import render_report_text, run_report
+
+    store = Store(tmp_path / "s.sqlite3")
+    store.create_run("r", status="succeeded")
+    store.add_cost("r", None, 0.0, 3600.0, 2.0, clock="provider")
+    rep = run_report(store, "r")
+    assert rep["billed_from"] == "the provider's clock"
+    assert "billed from the provider's clock" in render_report_text(rep)

@@ -84,6 +84,7 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
         "tokens_per_s": {"estimated": _r(run.est_tokens_per_s, 2), "actual": _r(run.measured_tokens_per_s, 2)},
         "losses": losses,
         "spend": spend,
+        "billed_from": billed_from(costs),
         "instances": [
             {"provider": i.provider, "id": i.provider_instance_id, "instance_type": i.instance_type,
              "region": i.region, "spot": bool(i.spot), "state": i.state, "price_hour": i.price_hour,
@@ -97,6 +98,18 @@ def run_report(store: Store, run_id: str) -> dict[str, Any]:
                    for e in events if e.kind not in ("progress", "phase")],
     })
     return report
+
+
+_CLOCK_WORDS = {"provider": "the provider's clock", "provider start": "the provider's launch time to the teardown",
+                "provider end": "the launch to the provider's end time", "watchdog":
+                "the launch to the watchdog's power-off (the provider gave no end time)",
+                "launcher": "the launcher's clock"}
+
+
+def billed_from(costs: list[Row]) -> str | None:
+    """Whose clock the run's cost rows came from, in words ("the provider's clock"); None with no cost rows."""
+    clocks = sorted({c.data.get("clock") or "launcher" for c in costs})
+    return "; ".join(_CLOCK_WORDS.get(c, c) for c in clocks) if clocks else None
 
 
 def _loss_point(x: Any, i: int) -> dict[str, Any]:
@@ -285,6 +298,8 @@ def render_report_text(rep: dict[str, Any]) -> str:
                  f"{_num(rep['actual']['hours'], '.3f')} h")
     lines.append(f"  cost:    estimated {_usd(rep['estimated']['usd'])}, actual {_usd(rep['actual']['usd'])}"
                  f"  (budget {_usd(rep['budget_usd'])})")
+    if rep.get("billed_from"):
+        lines.append(f"  billed from {rep['billed_from']}")
     lines.append(f"  peak memory: estimated {_num(rep['peak_mem_gib']['estimated'], '.2f')} GiB, measured "
                  f"{_num(rep['peak_mem_gib']['actual'], '.2f')} GiB")
     lines.append(f"  tokens/s:    estimated {_num(rep['tokens_per_s']['estimated'], '.0f')}, measured "
