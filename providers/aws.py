@@ -4,6 +4,9 @@ Per create: a key pair and a security group (tcp/22 from the caller's /32, or `s
 `ftplan-<run>-<suffix>` and tagged `ftplan:run-id`; the newest Deep Learning AMI found by name;
 `InstanceInitiatedShutdownBehavior=terminate` plus a user-data `shutdown -h +N`, so the instance ends its
 own billing after `max_lifetime_s` even if the launcher dies. Teardown removes the key pair and group.
+Multi-node runs (issue 13): `create_placement` makes a cluster placement group; each node is launched into it,
+shares one key pair and security group named after it (which admits the group's own members on every port)
+and gets an EFA interface where the type has one; see providers/aws_cluster.py.
 
 Documented EC2 behaviour this adapter relies on (and handles):
 - Eventual consistency. "If you run a command to modify or describe the resource that you just created, its
@@ -41,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ftplan.providers.aws_cluster import PLACEMENT_TAG, AWSCluster, ended_at, safe_name
 from ftplan.providers.aws_errors import NOT_VISIBLE_YET
 from ftplan.providers.aws_errors import mapped as _mapped
 from ftplan.providers.aws_side import AWSSideResources, _ssh_permission
@@ -84,7 +88,7 @@ _ZONE_ID = re.compile(r"^[a-z]{2,5}\d+-az\d+\Z")
 _PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( [^\n]*)?\Z")
 
 
-class AWSProvider(AWSSideResources, Provider):
+class AWSProvider(AWSCluster, AWSSideResources, Provider):
     """EC2 in one home region (others are reached through `InstanceRequest.region`)."""
 
     name = "aws"
@@ -129,12 +133,15 @@ class AWSProvider(AWSSideResources, Provider):
                 "a Volta-capable driver (NVIDIA 580 branch or older) as `image = \"ami-...\"` under [providers.aws] to launch it",
                 provider=self.name,
             )
-        base_name = f"ftplan-{_safe_name(request.run_id)}-{secrets.token_hex(3)}"
+        group = (request.placement or {}).get("name")  # a node of a multi-node run (create_placement)
+        base_name = group or f"ftplan-{safe_name(request.run_id)}-{secrets.token_hex(3)}"
         side: dict[str, Any] = {"key_name": None, "security_group_id": None}
         try:
             cidr = self._ssh_cidr(request)
-            zone = self._zone_name(ec2, request.zone)
-            arch = self._architecture(ec2, request.instance_type)
+            zone = self._zone_name(ec2, request.zone or (request.placement or {}).get("zone"))
+            type_info = self._instance_type(ec2, request.instance_type)
+            arch = "x86_64" if "x86_64" in type_info["ProcessorInfo"]["SupportedArchitectures"] else \
+                type_info["ProcessorInfo"]["SupportedArchitectures"][0]
             image_id, root_device = self._image(ec2, image, arch)
             vpc_id = self._default_vpc(ec2, region)
 
@@ -142,25 +149,32 @@ class AWSProvider(AWSSideResources, Provider):
             if request.store_id:
                 tags.append({"Key": STORE_TAG, "Value": request.store_id})
             created_at = time.time()
-            ec2.import_key_pair(
-                KeyName=base_name, PublicKeyMaterial=public_key.encode(),
-                TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
-            )
-            side["key_name"] = base_name
-            sg = ec2.create_security_group(
-                GroupName=base_name, Description=f"ftplan run {request.run_id}: ssh from {cidr}", VpcId=vpc_id,
-                TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
-            )
-            side["security_group_id"] = sg["GroupId"]
-            self._until_visible(created_at, "authorizing ssh on " + sg["GroupId"], lambda: (
-                ec2.authorize_security_group_ingress(GroupId=sg["GroupId"], IpPermissions=[_ssh_permission(cidr)])))
+            if group:
+                # All nodes share one key pair and group; they stay when this create fails (other nodes may
+                # be using them): delete_placement and `ftplan gc` remove them with the placement.
+                shared = self._shared_access(ec2, group, public_key, cidr, vpc_id, tags, created_at, request.run_id)
+                zone = zone or self._placement_zone(ec2, group)
+            else:
+                ec2.import_key_pair(
+                    KeyName=base_name, PublicKeyMaterial=public_key.encode(),
+                    TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
+                )
+                side["key_name"] = base_name
+                sg = ec2.create_security_group(
+                    GroupName=base_name, Description=f"ftplan run {request.run_id}: ssh from {cidr}", VpcId=vpc_id,
+                    TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
+                )
+                side["security_group_id"] = sg["GroupId"]
+                self._until_visible(created_at, "authorizing ssh on " + sg["GroupId"], lambda: (
+                    ec2.authorize_security_group_ingress(GroupId=sg["GroupId"], IpPermissions=[_ssh_permission(cidr)])))
+            sg_id = shared["security_group_id"] if group else side["security_group_id"]
             params: dict[str, Any] = {
                 "ImageId": image_id,
                 "InstanceType": request.instance_type,
                 "MinCount": 1,
                 "MaxCount": 1,
                 "KeyName": base_name,
-                "SecurityGroupIds": [sg["GroupId"]],
+                "SecurityGroupIds": [sg_id],
                 "InstanceInitiatedShutdownBehavior": "terminate",
                 "UserData": _lifetime_user_data(request.max_lifetime_s),
                 "MetadataOptions": {"HttpTokens": "required"},
@@ -169,13 +183,18 @@ class AWSProvider(AWSSideResources, Provider):
                     "Ebs": {"VolumeSize": int(request.disk_gib), "VolumeType": "gp3", "DeleteOnTermination": True},
                 }],
                 "TagSpecifications": [
-                    {"ResourceType": "instance", "Tags": tags},
+                    {"ResourceType": "instance", "Tags": tags + ([{"Key": PLACEMENT_TAG, "Value": group}] if group else [])},
                     {"ResourceType": "volume", "Tags": tags},
                 ],
-                "ClientToken": base_name,
+                # One token per call (a node of a placement is not its first node); botocore's retry reuses it.
+                "ClientToken": f"{base_name}-{secrets.token_hex(3)}" if group else base_name,
             }
-            if zone:
-                params["Placement"] = {"AvailabilityZone": zone}
+            efa = self._efa_interface(ec2, type_info, zone, sg_id) if group else None
+            if efa:
+                params.pop("SecurityGroupIds")  # EC2: groups go on the interface when NetworkInterfaces is given
+                params["NetworkInterfaces"], zone = [efa[0]], efa[1]
+            if zone or group:
+                params["Placement"] = {**({"GroupName": group} if group else {}), **({"AvailabilityZone": zone} if zone else {})}
             if request.spot:
                 params["InstanceMarketOptions"] = {
                     "MarketType": "spot",
@@ -187,13 +206,14 @@ class AWSProvider(AWSSideResources, Provider):
                                       lambda: ec2.run_instances(**params))["Instances"][0]
         except BaseException as exc:
             # Half-made runs leave nothing behind: key pairs and groups are free, but they clutter the account.
-            self._delete_side_resources(ec2, side, instance_id=None, wait_s=0)
+            self._delete_side_resources(ec2, side, instance_id=None, wait_s=0)  # nothing here for a shared node
             raise _mapped(exc, f"creating {request.instance_type} in {region}") from None
         instance = Instance(
             provider=self.name, id=raw["InstanceId"], run_id=request.run_id, region=region,
             zone=raw.get("Placement", {}).get("AvailabilityZone") or zone, instance_type=request.instance_type,
             spot=request.spot,
-            extra={**side, "ssh_cidr": cidr, "image_id": image_id, "created_at": round(time.time(), 3)},
+            extra={**side, **(shared if group else {}), "ssh_cidr": cidr, "image_id": image_id,
+                   "created_at": round(time.time(), 3), **({"efa": True} if efa else {})},
         )
         _apply(instance, raw)
         log.info("created %s (%s) in %s for run %s", instance.id, instance.instance_type, instance.zone,
@@ -279,6 +299,10 @@ class AWSProvider(AWSSideResources, Provider):
             time.sleep(self._backoff(attempt))
             attempt += 1
         log.info("terminated %s (%s)", instance.id, instance.state.value)
+        group = instance.extra.get("placement_group")
+        if group and self._placement_busy(ec2, group, exclude=instance.id):
+            log.info("security group and key pair of %s stay for its other nodes", group)
+            return
         self._delete_side_resources(ec2, instance.extra, instance_id=instance.id, wait_s=self.teardown_wait_s)
 
     def list_instances(self, run_id: str | None = None) -> list[Instance]:
@@ -294,12 +318,16 @@ class AWSProvider(AWSSideResources, Provider):
                 raise _mapped(exc, f"listing instances in {region}") from None
             for raw in raws:
                 tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
-                groups = [g["GroupId"] for g in raw.get("SecurityGroups", []) if g["GroupName"].startswith("ftplan-")]
+                # With an EFA interface the groups are the interface's (EC2 lists them on the instance too).
+                attached = raw.get("SecurityGroups") or [g for n in raw.get("NetworkInterfaces", []) for g in n.get("Groups", [])]
+                groups = [g["GroupId"] for g in attached if g.get("GroupName", "").startswith("ftplan-")]
+                group = raw.get("Placement", {}).get("GroupName") or tags.get(PLACEMENT_TAG)
                 inst = Instance(
                     provider=self.name, id=raw["InstanceId"], run_id=tags.get(RUN_TAG, ""), region=region,
                     zone=raw.get("Placement", {}).get("AvailabilityZone"), instance_type=raw.get("InstanceType", ""),
                     spot=raw.get("InstanceLifecycle") == "spot",
-                    extra={"key_name": raw.get("KeyName"), "security_group_id": groups[0] if groups else None},
+                    extra={"key_name": raw.get("KeyName"), "security_group_id": groups[0] if groups else None,
+                           **({"placement_group": group} if group else {})},
                     store_id=tags.get(STORE_TAG, ""),
                 )
                 _apply(inst, raw)
@@ -380,12 +408,12 @@ class AWSProvider(AWSSideResources, Provider):
             raise CapacityError(f"zone id {zone} is not available to this account", provider=self.name)
         return zones[0]["ZoneName"]
 
-    def _architecture(self, ec2, instance_type: str) -> str:
+    def _instance_type(self, ec2, instance_type: str) -> dict[str, Any]:
+        """DescribeInstanceTypes' record: architectures, and NetworkInfo.EfaSupported / EfaInfo."""
         types = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
         if not types:
             raise OfferUnavailable(f"{instance_type} is not offered in {ec2.meta.region_name}", provider=self.name)
-        archs = types[0]["ProcessorInfo"]["SupportedArchitectures"]
-        return "x86_64" if "x86_64" in archs else archs[0]
+        return types[0]
 
     def _image(self, ec2, image: str | None, arch: str) -> tuple[str, str]:
         if image and image.startswith("ami-"):
@@ -428,9 +456,15 @@ class AWSProvider(AWSSideResources, Provider):
         return instances[0] if instances else None
 
 def _apply(instance: Instance, raw: dict[str, Any]) -> None:
-    """Copy EC2's view (state, address) onto `instance`."""
+    """Copy EC2's view (state, addresses, lifetime) onto `instance`."""
     instance.state = instance_state(raw)
     instance.public_ip = raw.get("PublicIpAddress")
+    instance.private_ip = raw.get("PrivateIpAddress") or instance.private_ip
+    launched = raw.get("LaunchTime")
+    if launched is not None and hasattr(launched, "timestamp"):
+        instance.launched_at = launched.timestamp()
+    if instance.state.is_gone:
+        instance.ended_at = ended_at(raw) or instance.ended_at
     if instance.public_ip is None:
         instance.ssh = None
 
@@ -450,10 +484,6 @@ def _validated_public_key(key: str) -> str:
     if not _PUBKEY.match(key):
         raise ProviderError("the SSH public key is not in OpenSSH format ('ssh-ed25519 AAAA...')", provider="aws")
     return key
-
-
-def _safe_name(run_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9-]+", "-", run_id).strip("-")[:40] or "run"
 
 
 def _lifetime_user_data(max_lifetime_s: int) -> str:

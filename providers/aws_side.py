@@ -1,5 +1,5 @@
 """The AWS adapter's per-run side resources: the security group's ssh rule (and its later update), and the
-key pairs / groups an interrupted create leaves for `ftplan gc`. A mixin of `AWSProvider`, which supplies
+key pairs / groups / placement groups an interrupted create (or run) leaves for `ftplan gc`. A mixin of `AWSProvider`, which supplies
 `_ec2(region)`, `regions`, `region` and `poll_interval_s`."""
 
 from __future__ import annotations
@@ -99,10 +99,12 @@ class AWSSideResources:
                 pairs = ec2.describe_key_pairs(Filters=tag)["KeyPairs"]
                 groups = [g for page in ec2.get_paginator("describe_security_groups").paginate(Filters=tag)
                           for g in page["SecurityGroups"]]
+                placements = ec2.describe_placement_groups(Filters=tag)["PlacementGroups"]  # multi-node runs
             except Exception as exc:
-                raise _mapped(exc, f"listing key pairs and security groups in {region}") from None
+                raise _mapped(exc, f"listing key pairs, security groups and placement groups in {region}") from None
             for kind, items, id_key, name_key in (("key_pair", pairs, "KeyPairId", "KeyName"),
-                                                  ("security_group", groups, "GroupId", "GroupName")):
+                                                  ("security_group", groups, "GroupId", "GroupName"),
+                                                  ("placement_group", placements, "GroupId", "GroupName")):
                 for item in items:
                     tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
                     found.append({"provider": self.name, "kind": kind, "id": item.get(id_key) or item[name_key],
@@ -119,12 +121,19 @@ class AWSSideResources:
                 ec2.delete_key_pair(KeyName=res["name"])
             elif res.get("kind") == "security_group":
                 ec2.delete_security_group(GroupId=res["id"])
+            elif res.get("kind") == "placement_group":
+                ec2.delete_placement_group(GroupName=res["name"])
             else:
                 raise ProviderError(f"unknown AWS side resource {what}", provider=self.name)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("InvalidGroup.NotFound", "InvalidKeyPair.NotFound"):
+            if code in ("InvalidGroup.NotFound", "InvalidKeyPair.NotFound", "InvalidPlacementGroup.Unknown"):
                 return  # already gone: what we wanted
+            if code == "InvalidPlacementGroup.InUse":
+                from ftplan.providers.aws_cluster import PlacementInUse
+
+                raise PlacementInUse(f"{what} still holds instances; run 'ftplan gc --yes' again once they are "
+                                     "terminated", provider=self.name) from None
             if code == "DependencyViolation":
                 raise ProviderError(f"{what} is still used by an instance; run 'ftplan gc --yes' again once that "
                                     "instance is terminated", provider=self.name) from None

@@ -8,7 +8,8 @@
   NotFound code for the next N calls of chosen actions that name it, as real EC2 may do
   (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html);
 - serves a chosen serial console text from GetConsoleOutput (moto's is a fixed 2006 kernel log with no
-  cloud-init host key block).
+  cloud-init host key block);
+- serves EC2 placement groups, which moto lacks (fakes/aws_placement.py).
 Faults can be armed in-process (`arm()`) or from another process (`POST /_fault?action=...&code=...`).
 
 moto loads its AMI set when `moto` is first imported, so this module must set `MOTO_AMIS_PATH` first;
@@ -68,6 +69,8 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
 )
 from werkzeug.wrappers import Request, Response  # noqa: E402
 
+from fakes.aws_placement import ACTIONS as PLACEMENT_ACTIONS  # noqa: E402
+from fakes.aws_placement import PlacementGroups, region_of  # noqa: E402
 from fakes.server import FakeServer  # noqa: E402
 
 for _record in TEST_AMIS:
@@ -113,6 +116,7 @@ class FaultMiddleware:
     lags: list[Lag] = field(default_factory=list)          # armed, waiting for the create call
     hidden: dict[str, tuple[str, str, dict[str, int]]] = field(default_factory=dict)  # id -> (code, msg, counts)
     console: dict[str, str] = field(default_factory=dict)  # instance id -> console text
+    placement: PlacementGroups = field(default_factory=PlacementGroups)  # moto has none (fakes/aws_placement.py)
 
     def _error(self, start_response, code: str, message: str, status: int = 400):
         xml = (
@@ -177,6 +181,17 @@ class FaultMiddleware:
             return self._error(start_response, *hidden)
         if console:
             return self._console(params["InstanceId"], start_response)
+        region = region_of(environ.get("HTTP_AUTHORIZATION", ""))
+        if action in PLACEMENT_ACTIONS or action == "RunInstances":
+            with self.lock:
+                answer = (self.placement.handle(action, region, params) if action in PLACEMENT_ACTIONS
+                          else self.placement.refuse_launch(region, params))
+            if answer and answer[0] != 200:
+                return self._error(start_response, answer[1], answer[2], answer[0])
+            if answer:
+                doc = answer[2].encode()
+                start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(doc)))])
+                return [doc]
         if action not in _LAG_SOURCES:
             return self.app(environ, start_response)
         captured: dict[str, object] = {}
@@ -188,6 +203,8 @@ class FaultMiddleware:
         body = b"".join(self.app(environ, keep))
         with self.lock:
             self._remember_new(action, body)
+            if action == "RunInstances" and captured["status"].startswith("200"):
+                self.placement.launched(region, params, body)
         start_response(captured["status"], captured["headers"])
         return [body]
 
@@ -242,6 +259,7 @@ class MotoEC2(FakeServer):
             self.middleware.lags.clear()
             self.middleware.hidden.clear()
             self.middleware.console.clear()
+            self.middleware.placement.clear()
 
     def lag(self, created_by: str, **hidden_from: int) -> None:
         """EC2's eventual consistency: the next resource `created_by` makes (RunInstances, CreateSecurityGroup,
