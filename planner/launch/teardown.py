@@ -117,6 +117,9 @@ class TeardownSteps:
                 self._salvage()
             if unmanaged and self._runner_reached():
                 self._remove_remote_secrets()
+        stop_other_nodes = getattr(self, "_stop_other_nodes", None)   # multi-node runs: nodes 1.. (node_group.py)
+        if stop_other_nodes is not None:
+            stop_other_nodes(status, unmanaged)
         self._close_runner()
         ok = True
         for row, inst, offer in list(self.live):
