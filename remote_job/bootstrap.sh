@@ -14,7 +14,12 @@
 #      needed) on the image's Python found through a login shell (conda, /opt), with the image's torch
 #      when it is a CUDA build >= 2.6 that sees the GPU, else the PyTorch CUDA wheel matched to the
 #      driver and GPU (job/torch_select.py); `--plan` prints that decision as JSON and installs nothing;
-#   5. runs `job/train.py --config job.json` and exits with its status.
+#      while it installs, the base model's weights download in the background (job/fetch_weights.py, started
+#      as soon as huggingface_hub is in the venv; the job loads them from the same Hub cache), and on a machine
+#      whose `nvidia-smi -L` lists a GPU, requirements-cuda.txt (Liger) is installed too (a failure there
+#      only warns: the job falls back to its chunked loss);
+#   5. records its timings (env_s, the download's, ready_s) in .ftplan-bootstrap.json for the job's
+#      summary.json, runs `job/train.py --config job.json` and exits with its status.
 set -uo pipefail
 
 RUN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -101,8 +106,11 @@ echo $$ > pid
 rm -f exit_code
 WATCHDOG_PID=""
 TRAIN_PID=""
-# exit_code is written atomically on every exit path, including a TERM from `kill`.
-trap 'rc=$?; [ -n "$WATCHDOG_PID" ] && kill -- "-$WATCHDOG_PID" 2>/dev/null; echo "$rc" > exit_code.tmp && mv -f exit_code.tmp exit_code' EXIT
+FETCH_PID=""
+BOOT_T0=$(date +%s)
+# exit_code is written atomically on every exit path, including a TERM from `kill`; a weight download still
+# running (setup failed) is stopped.
+trap 'rc=$?; [ -n "$WATCHDOG_PID" ] && kill -- "-$WATCHDOG_PID" 2>/dev/null; [ -n "$FETCH_PID" ] && kill "$FETCH_PID" 2>/dev/null; echo "$rc" > exit_code.tmp && mv -f exit_code.tmp exit_code' EXIT
 # A TERM (launcher, watchdog) reaches the job, which checkpoints; we exit once it has.
 on_signal() { [ -n "$TRAIN_PID" ] && kill -TERM "$TRAIN_PID" 2>/dev/null && wait "$TRAIN_PID"; exit "$1"; }
 trap 'on_signal 143' TERM
@@ -199,6 +207,61 @@ get_uv() {  # prints the uv binary, or nothing
   "$PY0" "$TS" fetch-uv "$RUN_DIR/.tools" 2>/dev/null | tail -n1
 }
 
+# The Hub client alone first (small; its pins are requirements.txt's, so the full install keeps them), then
+# the weights download in the background while the rest installs.
+start_weight_fetch() {
+  [ -f job/fetch_weights.py ] || return 0
+  grep -i -E '^[[:space:]]*(huggingface[-_]hub|hf[-_]xet)[[:space:]]*[=<>~!;]' requirements.txt > .requirements-hub.txt
+  [ -s .requirements-hub.txt ] || { log "weights: no huggingface_hub in requirements.txt; the job downloads them"; return 0; }
+  if vinstall -r .requirements-hub.txt; then
+    HF_HUB_DISABLE_PROGRESS_BARS=1 "$VENV/bin/python" job/fetch_weights.py --config job.json \
+      --record .ftplan-download.json &
+    FETCH_PID=$!
+    log "weights: download started in the background (pid $FETCH_PID) before the rest of the environment"
+  else
+    log "weights: huggingface_hub did not install alone; the job downloads the model itself"
+  fi
+}
+
+# Liger's Triton kernels (fused linear cross-entropy) on CUDA machines only, never with another torch.
+LIGER="skipped"
+install_cuda_extras() {
+  [ -f requirements-cuda.txt ] || return 0
+  if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }; then
+    log "no GPU listed by nvidia-smi: requirements-cuda.txt not installed"
+    return 0
+  fi
+  "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > .torch-constraint.txt \
+    2>/dev/null || : > .torch-constraint.txt
+  if "$VENV/bin/python" -m pip --version >/dev/null 2>&1 && [ "$REUSE" = "true" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c .torch-constraint.txt -r requirements-cuda.txt
+  else
+    vinstall -c .torch-constraint.txt -r requirements-cuda.txt
+  fi
+  if [ $? -eq 0 ]; then LIGER="installed"; log "installed requirements-cuda.txt (Liger kernels)"
+  else LIGER="failed"; log "warning: requirements-cuda.txt did not install; the job uses its chunked loss"
+  fi
+}
+
+# Waits for the background download, then writes what the bootstrap measured (numbers and fixed words only;
+# the download's own record is JSON written by fetch_weights.py) for the job's summary.json.
+finish_weight_fetch() {
+  local t_wait wait_s=0 download=null
+  t_wait=$(date +%s)
+  if [ -n "$FETCH_PID" ]; then
+    wait "$FETCH_PID"
+    FETCH_PID=""
+    wait_s=$(( $(date +%s) - t_wait ))
+    log "weights: download finished (waited ${wait_s}s after the environment)"
+  fi
+  [ -s .ftplan-download.json ] && download="$(cat .ftplan-download.json)"
+  printf '{"started_at": %s, "env_s": %s, "wait_s": %s, "ready_s": %s, "reused_venv": %s, "liger": "%s", "download": %s}\n' \
+    "$BOOT_T0" "${ENV_S:-0}" "$wait_s" "$(( $(date +%s) - BOOT_T0 ))" "$REUSED_VENV" "$LIGER" "$download" \
+    > .ftplan-bootstrap.json
+  export FTPLAN_BOOTSTRAP_TIMINGS="$RUN_DIR/.ftplan-bootstrap.json"
+}
+
+REUSED_VENV=false
 if [ -n "$REMOTE_PYTHON" ]; then
   PY="$REMOTE_PYTHON"
   log "using the given Python: $PY"
@@ -206,6 +269,7 @@ else
   VENV="$RUN_DIR/.venv"
   if [ -f "$VENV/.ftplan-ready" ]; then
     log "reusing $VENV"
+    REUSED_VENV=true
   else
     t0=$(date +%s)
     make_plan > bootstrap-plan.json || fail_setup 3 "no python3 found on this machine; install python3"
@@ -240,16 +304,22 @@ else
       "$VENV/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > .torch-constraint.txt \
         || fail_setup 4 "the image's torch does not import from the venv"
       REQS=.requirements-no-torch.txt
+      start_weight_fetch
+      log "installing the rest of the environment"
       "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c .torch-constraint.txt -r "$REQS" \
         || fail_setup 4 "pip install -r $REQS failed"
     else
+      start_weight_fetch
+      log "installing the rest of the environment"
       if [ -n "$TORCH_SPEC" ]; then
         log "installing $TORCH_SPEC from $TORCH_INDEX"
         vinstall --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC" || fail_setup 4 "installing $TORCH_SPEC failed"
       fi
       vinstall -r "$REQS" || fail_setup 4 "installing -r $REQS failed"
     fi
-    log "environment ready in $(( $(date +%s) - t0 ))s: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "sees GPU:", torch.cuda.is_available())' 2>&1 | tail -n1)"
+    install_cuda_extras
+    ENV_S=$(( $(date +%s) - t0 ))
+    log "environment ready in ${ENV_S}s: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "sees GPU:", torch.cuda.is_available())' 2>&1 | tail -n1)"
     touch "$VENV/.ftplan-ready"
   fi
   PY="$VENV/bin/python"
@@ -264,6 +334,7 @@ if [ -n "${FTPLAN_WATCHDOG_PRICE_HOUR:-}" ] && [ -f job/watchdog.py ]; then
 fi
 
 # --- 5. train --------------------------------------------------------------------------------
+finish_weight_fetch
 log "starting: $PY job/train.py --config job.json"
 "$PY" job/train.py --config job.json &
 TRAIN_PID=$!

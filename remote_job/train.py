@@ -134,6 +134,23 @@ def setup_failed(cfg: dict, exc: Exception, t_start: float) -> int:
     return EXIT_FAILED
 
 
+def bootstrap_timings(first_step_at: float | None) -> dict | None:
+    """What bootstrap.sh measured (FTPLAN_BOOTSTRAP_TIMINGS), plus first_step_s: its start to the first
+    finished step. The planner's setup and download overheads are learnt from these (summary.json "bootstrap")."""
+    path = os.environ.get("FTPLAN_BOOTSTRAP_TIMINGS")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            boot = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    started = boot.pop("started_at", None)
+    if first_step_at is not None and isinstance(started, (int, float)):
+        boot["first_step_s"] = round(first_step_at - started, 3)
+    return boot
+
+
 def run(cfg: dict) -> int:
     """One worker (the only one on a single GPU/CPU). Returns the process exit code."""
     t_start = time.time()
@@ -173,6 +190,7 @@ def run(cfg: dict) -> int:
                "resumed_from_step": None, "config": job_config.public_view(cfg)}
     session_tokens = 0
     t_train = None
+    first_step_at = None
     clock = None
     try:
         progress.start()
@@ -283,6 +301,7 @@ def run(cfg: dict) -> int:
                 loop["tokens_seen"] += int(stats[0])
                 session_tokens += int(stats[0])
                 clock.end_step(int(stats[0]))  # int() synced the device: the step's time is real
+                first_step_at = first_step_at or time.time()
                 if device_type == "cuda":
                     job_progress.sample_device_memory()
                 step_loss = round(float(stats[1] / stats[2]), 5)
@@ -367,6 +386,9 @@ def run(cfg: dict) -> int:
         durations.update(clock.durations())
     summary.update({k: v for k, v in job_progress.peak_memory(device_type).items()})
     summary["mem_compare"] = job_progress.MEMORY_COMPARISON
+    boot = bootstrap_timings(first_step_at)
+    if boot:
+        summary["bootstrap"] = boot
     final_status = {"succeeded": "done", "stopped": "stopped", "failed": "failed"}[summary["status"]]
     progress.update(status=final_status, step=loop["step"], eval_loss=loop["eval_loss"])
     progress.close()

@@ -6,6 +6,7 @@ Layout (the launcher and `remote_job` rely on it; paths in job.json are relative
     job.json           the job config: dataset -> data/<name>, output_dir -> out, stop_file -> STOP
     data/<name>        the dataset (file or folder)
     requirements.txt   pinned job requirements (remote_job/requirements.txt)
+    requirements-cuda.txt  what only CUDA machines install (Liger); bootstrap.sh decides
     bootstrap.sh       prepares Python, arms the deadline, runs the job detached-friendly
     <extra files>      e.g. a local model folder referenced from job.json
 
@@ -24,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from ftplan import remote_job
 from ftplan.planner.errors import UserError
 
-RESERVED = ("job.json", "requirements.txt", "bootstrap.sh", "secrets.env", "train.log", "pid", "exit_code", "STOP")
+RESERVED = ("job.json", "requirements.txt", "requirements-cuda.txt", "bootstrap.sh", "secrets.env", "train.log", "pid", "exit_code", "STOP")
 _MTIME = 1_700_000_000  # fixed: reproducible archives
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints"}
 
@@ -125,6 +126,8 @@ def build_bundle(
         _add_path(tar, f"data/{dataset.name}", dataset)
         _add_bytes(tar, "requirements.txt", _requirements_text().encode())
         _add_bytes(tar, "bootstrap.sh", bootstrap.read_bytes(), mode=0o755)
+        if (src / "requirements-cuda.txt").is_file():
+            _add_path(tar, "requirements-cuda.txt", src / "requirements-cuda.txt")
         for name, path in sorted(extras.items()):
             _add_path(tar, name, path)
     return out_path
