@@ -4,6 +4,8 @@ Per create: a firewall rule `ftplan-<run>-<suffix>-ssh` (tcp/22 from the caller'
 tag) and the instance: Deep Learning VM image, `ssh-keys` metadata, label `ftplan-run-id`,
 `on_host_maintenance=TERMINATE` (GPU VMs cannot live-migrate), SPOT when asked, and `max_run_duration` with
 termination action DELETE, so Google itself deletes the VM at the deadline even if the launcher is gone.
+Multi-node runs (issue 13): `create_placement` makes a compact placement policy; each node joins it, carries
+its name as network tag and label, and a `<policy>-nodes` rule lets the nodes reach each other (gcp_cluster.py).
 
 Machine types: a2/a3/a4/g2 carry their GPUs; T4/V100/P100/P4 are attached to n1 hosts as `guest_accelerators`.
 The request's `instance_type` (from the catalog) is always the host machine type.
@@ -40,6 +42,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from ftplan.providers.base import Instance, InstanceRequest, InstanceState, Provider, SSHEndpoint
@@ -53,6 +56,7 @@ from ftplan.providers.errors import (
     import_sdk,
     scrub,
 )
+from ftplan.providers.gcp_cluster import PLACEMENT_LABEL, GCPCluster
 from ftplan.providers.gcp_errors import CAPACITY_CODES, NO_ADC, QUOTA_CODES, by_text, quota_advice
 from ftplan.providers.gcp_errors import mapped as _mapped_error
 from ftplan.providers.gcp_side import GCPSideResources
@@ -91,7 +95,7 @@ _PUBKEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Z
 _READ_TIMEOUT_S = 60.0
 
 
-class GCPProvider(GCPSideResources, Provider):
+class GCPProvider(GCPCluster, GCPSideResources, Provider):
     """Compute Engine in one project; zones come from the request (catalog offer) or `zone`."""
 
     name = "gcp"
@@ -126,7 +130,8 @@ class GCPProvider(GCPSideResources, Provider):
     def create(self, request: InstanceRequest) -> Instance:
         c = self._clients()
         cv = c["compute_v1"]
-        zone = request.zone or self.zone
+        placement = request.placement  # a node of a multi-node run (create_placement)
+        zone = request.zone or (placement or {}).get("zone") or self.zone
         if not zone:
             raise ProviderError("GCP needs a zone: the offer has none and GCPProvider(zone=...) is unset",
                                 provider=self.name)
@@ -141,6 +146,10 @@ class GCPProvider(GCPSideResources, Provider):
         name = f"ftplan-{label[:40].strip('-_').replace('_', '-')}-{secrets.token_hex(3)}"
         firewall = f"{name}-ssh"
         side: dict[str, Any] = {"project": self.project, "firewall": None, "instance_sent": False}
+        if placement and zone.rsplit("-", 1)[0] != placement["region"]:
+            raise ProviderError(f"zone {zone} is not in the placement policy's region {placement['region']}",
+                                provider=self.name)
+        nodes_firewall = None
         try:
             cidr = self._ssh_cidr(request)
             image = self._image(request.image or self.image, blackwell=needs_cuda_12_8(request.gpu))
@@ -152,6 +161,8 @@ class GCPProvider(GCPSideResources, Provider):
             op = c["firewalls"].insert(project=self.project, firewall_resource=rule, timeout=_READ_TIMEOUT_S)
             side["firewall"] = firewall
             self._wait_op(op.name, zone=None)
+            if placement:  # stays when this create fails: the other nodes use it (delete_placement removes it)
+                nodes_firewall = self._nodes_firewall(placement, request.run_id)
 
             scheduling = cv.Scheduling(
                 on_host_maintenance="TERMINATE", automatic_restart=False, instance_termination_action="DELETE",
@@ -176,9 +187,12 @@ class GCPProvider(GCPSideResources, Provider):
                     cv.Items(key="enable-guest-attributes", value="TRUE"),  # host keys under hostkeys/
                     cv.Items(key=RUN_LABEL, value=request.run_id),
                     cv.Items(key="ftplan-firewall", value=firewall),
+                    *([cv.Items(key="ftplan-nodes-firewall", value=nodes_firewall)] if nodes_firewall else []),
                 ]),
-                labels={RUN_LABEL: label, **({STORE_LABEL: label_value(request.store_id)} if request.store_id else {})},
-                tags=cv.Tags(items=[name]),
+                labels={RUN_LABEL: label, **({STORE_LABEL: label_value(request.store_id)} if request.store_id else {}),
+                        **({PLACEMENT_LABEL: placement["name"]} if placement else {})},
+                tags=cv.Tags(items=[name, *([placement["name"]] if placement else [])]),
+                resource_policies=[placement["link"]] if placement else [],
             )
             side["instance_sent"] = True
             op = c["instances"].insert(project=self.project, zone=zone, instance_resource=body, timeout=_READ_TIMEOUT_S)
@@ -189,7 +203,8 @@ class GCPProvider(GCPSideResources, Provider):
         instance = Instance(
             provider=self.name, id=name, run_id=request.run_id, region=request.region or zone.rsplit("-", 1)[0],
             zone=zone, instance_type=request.instance_type, spot=request.spot,
-            extra={"project": self.project, "firewall": firewall, "ssh_cidr": cidr, "image": image},
+            extra={"project": self.project, "firewall": firewall, "ssh_cidr": cidr, "image": image,
+                   **({"placement": placement["name"], "nodes_firewall": nodes_firewall} if placement else {})},
         )
         log.info("created %s (%s) in %s for run %s", name, request.instance_type, zone, scrub(request.run_id))
         return instance
@@ -250,6 +265,9 @@ class GCPProvider(GCPSideResources, Provider):
         instance.ssh = None
         log.info("terminated %s (%s)", instance.id, instance.state.value)
         self._delete_firewall(project, instance.extra.get("firewall"))
+        group = instance.extra.get("placement")
+        if instance.extra.get("nodes_firewall") and group and not self._placement_busy(group, exclude=instance.id):
+            self._delete_firewall(project, instance.extra["nodes_firewall"])  # the last node of its run
 
     def list_instances(self, run_id: str | None = None) -> list[Instance]:
         c = self._clients()
@@ -265,7 +283,10 @@ class GCPProvider(GCPSideResources, Provider):
                         provider=self.name, id=raw.name, run_id=meta.get(RUN_LABEL) or raw.labels.get(RUN_LABEL, ""),
                         region=zone.rsplit("-", 1)[0], zone=zone, instance_type=raw.machine_type.rsplit("/", 1)[-1],
                         spot=raw.scheduling.provisioning_model == "SPOT",
-                        extra={"project": self.project, "firewall": meta.get("ftplan-firewall")},
+                        extra={"project": self.project, "firewall": meta.get("ftplan-firewall"),
+                               **({"placement": raw.labels[PLACEMENT_LABEL],
+                                   "nodes_firewall": meta.get("ftplan-nodes-firewall")}
+                                  if PLACEMENT_LABEL in raw.labels else {})},
                         store_id=raw.labels.get(STORE_LABEL, ""),
                     )
                     self._apply(inst, raw)
@@ -301,6 +322,8 @@ class GCPProvider(GCPSideResources, Provider):
             "zone_ops": compute_v1.ZoneOperationsClient(**kw),
             "global_ops": compute_v1.GlobalOperationsClient(**kw),
             "firewalls": compute_v1.FirewallsClient(**kw),
+            "resource_policies": compute_v1.ResourcePoliciesClient(**kw),
+            "region_ops": compute_v1.RegionOperationsClient(**kw),
             "images": compute_v1.ImagesClient(**kw),
         }
         return self._c
@@ -351,8 +374,8 @@ class GCPProvider(GCPSideResources, Provider):
         best = max(images, key=lambda i: ("-nvidia-" in i.family, i.creation_timestamp))
         return best.self_link
 
-    def _wait_op(self, op_name: str, zone: str | None, project: str | None = None) -> None:
-        """Wait for a zone (or global) operation; raise the mapped error it ended with."""
+    def _wait_op(self, op_name: str, zone: str | None, project: str | None = None, region: str | None = None) -> None:
+        """Wait for a zone, region or global operation; raise the mapped error it ended with."""
         c = self._clients()
         cv = c["compute_v1"]
         project = project or self.project
@@ -360,6 +383,8 @@ class GCPProvider(GCPSideResources, Provider):
         while True:
             if zone:
                 op = c["zone_ops"].wait(project=project, zone=zone, operation=op_name, retry=None, timeout=150)
+            elif region:
+                op = c["region_ops"].wait(project=project, region=region, operation=op_name, retry=None, timeout=150)
             else:
                 op = c["global_ops"].wait(project=project, operation=op_name, retry=None, timeout=150)
             if op.status == cv.Operation.Status.DONE:
@@ -442,6 +467,14 @@ class GCPProvider(GCPSideResources, Provider):
         instance.public_ip = nat
         if nat is None:
             instance.ssh = None
+        if raw.network_interfaces:
+            instance.private_ip = raw.network_interfaces[0].network_i_p or instance.private_ip
+        if raw.creation_timestamp:  # RFC 3339 with offset, e.g. "2026-01-01T09:30:00.123-07:00"
+            try:
+                instance.launched_at = datetime.fromisoformat(raw.creation_timestamp).timestamp()
+            except ValueError:
+                pass
+        # GCP forgets a deleted VM: there is no end time to read, `ended_at` stays None.
 
     def _undo_create(self, zone: str, name: str, side: dict[str, Any]) -> None:
         """Best effort after a failed create: the VM (if the insert got through) and the firewall rule."""

@@ -1,4 +1,4 @@
-"""Firewall rules an interrupted GCP create leaves behind, for `ftplan gc`. A mixin of `GCPProvider`, which
+"""Firewall rules (and placement policies, gcp_cluster.py) an interrupted GCP create leaves behind, for `ftplan gc`. A mixin of `GCPProvider`, which
 supplies `_clients()`, `_wait_op()`, `_mapped()` and `project`."""
 
 from __future__ import annotations
@@ -22,20 +22,22 @@ class GCPSideResources:
         killed in between leaves it with no instance whose `terminate` would delete it. Firewall rules take no
         labels: the run id is read from the description `create` writes ("ftplan run <id>: ssh from ...")."""
         c = self._clients()
-        req = c["compute_v1"].ListFirewallsRequest(project=self.project, filter='name eq "ftplan-.*-ssh"')
+        req = c["compute_v1"].ListFirewallsRequest(project=self.project, filter='name eq "ftplan-.*-(ssh|nodes)"')
         try:
             rules = list(c["firewalls"].list(request=req, retry=None, timeout=_READ_TIMEOUT_S))
         except Exception as exc:
             raise self._mapped(exc, "listing firewall rules") from None
         found: list[dict[str, Any]] = []
         for rule in rules:
-            m = re.match(r"ftplan run (\S+): ssh from ", rule.description or "")
+            m = re.match(r"ftplan run (\S+): (ssh from |nodes of )", rule.description or "")
             if rule.name.startswith("ftplan-") and m:  # a rule someone else named ftplan-* is not ours
                 found.append({"provider": self.name, "kind": "firewall", "id": rule.name, "name": rule.name,
                               "run_id": m.group(1), "project": self.project})
-        return found
+        return found + self._placement_policies()
 
     def delete_side_resource(self, res: dict[str, Any]) -> None:
+        if res.get("kind") == "placement_policy":
+            return self._delete_policy(res)
         if res.get("kind") != "firewall":
             raise ProviderError(f"unknown GCP side resource {res.get('kind')} {res.get('name')}", provider=self.name)
         project = res.get("project") or self.project

@@ -13,7 +13,13 @@ It behaves like Compute where ftplan depends on it:
   text is not published, the one here uses the doc's words) and a Persistent Disk boot disk on the
   Hyperdisk-only families; bodies are parsed as compute_v1 types, so an unknown field is a 400 as on GCP;
 - guest attributes (`getGuestAttributes?queryPath=hostkeys/`) are 404 until `publish_guest_attribute`;
-- a firewall rule can be PATCHed (source ranges replaced).
+- a firewall rule can be PATCHed (source ranges replaced), listed (`name eq "regex"`), and a second insert of
+  a name is a 409 alreadyExists;
+- resource policies (compact placement, issue 13): regional insert/get/delete/list/aggregatedList with region
+  operations; an instance insert naming a policy that does not exist (or lies in another region) is refused,
+  and deleting a policy an instance still uses is a 400 `resourceInUseByAnotherResource`, as on Compute;
+- each VM gets its own internal address (`networkInterfaces[0].networkIP`) and a `creationTimestamp` of its
+  insert in RFC 3339 with Google's -07:00 offset.
 Switches: `insert_op_error` (async error in the operation), `sync_errors[(method, kind)]` (an HTTP error
 answered at once), `valid_tokens` (401 for any other bearer token), `throttle_gets` (429s before the next GETs
 of an instance). Every request is recorded in `requests`.
@@ -57,6 +63,7 @@ class FakeCompute(FakeServer):
     requests: list[Recorded] = field(default_factory=list)
     instances: dict[tuple[str, str, str], dict] = field(default_factory=dict)   # (project, zone, name)
     firewalls: dict[tuple[str, str], dict] = field(default_factory=dict)
+    policies: dict[tuple[str, str, str], dict] = field(default_factory=dict)    # (project, region, name)
     operations: dict[str, dict] = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)
     guest: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)  # instance -> attribute entries
@@ -124,7 +131,14 @@ class FakeCompute(FakeServer):
             ("POST", r"zones/([^/]+)/operations/([^/]+)/wait", "wait", self._wait_op),
             ("GET", r"zones/([^/]+)/operations/([^/]+)", "op", self._get_op),
             ("GET", r"aggregated/instances", "aggregated", self._aggregated),
+            ("POST", r"regions/([^/]+)/resourcePolicies", "policy-insert", self._policy_insert),
+            ("GET", r"regions/([^/]+)/resourcePolicies", "policy-list", self._policy_list),
+            ("GET", r"regions/([^/]+)/resourcePolicies/([^/]+)", "policy-get", self._policy_get),
+            ("DELETE", r"regions/([^/]+)/resourcePolicies/([^/]+)", "policy-delete", self._policy_delete),
+            ("GET", r"aggregated/resourcePolicies", "policy-aggregated", self._policy_aggregated),
+            ("POST", r"regions/([^/]+)/operations/([^/]+)/wait", "region-wait", self._wait_region_op),
             ("POST", r"global/firewalls", "firewall-insert", self._fw_insert),
+            ("GET", r"global/firewalls", "firewall-list", self._fw_list),
             ("GET", r"global/firewalls/([^/]+)", "firewall-get", self._fw_get),
             ("DELETE", r"global/firewalls/([^/]+)", "firewall-delete", self._fw_delete),
             ("PATCH", r"global/firewalls/([^/]+)", "firewall-patch", self._fw_patch),
@@ -162,6 +176,13 @@ class FakeCompute(FakeServer):
             if machine.startswith(HYPERDISK_ONLY) and not disk_type.startswith("hyperdisk"):
                 return _error(400, "INVALID_ARGUMENT", f"[{disk_type}] disk type cannot be used by [{machine}] "
                               "machine type.", "invalid")
+        for link in body.get("resourcePolicies", []):
+            m = re.search(r"projects/([^/]+)/regions/([^/]+)/resourcePolicies/([^/]+)$", link)
+            if not m or (m.group(1), m.group(2), m.group(3)) not in self.policies:
+                return _error(404, "NOT_FOUND", f"The resource '{link}' was not found", "notFound")
+            if m.group(2) != zone.rsplit("-", 1)[0]:
+                return _error(400, "INVALID_ARGUMENT", f"Invalid value for field 'resource.resourcePolicies[0]': "
+                              f"'{link}'. Resource policy must be in the same region as the instance.", "invalid")
         if (project, zone, name) in self.instances:
             return _error(409, "ALREADY_EXISTS", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' "
                           "already exists", "alreadyExists")
@@ -170,10 +191,11 @@ class FakeCompute(FakeServer):
         inst.update({
             "kind": "compute#instance", "id": str(next(self._ids)), "status": "PROVISIONING", "selfLink": link,
             "zone": f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}",
-            "creationTimestamp": "2026-01-01T00:00:00.000-07:00", "_polls": 0,
+            "creationTimestamp": _rfc3339_now(), "_polls": 0,
         })
+        host = len(self.instances) + 2
         for i, nic in enumerate(inst.get("networkInterfaces", [])):
-            nic["networkIP"] = f"10.128.0.{i + 2}"
+            nic["networkIP"] = f"10.128.{i}.{host}"
             for ac in nic.get("accessConfigs", []):
                 ac["natIP"] = self.nat_ip
         self.instances[(project, zone, name)] = inst
@@ -223,15 +245,17 @@ class FakeCompute(FakeServer):
 
     # ---- operations ----------------------------------------------------------------------------------
 
-    def _new_op(self, project, zone, kind, target_link, target):
+    def _new_op(self, project, zone, kind, target_link, target, region=None):
         name = f"operation-{next(self._ids)}-{kind}"
-        scope = f"zones/{zone}" if zone else "global"
+        scope = f"zones/{zone}" if zone else f"regions/{region}" if region else "global"
         op = {
             "kind": "compute#operation", "id": str(next(self._ids)), "name": name, "operationType": kind,
             "targetLink": target_link, "status": "RUNNING", "progress": 0,
             "selfLink": f"{self.endpoint}/compute/v1/projects/{project}/{scope}/operations/{name}",
-            "_target": target, "_zone": zone,
+            "_target": target, "_zone": zone, "_region": region,
         }
+        if region:
+            op["region"] = f"{self.endpoint}/compute/v1/projects/{project}/regions/{region}"
         if zone:
             op["zone"] = f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}"
         self.operations[name] = op
@@ -252,6 +276,8 @@ class FakeCompute(FakeServer):
                 self.instances.pop(target, None)
             elif kind == "firewall-delete":
                 self.firewalls.pop(target, None)
+            elif kind == "policy-delete":
+                self.policies.pop(target, None)
         return {k: v for k, v in op.items() if not k.startswith("_")}
 
     def _wait_op(self, request, project, zone, name, body):
@@ -267,9 +293,16 @@ class FakeCompute(FakeServer):
             return _error(404, "NOT_FOUND", f"operation {name} not found", "notFound")
         return _json({k: v for k, v in op.items() if not k.startswith("_")})
 
+    def _wait_region_op(self, request, project, region, name, body):
+        op = self.operations.get(name)
+        if op is None or op.get("_region") != region:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/regions/{region}/operations/{name}' "
+                          "was not found", "notFound")
+        return _json(self._finish(op))
+
     def _wait_global_op(self, request, project, name, body):
         op = self.operations.get(name)
-        if op is None or op["_zone"] is not None:
+        if op is None or op["_zone"] is not None or op.get("_region"):
             return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/global/operations/{name}' was not "
                           "found", "notFound")
         return _json(self._finish(op))
@@ -278,10 +311,19 @@ class FakeCompute(FakeServer):
 
     def _fw_insert(self, request, project, body):
         name = body["name"]
+        if (project, name) in self.firewalls:
+            return _error(409, "ALREADY_EXISTS", f"The resource 'projects/{project}/global/firewalls/{name}' already "
+                          "exists", "alreadyExists")
         link = f"{self.endpoint}/compute/v1/projects/{project}/global/firewalls/{name}"
         self.firewalls[(project, name)] = {**body, "kind": "compute#firewall", "id": str(next(self._ids)),
                                            "selfLink": link}
         return _json(self._new_op(project, None, "firewall-insert", link, target=(project, name)))
+
+    def _fw_list(self, request, project, body):
+        flt = re.fullmatch(r'\s*name\s+eq\s+"?([^"]*)"?\s*', request.args.get("filter", ""))
+        items = [fw for (p, name), fw in sorted(self.firewalls.items())
+                 if p == project and (not flt or re.fullmatch(flt.group(1), name))]
+        return _json({"kind": "compute#firewallList", "items": items})
 
     def _fw_get(self, request, project, name, body):
         fw = self.firewalls.get((project, name))
@@ -304,6 +346,61 @@ class FakeCompute(FakeServer):
                           "found", "notFound")
         fw.update({k: v for k, v in body.items() if k != "name"})
         return _json(self._new_op(project, None, "firewall-patch", fw["selfLink"], target=(project, name)))
+
+    # ---- resource policies (compact placement) ---------------------------------------------------------
+
+    def _policy_insert(self, request, project, region, body):
+        from google.cloud import compute_v1
+
+        try:
+            compute_v1.ResourcePolicy.from_json(json.dumps(body), ignore_unknown_fields=False)
+        except Exception as exc:  # noqa: BLE001
+            return _error(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}", "invalid")
+        name = body["name"]
+        if (project, region, name) in self.policies:
+            return _error(409, "ALREADY_EXISTS", f"The resource 'projects/{project}/regions/{region}/resourcePolicies/"
+                          f"{name}' already exists", "alreadyExists")
+        link = f"{self.endpoint}/compute/v1/projects/{project}/regions/{region}/resourcePolicies/{name}"
+        self.policies[(project, region, name)] = {
+            **body, "kind": "compute#resourcePolicy", "id": str(next(self._ids)), "selfLink": link, "status": "READY",
+            "region": f"{self.endpoint}/compute/v1/projects/{project}/regions/{region}",
+            "creationTimestamp": _rfc3339_now()}
+        return _json(self._new_op(project, None, "policy-insert", link, target=(project, region, name), region=region))
+
+    def _policy_get(self, request, project, region, name, body):
+        policy = self.policies.get((project, region, name))
+        if policy is None:
+            return _error(404, "NOT_FOUND", f"The resource 'projects/{project}/regions/{region}/resourcePolicies/"
+                          f"{name}' was not found", "notFound")
+        return _json(policy)
+
+    def _policy_users(self, project, region, name) -> list[str]:
+        suffix = f"projects/{project}/regions/{region}/resourcePolicies/{name}"
+        return [inst["selfLink"] for inst in self.instances.values()
+                if any(link.endswith(suffix) for link in inst.get("resourcePolicies", []))]
+
+    def _policy_delete(self, request, project, region, name, body):
+        policy = self.policies.get((project, region, name))
+        if policy is None:
+            return self._policy_get(request, project, region, name, body)
+        users = self._policy_users(project, region, name)
+        if users:
+            return _error(400, "BAD_REQUEST", f"The resource_policy resource '{policy['selfLink']}' is already being "
+                          f"used by '{users[0]}'", "resourceInUseByAnotherResource")
+        return _json(self._new_op(project, None, "policy-delete", policy["selfLink"], target=(project, region, name),
+                                  region=region))
+
+    def _policy_list(self, request, project, region, body):
+        items = [p for (pr, r, _), p in sorted(self.policies.items()) if pr == project and r == region]
+        return _json({"kind": "compute#resourcePolicyList", "items": items})
+
+    def _policy_aggregated(self, request, project, body):
+        flt = re.fullmatch(r'\s*name\s+eq\s+"?([^"]*)"?\s*', request.args.get("filter", ""))
+        items: dict[str, dict] = {}
+        for (pr, region, name), policy in sorted(self.policies.items()):
+            if pr == project and (not flt or re.fullmatch(flt.group(1), name)):
+                items.setdefault(f"regions/{region}", {"resourcePolicies": []})["resourcePolicies"].append(policy)
+        return _json({"kind": "compute#resourcePolicyAggregatedList", "items": items})
 
     def _image_family(self, request, project, family, body):
         found = [i for i in self.images if i["family"] == family and project == DLVM_PROJECT]
@@ -329,6 +426,14 @@ def _image(name: str, family: str, date: str) -> dict:
         "status": "READY", "creationTimestamp": f"{date}T10:00:00.000-07:00", "diskSizeGb": "50",
         "selfLink": f"https://www.googleapis.com/compute/v1/projects/{DLVM_PROJECT}/global/images/{name}",
     }
+
+
+def _rfc3339_now() -> str:
+    """Compute's timestamps: RFC 3339 with milliseconds and a Pacific offset."""
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone(timedelta(hours=-7)))
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}-07:00"
 
 
 def _json(data: dict, status: int = 200) -> Response:
