@@ -84,6 +84,7 @@ class Fault:
     status: int = 400
     message: str = ""
     remaining: int | None = None  # None = sticky
+    after: int = 0                # let this many calls through first (the 2nd node of a group fails)
 
 
 @dataclass
@@ -169,6 +170,9 @@ class FaultMiddleware:
             if action:
                 self.requests.append(RecordedRequest(action, params, environ.get("HTTP_AUTHORIZATION", "")))
             fault = self.faults.get(action)
+            if fault and fault.after > 0:
+                fault.after -= 1
+                fault = None
             if fault and fault.remaining is not None:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
@@ -276,10 +280,13 @@ class MotoEC2(FakeServer):
         with self.middleware.lock:
             self.middleware.console[instance_id] = text
 
-    def arm(self, action: str, code: str, status: int = 400, message: str = "", count: int | None = None) -> None:
-        """Make `action` fail with EC2 error `code` (sticky unless `count` is given)."""
+    def arm(self, action: str, code: str, status: int = 400, message: str = "", count: int | None = None,
+            after: int = 0) -> None:
+        """Make `action` fail with EC2 error `code` (sticky unless `count` is given), once `after` calls of it
+        have gone through."""
         with self.middleware.lock:
-            self.middleware.faults[action] = Fault(code, status, message or f"{code} (injected by the test)", count)
+            self.middleware.faults[action] = Fault(code, status, message or f"{code} (injected by the test)", count,
+                                                   after)
 
     def calls(self, action: str) -> list[dict[str, str]]:
         with self.middleware.lock:

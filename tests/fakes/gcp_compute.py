@@ -20,7 +20,7 @@ It behaves like Compute where ftplan depends on it:
   and deleting a policy an instance still uses is a 400 `resourceInUseByAnotherResource`, as on Compute;
 - each VM gets its own internal address (`networkInterfaces[0].networkIP`) and a `creationTimestamp` of its
   insert in RFC 3339 with Google's -07:00 offset.
-Switches: `insert_op_error` (async error in the operation), `sync_errors[(method, kind)]` (an HTTP error
+Switches: `insert_op_error` (async error in the operation; `insert_op_errors_at[n]` for the nth insert only), `sync_errors[(method, kind)]` (an HTTP error
 answered at once), `valid_tokens` (401 for any other bearer token), `throttle_gets` (429s before the next GETs
 of an instance). Every request is recorded in `requests`.
 """
@@ -59,6 +59,7 @@ class FakeCompute(FakeServer):
     boot_polls: int = 2
     valid_tokens: set[str] | None = None
     insert_op_error: tuple[str, str, int] | None = None          # (code, message, httpErrorStatusCode)
+    insert_op_errors_at: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # the Nth insert (1-based)
     sync_errors: dict[tuple[str, str], tuple[int, str, str]] = field(default_factory=dict)  # -> (http, reason, msg)
     requests: list[Recorded] = field(default_factory=list)
     instances: dict[tuple[str, str, str], dict] = field(default_factory=dict)   # (project, zone, name)
@@ -68,6 +69,7 @@ class FakeCompute(FakeServer):
     images: list[dict] = field(default_factory=list)
     guest: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)  # instance -> attribute entries
     throttle_gets: int = 0
+    _inserts: int = 0
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -200,8 +202,10 @@ class FakeCompute(FakeServer):
                 ac["natIP"] = self.nat_ip
         self.instances[(project, zone, name)] = inst
         op = self._new_op(project, zone, "insert", link, target=(project, zone, name))
-        if self.insert_op_error:
-            self.operations[op["name"]]["_error"] = self.insert_op_error
+        self._inserts += 1
+        error = self.insert_op_errors_at.get(self._inserts) or self.insert_op_error
+        if error:
+            self.operations[op["name"]]["_error"] = error
         return _json(op)
 
     def _get(self, request, project, zone, name, body):
