@@ -65,3 +65,60 @@ def test_requirements_resolve_with_pip_for(python, tmp_path):
     assert chosen["peft"] == "0.21.2" and chosen["bitsandbytes"] == "0.50.2" and chosen["accelerate"] == "1.15.0"
     major, minor = (int(x) for x in chosen["torch"].split(".")[:2])
     assert (major, minor) >= (2, 6)
+
+
+CUDA_REQUIREMENTS = JOB_DIR / "requirements-cuda.txt"
+
+
+def test_the_hub_client_pins_sit_within_transformers_range_and_liger_is_cuda_only():
+    """bootstrap.sh installs the Hub client alone first (the weights download starts then): its pin must be one
+    transformers accepts, or the full install would replace it under the running download."""
+    import importlib.metadata
+
+    lines = {Requirement(r).name.lower().replace("_", "-"): Requirement(r) for r in requirements_for("3.11")}
+    hub = lines["huggingface-hub"]
+    wanted = next(Requirement(r) for r in importlib.metadata.requires("transformers")
+                  if Requirement(r).name.replace("_", "-") == "huggingface-hub" and Requirement(r).marker is None)
+    assert next(iter(hub.specifier)).operator == "==" and wanted.specifier.contains(next(iter(hub.specifier)).version)
+    assert "hf-xet" in lines and "liger-kernel" not in lines and "hf-transfer" not in lines
+    cuda = [Requirement(line) for line in CUDA_REQUIREMENTS.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert [r.name for r in cuda] == ["liger-kernel"] and next(iter(cuda[0].specifier)).operator == "=="
+
+
+@pytest.mark.parametrize("python", ["3.10", "3.11", "3.12"])
+def test_cuda_requirements_resolve_beside_the_job_with_its_torch_held(python, tmp_path):
+    """What a GPU machine installs after the job's requirements: liger-kernel's wheel exists and needs no
+    other torch (bootstrap.sh holds the installed one with -c)."""
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("\n".join(requirements_for(python)) + "\n" + CUDA_REQUIREMENTS.read_text())
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+         "--python-version", python, "--only-binary=:all:", "--ignore-installed", "--target", str(tmp_path / "t"),
+         "-r", str(reqs)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and any(mark in proc.stderr for mark in OFFLINE_MARKS):
+        pytest.skip(f"package index unreachable: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    chosen = {name.replace("_", "-"): v for name, v in chosen.items()}
+    assert chosen["liger-kernel"] == "0.8.5" and "triton" in chosen
+    assert chosen["huggingface-hub"] == "2.4.0" and chosen["hf-xet"] == "1.8.0"
+
+
+def test_on_a_cuda_machine_with_liger_the_job_runs_what_the_plan_estimates(monkeypatch):
+    """`ftplan plan`/launch estimate loss `fused` (no full-vocabulary logits); the job on CUDA with the
+    requirements-cuda.txt install runs Liger's fused linear cross-entropy, and its chunked loss elsewhere."""
+    from job_helpers import use_job_modules
+
+    from ftplan.planner.launch.estimate_bridge import LAUNCH_LOSS
+
+    use_job_modules()
+    import job_loss
+
+    monkeypatch.setattr(job_loss, "liger_available", lambda: True)
+    assert LAUNCH_LOSS == "fused" and job_loss.resolve(LAUNCH_LOSS, "cuda") == "liger"
+    assert job_loss.resolve(LAUNCH_LOSS, "cpu") == "chunked"
+    monkeypatch.setattr(job_loss, "liger_available", lambda: False)  # the install failed: a warning, then
+    assert job_loss.resolve(LAUNCH_LOSS, "cuda") == "chunked"
