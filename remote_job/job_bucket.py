@@ -86,6 +86,12 @@ class _S3:
     def get_to(self, key: str, path: str) -> None:
         self.client.download_file(self.bucket, key, path)
 
+    def keys(self, prefix: str) -> list[str]:
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
 
 class _GCS:
     def __init__(self, bucket: str):
@@ -114,6 +120,17 @@ class _GCS:
         with open(path, "wb") as fh:
             fh.write(self.get(key))
 
+    def keys(self, prefix: str) -> list[str]:
+        """objects.list with `prefix`, following nextPageToken."""
+        out, token = [], None
+        while True:
+            q = {"prefix": prefix, **({"pageToken": token} if token else {})}
+            page = json.loads(self._req(f"{self.base}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(q)}"))
+            out += [item["name"] for item in page.get("items", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return out
+
 
 def _metadata_token() -> str:
     req = urllib.request.Request(
@@ -126,6 +143,34 @@ def _metadata_token() -> str:
 def store_for(url: str):
     scheme, bucket, prefix = split(url)
     return (_S3(bucket) if scheme == "s3" else _GCS(bucket)), prefix
+
+
+def put_file(path: str, url: str) -> None:
+    """One file to `url` (the watchdog's status copy, read by `ftplan runs --refresh` once the machine is gone)."""
+    store, key = store_for(url)
+    store.put(key, path)
+
+
+def get_json(url: str) -> dict | None:
+    """A small JSON object at `url`; None when it is absent or not a JSON object."""
+    store, key = store_for(url)
+    try:
+        value = json.loads(store.get(key))
+    except Exception:  # noqa: BLE001 - absent (NoSuchKey / HTTP 404) or unreadable: nothing there
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def checkpoints_in(url: str) -> list[str]:
+    """Names of the checkpoints under `<url>/checkpoints/` whose upload completed (their manifest is there),
+    oldest first by step: what a resume can fetch with `download_tree`."""
+    store, prefix = store_for(join(url, "checkpoints"))
+    names = set()
+    for key in store.keys(prefix + "/"):
+        parts = key[len(prefix) + 1:].split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST and parts[0].startswith("checkpoint-") and parts[0][11:].isdigit():
+            names.add(parts[0])
+    return sorted(names, key=lambda n: int(n[11:]))
 
 
 def upload_tree(folder: str, url: str) -> int:

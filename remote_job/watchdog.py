@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import job_bucket  # noqa: E402  (the job folder is on sys.path: this file runs as a script)
 
 STATUS_FILE = "watchdog.json"
+# actions whose record also goes to the bucket (the rest stay on the machine's disk)
+_SHARED_ACTIONS = ("started", "stop_requested", "training_ended", "uploaded", "upload_failed", "power_off")
 PULLED_MARKER = "launcher_pulled"
 
 
@@ -109,10 +111,22 @@ class Watchdog:
     def act(self, action: str, **detail) -> None:
         self.actions.append({"at": round(time.time(), 3), "action": action, **detail})
         self.write_status()
+        if self.a.bucket and action in _SHARED_ACTIONS:
+            self.share_status()
+
+    def share_status(self) -> None:
+        """A copy of watchdog.json at <bucket>/watchdog.json: what `ftplan runs --refresh` reads once the machine
+        is off. Best effort: a failed copy never stops the watchdog (nor its power-off)."""
+        try:
+            job_bucket.put_file(self._path(STATUS_FILE), job_bucket.join(self.a.bucket, STATUS_FILE))
+        except Exception:  # noqa: BLE001
+            pass
 
     def write_status(self) -> None:
+        hb = getattr(self, "last_heartbeat", None) or {}
         doc = {"state": self.state, "updated_unix": round(time.time(), 3), "actions": self.actions[-50:],
-               "spent_usd": round(self.spent_usd(), 4), "budget_usd": self.a.budget_usd}
+               "spent_usd": round(self.spent_usd(), 4), "budget_usd": self.a.budget_usd,
+               "step": finite(hb.get("step")), "total_steps": finite(hb.get("total_steps"))}
         tmp = self._path(STATUS_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(doc, fh)
@@ -136,6 +150,7 @@ class Watchdog:
         """One look at the machine; False once the watchdog is done (powered off or nothing left)."""
         if not self.training_ended():
             hb = self.heartbeat()
+            self.last_heartbeat = hb
             projected = projected_total_usd(hb, self.spent_usd(), self.a.price_hour, self.a.pull_margin_s)
             if self.a.budget_usd is not None and projected is not None and projected > self.a.budget_usd:
                 self.request_stop(f"projected ${projected:.2f} > budget ${self.a.budget_usd:.2f}")
@@ -151,6 +166,7 @@ class Watchdog:
                     self.uploaded_checkpoint = ckpt
             return True
         if self.state not in ("finished", "uploaded"):
+            self.last_heartbeat = self.heartbeat() or getattr(self, "last_heartbeat", None)
             self.state = "finished"
             self.ended_at = time.time()
             self.act("training_ended")

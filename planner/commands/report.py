@@ -23,13 +23,27 @@ def _store(path: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--limit", type=int, help="Only the newest N runs.")
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
+@click.option("--refresh", is_flag=True, help="Ask the providers and the machines' watchdogs about the runs no "
+              "launcher is watching (detached, or launcher gone): machine state, step, spend from the provider's "
+              "clock; a run whose machine is gone and whose artifacts are in its bucket is closed.")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False))
-def runs(as_json, limit, wide, store_path):
+def runs(as_json, limit, wide, refresh, store_path):
     """List recorded runs: estimated vs actual time and cost."""
     from ftplan.planner.runs.reports import render_runs_text, runs_table
 
     if limit is not None and limit <= 0:
         raise UserError("--limit must be a positive integer")
+    if refresh:
+        from ftplan.planner.launch.refresh import refresh_runs, render_refresh_text
+
+        rows = refresh_runs(_store(store_path), limit=limit)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        elif not rows:
+            click.echo("no runs recorded yet")
+        else:
+            click.echo(render_refresh_text(rows), nl=False)
+        return
     rows = runs_table(_store(store_path), limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

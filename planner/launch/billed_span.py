@@ -99,7 +99,7 @@ def billed_span(provider: Any, inst: Any, created: float, now: float, *, powered
 
     `created` is the launcher's intent row, `now` the launcher's end; `powered_off_at` the watchdog's
     power-off time, used as the end when the provider says the machine is gone but not when."""
-    seen = describe_bounded(provider, inst, timeout_s) if describe else None
+    seen = describe_bounded(provider, inst, timeout_s) if describe else inst   # not asking: `inst` is fresh
     got = seen if seen is not None else inst
     launched = _sane(getattr(got, "launched_at", None) or getattr(inst, "launched_at", None), now)
     ended = _sane(getattr(got, "ended_at", None) or getattr(inst, "ended_at", None), now)

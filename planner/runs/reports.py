@@ -109,7 +109,11 @@ _CLOCK_WORDS = {"provider": "the provider's clock", "provider start": "the provi
 def billed_from(costs: list[Row]) -> str | None:
     """Whose clock the run's cost rows came from, in words ("the provider's clock"); None with no cost rows."""
     clocks = sorted({c.data.get("clock") or "launcher" for c in costs})
-    return "; ".join(_CLOCK_WORDS.get(c, c) for c in clocks) if clocks else None
+    return "; ".join(clock_words(c) for c in clocks) if clocks else None
+
+
+def clock_words(clock: str) -> str:
+    return _CLOCK_WORDS.get(clock, clock)
 
 
 def _loss_point(x: Any, i: int) -> dict[str, Any]:
