@@ -29,7 +29,8 @@ AUTH_CODES = {
 BILLING_CODES = {"OptInRequired", "PendingVerification", "Blocked"}
 GONE_CODES = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
 # Codes EC2 answers for a resource it created a moment ago but has not propagated (see module docstring).
-NOT_VISIBLE_YET = {"InvalidInstanceID.NotFound", "InvalidGroup.NotFound", "InvalidKeyPair.NotFound"}
+NOT_VISIBLE_YET = {"InvalidInstanceID.NotFound", "InvalidGroup.NotFound", "InvalidKeyPair.NotFound",
+                   "InvalidPlacementGroup.Unknown"}
 BILLING_PAGE = "https://console.aws.amazon.com/billing/home#/paymentmethods"
 NO_CREDENTIALS = (
     "AWS credentials not found: run `aws configure` or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"

@@ -177,12 +177,23 @@ def test_nodes_created_at_once_share_one_group_without_errors(provider, moto, ec
     assert {n.extra["security_group_id"] for n in made} == {group["GroupId"]}
 
 
-def test_a_node_for_a_placement_that_does_not_exist_is_refused(provider, moto, ec2):
+def test_a_node_for_a_placement_that_does_not_exist_is_refused(moto, ec2):
+    provider = AWSProvider(region="us-east-1", endpoint_url=moto.url, ssh_cidr=CIDR, poll_interval_s=0.01,
+                           teardown_wait_s=2, consistency_window_s=0.5)
     placement = provider.create_placement("ft-mn-0005", "us-east-1", "us-east-1a", 2)
     provider.delete_placement(placement)
     with pytest.raises(ProviderError, match="InvalidPlacementGroup.Unknown"):
         provider.create(_node(placement, 0, instance_type="g5.xlarge", nodes=2))
     assert ec2.describe_instances()["Reservations"] == []
+
+
+def test_a_placement_group_ec2_has_not_propagated_yet_is_waited_for(provider, moto, ec2):
+    """EC2's eventual consistency: RunInstances right after CreatePlacementGroup may not find the group yet."""
+    moto.lag("CreatePlacementGroup", RunInstances=2)
+    placement = provider.create_placement("ft-mn-0007", "us-east-1", "us-east-1a", 1)
+    node = provider.create(_node(placement, 0, instance_type="g5.xlarge", nodes=1))
+    assert node.id.startswith("i-") and moto.hidden_left()[placement["name"]] == {"RunInstances": 0}
+    assert len(moto.calls("RunInstances")) == 3
 
 
 def test_placement_without_nodes_is_collected_by_gc(provider, moto, ec2, tmp_path, monkeypatch):

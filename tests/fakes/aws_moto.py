@@ -99,6 +99,7 @@ _LAG_SOURCES = {
     "RunInstances": ("instanceId", "InvalidInstanceID.NotFound", "The instance ID '{id}' does not exist"),
     "CreateSecurityGroup": ("groupId", "InvalidGroup.NotFound", "The security group '{id}' does not exist"),
     "ImportKeyPair": ("keyName", "InvalidKeyPair.NotFound", "The key pair '{id}' does not exist"),
+    "CreatePlacementGroup": ("groupName", "InvalidPlacementGroup.Unknown", "The Placement Group '{id}' is unknown."),
 }
 
 
@@ -194,6 +195,9 @@ class FaultMiddleware:
                 return self._error(start_response, answer[1], answer[2], answer[0])
             if answer:
                 doc = answer[2].encode()
+                if action in _LAG_SOURCES:
+                    with self.lock:
+                        self._remember_new(action, doc)
                 start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(doc)))])
                 return [doc]
         if action not in _LAG_SOURCES:
@@ -267,7 +271,7 @@ class MotoEC2(FakeServer):
 
     def lag(self, created_by: str, **hidden_from: int) -> None:
         """EC2's eventual consistency: the next resource `created_by` makes (RunInstances, CreateSecurityGroup,
-        ImportKeyPair) answers NotFound to its next N calls of each action, e.g.
+        ImportKeyPair, CreatePlacementGroup) answers NotFound to its next N calls of each action, e.g.
         `lag("RunInstances", DescribeInstances=2, TerminateInstances=1)`."""
         with self.middleware.lock:
             self.middleware.lags.append(Lag(created_by, dict(hidden_from)))
