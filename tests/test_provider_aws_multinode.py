@@ -234,6 +234,7 @@ def test_describe_reports_launch_and_end_times(provider, moto):
 @pytest.mark.parametrize("reason, expected", [
     ("User initiated (2016-05-23 17:27:52 GMT)", 1464024472.0),
     ("User initiated (2026-12-07 17:29:29 UTC)", 1796664569.0),
+    ("Service initiated (2026-12-07 17:29:29 GMT)", 1796664569.0),   # e.g. a reclaimed spot instance
     ("Server.SpotInstanceTermination: Spot instance termination", None),
     ("", None),
     ("User initiated (2026-13-45 99:00:00 GMT)", None),
