@@ -261,8 +261,12 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
 
     def run_is_live(run_id: str | None) -> bool:
         run = store.get_run(run_id) if run_id else None
-        return bool(run and run.status not in FINAL_STATUSES and (pid_alive(run.launcher_pid, run.launcher_host)
-                                                                  or run.phase == "detached"))  # its watchdog guards it
+        if not run or run.status in FINAL_STATUSES:
+            return False
+        if pid_alive(run.launcher_pid, run.launcher_host):
+            return True
+        # detached: its watchdog guards it until attach / runs --refresh closes it, unless it is over its own cap
+        return run.phase == "detached" and over_cap_since(store, run.id) is None
 
     def options_for(name: str, run_id: str | None) -> dict:
         opts = dict(cfg.provider_options(name)) if name in cfg.providers else {}
@@ -308,9 +312,11 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
         run = store.get_run(run_id) if run_id else None
         if run and run.status not in FINAL_STATUSES and not store.instances(run.id, open_only=True):
             hours, usd = store.run_cost(run.id)
-            store.add_event(run.id, "gc", "launcher gone; instances terminated by ftplan gc", phase="teardown")
+            why = ("detached run over its hard cap" if run.phase == "detached"
+                   and over_cap_since(store, run.id) is not None else "launcher died")
+            store.add_event(run.id, "gc", f"{why}; instances terminated by ftplan gc", phase="teardown")
             store.update_run(run.id, actual_hours=hours, actual_usd=usd,
-                             error=(run.error + "; " if run.error else "") + "launcher died; closed by ftplan gc")
+                             error=(run.error + "; " if run.error else "") + f"{why}; closed by ftplan gc")
             store.finish_run(run.id, "failed")
 
     seen: set[tuple[str, str]] = set()
@@ -335,7 +341,7 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                 reason = foreign + ("" if include_foreign else "; not touched (see 'ftplan gc --include-foreign')")
             else:
                 action = "keep" if live else ("terminated" if terminate else "orphan")
-                reason = "its launcher is running" if live else _orphan_reason(store, inst.run_id)
+                reason = _live_reason(store, inst.run_id) if live else _orphan_reason(store, inst.run_id)
             item = {"provider": name, "id": inst.id, "run_id": inst.run_id, "state": inst.state.value,
                     "store_id": getattr(inst, "store_id", ""), "foreign": bool(foreign), "action": action,
                     "reason": reason}
@@ -446,7 +452,41 @@ def _orphan_reason(store, run_id: str | None) -> str:
         return "no run with this id in the store"
     if run.status in ("succeeded", "failed", "stopped_over_budget", "cancelled"):
         return f"its run is {run.status}"
+    since = over_cap_since(store, run.id) if run.phase == "detached" else None
+    if since is not None:
+        import datetime as dt
+
+        at = dt.datetime.fromtimestamp(since, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return (f"OVER ITS HARD CAP: detached run whose on-instance deadline passed at {at} and the machine is "
+                "still up (its shutdown did not happen); terminate it with 'ftplan gc --yes'")
     return f"its launcher is gone (pid {run.launcher_pid})"
+
+
+def _live_reason(store, run_id: str | None) -> str:
+    run = store.get_run(run_id) if run_id else None
+    if run is not None and run.phase == "detached":
+        return ("detached: its watchdog guards it until 'ftplan attach' or 'ftplan runs --refresh' closes the run "
+                "(or its on-instance deadline passes)")
+    return "its launcher is running"
+
+
+OVER_CAP_SLACK_S = 30 * 60   # after the on-instance deadline: its shutdown, the provider's own stop, a late pull
+
+
+def over_cap_since(store, run_id: str) -> float | None:
+    """When a detached run's on-instance deadline passed (the `job_started` event's time + its deadline), if that
+    was more than OVER_CAP_SLACK_S ago: the machine should be off, so it is no longer kept. None otherwise or
+    when no deadline was armed (a free machine, the user's own)."""
+    import time
+
+    started = store.events(run_id, "job_started")
+    if not started:
+        return None
+    deadline = (started[-1].json("data_json") or {}).get("deadline_s")
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or deadline <= 0:
+        return None
+    at = started[-1].ts + float(deadline)
+    return at if time.time() > at + OVER_CAP_SLACK_S else None
 
 
 def watchdog_powered_off_at(store, run_id: str | None) -> float | None:
