@@ -164,7 +164,8 @@ def plan(model: str, method: str, *, budget: float | None = None, max_hourly: fl
                             warnings=([warning] if warning else []) + stale_summary(lines, table) + result.notes)
 
 
-def launch(config: str | Path | None = None, *, provider: str | None = None, host: str | None = None,
+def launch(config: str | Path | None = None, *, provider: str | None = None, host: str | list[str] | None = None,
+           nodes: int | None = None,
            identity: str | Path | None = None, ssh_port: int | None = None, remote_python: str | None = None,
            model: str | None = None, method: str | None = None, dataset: str | Path | None = None,
            max_steps: int | None = None, budget: float | None = None, on_over_budget: str | None = None,
@@ -174,7 +175,8 @@ def launch(config: str | Path | None = None, *, provider: str | None = None, hos
 
     `config` is an ftplan.toml (default: ./ftplan.toml when present); the keyword arguments are the CLI's
     flags and override it. Calling this is the confirmation: it rents a machine unless `dry_run`.
-    Returns a `LaunchPreview` with `dry_run=True`, else the launcher's `LaunchResult` (status, actual
+    `host` may be a list: one run across several machines (`--host a --host b`); `nodes` pins the machine
+    count (`--nodes`). Returns a `LaunchPreview` with `dry_run=True`, else the launcher's `LaunchResult` (status, actual
     hours/usd, artifacts_dir, teardown_confirmed). `display` receives phase/progress callbacks
     (default: silent; `ftplan.planner.launch.live_display.LiveDisplay()` prints the CLI's live line).
     """
@@ -188,7 +190,7 @@ def launch(config: str | Path | None = None, *, provider: str | None = None, hos
         check_provider_names([provider], "provider")
     cfg = load_project(config, required=config is not None)
     for name, value in (("budget", budget), ("max_steps", max_steps), ("sync_every", sync_every),
-                        ("ssh_port", ssh_port)):
+                        ("ssh_port", ssh_port), ("nodes", nodes)):
         if value is not None and not value > 0:
             raise UserError(f"{name} must be a positive number, got {value}")
     if host and provider not in (None, "ssh"):
@@ -199,7 +201,7 @@ def launch(config: str | Path | None = None, *, provider: str | None = None, hos
         "launch.spot_recovery": spot_recovery, "launch.sync_every_min": sync_every,
         "launch.runs_dir": None if runs_dir is None else str(runs_dir),
         "launch.providers": ["ssh"] if host else ([provider] if provider else None),
-        "launch.remote_python": remote_python,
+        "launch.remote_python": remote_python, "launch.nodes": nodes,
     })
     if ssh_port is not None:
         if cfg.launch.providers != ["local"]:

@@ -1,5 +1,6 @@
-"""Machines ftplan does not provision: `ssh` (bring your own: `--host user@host[:port] --identity KEY`)
-and `local` (this machine over SSH on 127.0.0.1: on-premise GPUs, the demo, end-to-end tests).
+"""Machines ftplan does not provision: `ssh` (bring your own: `--host user@host[:port] --identity KEY`, or
+several `--host` for one multi-node run) and `local` (this machine over SSH on 127.0.0.1: on-premise GPUs, the
+demo, end-to-end tests).
 
 There is nothing to create or tear down: `create` returns the endpoint at once, `terminate` is a
 successful no-op that never connects to the machine (the launcher's runner removes the run's own
@@ -89,27 +90,53 @@ def check_identity(identity: str | os.PathLike | None) -> str | None:
 
 
 class SSHHostProvider(Provider):
-    """A machine you already have. `identity` is the private key file (None: ssh-agent / default keys)."""
+    """Machines you already have. `identity` is the private key file (None: ssh-agent / default keys).
+
+    `hosts` (several machines) makes one multi-node run: node k is `hosts[k]`, and the address the other
+    nodes reach it on is the host as written (node 0's is the rendezvous address), so name the hosts as
+    they see each other (a private address or a name their resolver knows)."""
 
     name = "ssh"
     region = "on-prem"
 
-    def __init__(self, host: str, identity: str | os.PathLike | None = None):
-        self.spec = parse_host_spec(host)
+    def __init__(self, host: str | None = None, identity: str | os.PathLike | None = None,
+                 hosts: list[str] | None = None):
+        texts = list(hosts) if hosts else ([host] if host is not None else [])
+        if not texts:
+            raise HostSpecError("--provider ssh needs --host user@host[:port] (once per machine)", provider="ssh")
+        if hosts and host and host not in texts:
+            raise HostSpecError(f"[providers.ssh] has both host = {host!r} and hosts = [...]; keep one",
+                                provider="ssh")
+        self.specs = [parse_host_spec(text) for text in texts]
+        seen: set[tuple[str, int]] = set()
+        for spec in self.specs:
+            if (spec.host, spec.port) in seen:
+                raise HostSpecError(f"--host {spec} is given twice; each node of a run is its own machine",
+                                    provider="ssh")
+            seen.add((spec.host, spec.port))
+        self.spec = self.specs[0]
         self.identity = check_identity(identity)
+        # One job across several of your machines: the hosts themselves are the placement.
+        self.multinode = "your own machines over ssh" if len(self.specs) > 1 else ""
 
-    def _endpoint(self) -> SSHEndpoint:
-        return SSHEndpoint(host=self.spec.host, port=self.spec.port, user=self.spec.user)
+    @staticmethod
+    def _endpoint(spec: HostSpec) -> SSHEndpoint:
+        return SSHEndpoint(host=spec.host, port=spec.port, user=spec.user)
 
     def create(self, request: InstanceRequest) -> Instance:
+        if not 0 <= request.node_rank < len(self.specs):
+            raise ProviderError(f"node {request.node_rank} of {request.nodes} has no machine: {len(self.specs)} "
+                                "--host given; pass one --host per node", provider="ssh")
+        spec = self.specs[request.node_rank]
         return Instance(
-            provider=self.name, id=f"ssh:{self.spec}:{request.run_id}", run_id=request.run_id, region=self.region,
-            instance_type=request.instance_type, state=InstanceState.RUNNING, public_ip=self.spec.host,
-            ssh=self._endpoint(), extra={"identity": self.identity, "owned": False},
+            provider=self.name, id=f"ssh:{spec}:{request.run_id}", run_id=request.run_id, region=self.region,
+            instance_type=request.instance_type, state=InstanceState.RUNNING, public_ip=spec.host,
+            private_ip=spec.host, ssh=self._endpoint(spec),
+            extra={"identity": self.identity, "owned": False, "node_rank": request.node_rank},
         )
 
     def wait_ready(self, instance: Instance, timeout_s: float) -> SSHEndpoint:
-        instance.ssh = instance.ssh or self._endpoint()
+        instance.ssh = instance.ssh or self._endpoint(self.spec)
         instance.state = InstanceState.RUNNING
         return instance.ssh
 
@@ -125,6 +152,17 @@ class SSHHostProvider(Provider):
 
     def list_instances(self, run_id: str | None = None) -> list[Instance]:
         return []
+
+    def create_placement(self, run_id: str, region: str, zone: str | None, nodes: int, *,
+                         store_id: str = "") -> dict:
+        """Nothing to create: the machines are where they are. Refused when fewer hosts than nodes were given."""
+        if nodes > len(self.specs):
+            raise ProviderError(f"{nodes} nodes need {nodes} --host; {len(self.specs)} given", provider="ssh")
+        return {"provider": self.name, "kind": "hosts", "id": run_id, "name": ",".join(map(str, self.specs[:nodes])),
+                "run_id": run_id, "region": self.region, "zone": None}
+
+    def delete_placement(self, placement: dict) -> None:
+        return None
 
 
 class LocalProvider(SSHHostProvider):

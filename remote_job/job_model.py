@@ -96,9 +96,12 @@ def _random_base(cfg: dict, out_dir: str, dtype, is_main: bool, barrier) -> str:
     model_type = conf.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **conf)
     path = os.path.join(out_dir, "base_model")
-    if is_main and not os.path.exists(os.path.join(path, "config.json")):
+    # (and on each node's first process: the nodes of a multi-node run do not share out/)
+    if (is_main or os.environ.get("LOCAL_RANK", "0") == "0") and not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(cfg["seed"])
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        # transformers writes only on global rank 0 once torch.distributed is up: node k > 0 needs its own copy
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
         tmp = path + ".tmp"
         model.save_pretrained(tmp)
         os.replace(tmp, path)  # a half-written base is never loaded by a resumed run

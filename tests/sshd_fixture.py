@@ -1,4 +1,4 @@
-"""A real OpenSSH server on 127.0.0.1 for tests (and benchmarks/transfer.py).
+"""A real OpenSSH server on 127.0.0.1 (or another loopback address) for tests (and benchmarks/transfer.py).
 
 Debian's openssh-server, started by absolute path in the foreground (`sshd -D -e -f cfg`) so the
 test owns its PID, on a free high port, with its own host key, a client ed25519 key in its own
@@ -7,7 +7,8 @@ stand-in "GPU machines" of the tests have no nvidia-smi).
 Readiness = the `SSH-2.0-` banner, not a bare TCP connect.
 
 Fixtures: `sshd` (one server per test session/xdist worker), `sshd_factory` (extra private servers,
-e.g. to change the host key), `remote_root` + `known_hosts` + `make_runner` (per test).
+e.g. to change the host key, or on 127.0.0.2 / 127.0.0.3 as the "machines" of a multi-node run: all of
+127.0.0.0/8 is loopback on Linux), `remote_root` + `known_hosts` + `make_runner` (per test).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ SSHD_BIN = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -59,13 +60,13 @@ def wait_for_banner(host: str, port: int, timeout_s: float = 10.0) -> None:
 class SSHD:
     """One sshd process. `restart(new_host_key=True)` simulates a re-created (or spoofed) machine."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1"):
         if not os.access(SSHD_BIN, os.X_OK):
             pytest.fail(f"{SSHD_BIN} not found: install Debian's openssh-server (apt-get install -y openssh-server)")
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.user = getpass.getuser()
         self.host_key = keygen(self.dir / "host_ed25519")
         self.client_key = keygen(self.dir / "client_ed25519")
@@ -77,7 +78,7 @@ class SSHD:
 
     def _write_config(self) -> None:
         self.config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+            f"Port {self.port}\nListenAddress {self.host}\nHostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "StrictModes no\nUsePAM no\nMaxStartups 100:30:200\nSubsystem sftp internal-sftp\n"
@@ -234,8 +235,8 @@ def sshd_factory(tmp_path):
     """Make private servers (not started); all are stopped at the end of the test."""
     servers: list[SSHD] = []
 
-    def make(port: int | None = None) -> SSHD:
-        server = SSHD(tmp_path / f"sshd{len(servers)}", port=port)
+    def make(port: int | None = None, host: str = "127.0.0.1") -> SSHD:
+        server = SSHD(tmp_path / f"sshd{len(servers)}", port=port, host=host)
         servers.append(server)
         return server
 

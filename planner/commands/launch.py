@@ -66,7 +66,11 @@ def init(path, model, method, dataset, budget, force):
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Project file (default ./ftplan.toml).")
 @click.option("--provider", help="Only this provider: aws, gcp, runpod, lambda, paperspace, local or ssh.")
-@click.option("--host", help="For --provider ssh: user@host[:port] of a machine you already have.")
+@click.option("--host", multiple=True, help="For --provider ssh: user@host[:port] of a machine you already have; "
+              "repeat it to run one job across several machines (one node each; node 0 first).")
+@click.option("--nodes", type=int, help="Machines in the run (default: the plan decides; with several --host, "
+              "their number).")
+@click.option("--gpus", type=int, help="For --provider local/ssh: GPUs per machine (one process per GPU).")
 @click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key already authorized there.")
 @click.option("--ssh-port", type=int, help="For --provider local: the port of the sshd on 127.0.0.1 (default 22).")
 @click.option("--remote-python", help="Python on the machine to run the job with (skip the venv setup).")
@@ -92,7 +96,7 @@ def init(path, model, method, dataset, budget, force):
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="Where artifacts land (default ./runs).")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Run store (default: user data dir).")
 @click.pass_context
-def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, ssh_cidr, model, method, dataset, max_steps, budget,
+def launch(ctx, config_path, provider, host, nodes, gpus, identity, ssh_port, remote_python, ssh_cidr, model, method, dataset, max_steps, budget,
            on_over_budget, spot_recovery, sync_every, detach, bucket, grace_minutes, yes, dry_run, as_json, runs_dir,
            store_path):
     """Provision, train, pull artifacts, tear down."""
@@ -107,12 +111,20 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
         raise UserError("--max-steps must be a positive integer")
     if sync_every is not None and sync_every <= 0:
         raise UserError("--sync-every must be a positive number of minutes")
+    if nodes is not None and nodes < 1:
+        raise UserError("--nodes must be a whole number of machines, 1 or more")
+    if gpus is not None and gpus < 1:
+        raise UserError("--gpus must be a whole number of GPUs per machine, 1 or more")
+    host = list(host)
+    if detach and len(host) > 1:
+        raise UserError("--detach is for one machine; a run on several --host stays attached (drop --detach)")
     cfg = with_overrides(cfg, **{
         "job.model": model, "job.method": method, "job.dataset": dataset, "job.max_steps": max_steps,
         "launch.budget_usd": budget, "launch.on_over_budget": on_over_budget,
         "launch.spot_recovery": spot_recovery, "launch.sync_every_min": sync_every, "launch.runs_dir": runs_dir,
         "launch.providers": [provider] if provider else None, "launch.remote_python": remote_python,
         "launch.ssh_cidr": ssh_cidr, "launch.bucket": bucket, "launch.grace_minutes": grace_minutes,
+        "launch.nodes": nodes,
     })
     if host and provider not in (None, "ssh"):
         raise UserError("--host is only for --provider ssh (a machine you already have)")
@@ -124,6 +136,12 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
         if cfg.launch.providers != ["local"] or not 1 <= ssh_port <= 65535:
             raise UserError("--ssh-port PORT (1-65535) is for --provider local; for ssh use --host user@host:PORT")
         cfg.providers = {**cfg.providers, "local": {**cfg.providers.get("local", {}), "port": ssh_port}}
+    if gpus is not None:
+        if cfg.launch.providers not in (["local"], ["ssh"]):
+            raise UserError("--gpus is for --provider local/ssh (machines ftplan does not know); a cloud offer "
+                            "brings its own GPU count")
+        name = cfg.launch.providers[0]
+        cfg.providers = {**cfg.providers, name: {**cfg.providers.get(name, {}), "gpus": gpus}}
     if cfg.launch.budget_usd is None:
         raise UserError("no budget: pass --budget USD or set launch.budget_usd in ftplan.toml")
     if not cfg.job.dataset:
@@ -132,7 +150,7 @@ def launch(ctx, config_path, provider, host, identity, ssh_port, remote_python, 
     if not dataset_path.exists():
         raise UserError(f"dataset {dataset_path} does not exist; pass --dataset with an existing .jsonl file")
 
-    plan = build_plan(cfg, dataset_path, host=host, identity=Path(identity) if identity else None,
+    plan = build_plan(cfg, dataset_path, host=host or None, identity=Path(identity) if identity else None,
                       store_path=store_path)
     plan.detach = detach
     summary = plan_summary(plan)

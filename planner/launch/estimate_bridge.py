@@ -161,7 +161,7 @@ def _plan(cfg, request, providers: tuple[str, ...], budget: float | None):
     def filters(gpus: tuple[str, ...] = ()) -> Filters:
         return Filters(providers=providers, regions=tuple(cfg.launch.regions), gpus=gpus,
                        market=_MARKETS.get(cfg.launch.spot, "any"),
-                       nodes=1)  # the launcher starts one machine per run: never a multi-node offer (yet)
+                       nodes=cfg.launch.nodes)  # None: one node, or several where the plan finds it helps
 
     offers = list(plan_offers(request, filters(), budget).offers)
     fp16_only = tuple(g.name for g in table_gpus() if not g.supports_bf16 and g.vendor == "NVIDIA")

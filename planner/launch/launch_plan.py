@@ -36,6 +36,14 @@ class Candidate:
     est_usd: float | None = None
     headroom_gib: float | None = None
     cloud: str = ""                    # RunPod "secure"/"community" (sent as cloudType), "" elsewhere
+    nodes: int = 1                     # machines of this offer in one run (price_hour is one machine's)
+    network: str = ""                  # between the nodes (catalogs/networks.json), when nodes > 1
+    bounding_link: str = ""            # what bounds the step's collectives, when nodes > 1
+
+    @property
+    def price_all_nodes(self) -> float:
+        """What the whole run bills per hour: every node at the offer's price."""
+        return self.price_hour * self.nodes
 
 
 @dataclass
@@ -70,6 +78,7 @@ class LaunchPlan:
     grace_minutes: float = 15.0             # the watchdog waits this long after training for a launcher to pull
     poweroff_cmd: str | None = None         # None: by provider (shutdown on VMs, runpodctl on RunPod, none on own)
     bucket_env: dict[str, str] = field(default_factory=dict)  # scoped bucket credentials for the machine; never stored
+    rdzv_port: int = 29400                  # several nodes: torchrun's c10d rendezvous port on node 0
 
     @property
     def run_dir(self) -> Path:
@@ -158,31 +167,66 @@ def _parse_host(host: str):
         raise UserError(str(exc)) from None
 
 
-def _pinned_candidates(cfg: ProjectConfig, host: str | None, identity: Path | None):
-    """Offers that skip the catalog: local, ssh --host, or [[launch.offers]] pinned in the project file."""
+def _host_list(host: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    if host is None:
+        return []
+    return [host] if isinstance(host, str) else [h for h in host if h]
+
+
+def _pinned_candidates(cfg: ProjectConfig, host: str | list[str] | None, identity: Path | None):
+    """Offers that skip the catalog: local, ssh --host (several: one multi-node run), or [[launch.offers]]
+    pinned in the project file."""
     providers = cfg.launch.providers
     if providers == ["local"]:
         opts = cfg.providers.get("local", {})
         return [Candidate(provider="local", instance_type="local", gpu=str(opts.get("gpu", "cpu")),
-                          region="localhost", price_hour=cfg.price_override("local") or 0.0)]
+                          gpu_count=_gpus_option(opts, "local"), region="localhost",
+                          price_hour=cfg.price_override("local") or 0.0)]
     if providers == ["ssh"]:
-        if not host:
-            raise UserError("--provider ssh needs --host user@host[:port]")
-        spec = _parse_host(host)
         opts = cfg.providers.get("ssh", {})
-        return [Candidate(provider="ssh", instance_type=str(spec), gpu=str(opts.get("gpu", "unknown")),
-                          region=spec.host, price_hour=cfg.price_override("ssh") or 0.0)]
+        hosts = _host_list(host) or _host_list(opts.get("hosts")) or _host_list(opts.get("host"))
+        if not hosts:
+            raise UserError("--provider ssh needs --host user@host[:port] (once per machine), or hosts = [...] "
+                            "under [providers.ssh]")
+        specs = [_parse_host(h) for h in hosts]
+        nodes = cfg.launch.nodes
+        if nodes is not None and nodes != len(specs):
+            raise UserError(f"--nodes {nodes} but {len(specs)} --host given: pass one --host per node")
+        return [Candidate(provider="ssh", instance_type=",".join(map(str, specs)), gpu=str(opts.get("gpu", "unknown")),
+                          gpu_count=_gpus_option(opts, "ssh"), region=specs[0].host, nodes=len(specs),
+                          network="Ethernet (your own machines)" if len(specs) > 1 else "",
+                          price_hour=cfg.price_override("ssh") or 0.0)]
     pinned = [o for o in cfg.launch.offers if not providers or o.provider in providers]
     if cfg.launch.offers and not pinned:
         raise UserError(f"none of the offers pinned in {cfg.source} is on {', '.join(providers)}")
+    if cfg.launch.nodes is not None and pinned:
+        pinned = [o for o in pinned if o.nodes == cfg.launch.nodes]
+        if not pinned:
+            raise UserError(f"--nodes {cfg.launch.nodes}: none of the offers pinned in {cfg.source} has "
+                            f"nodes = {cfg.launch.nodes}")
     return [Candidate(provider=o.provider, instance_type=o.instance_type, gpu=o.gpu, gpu_count=o.gpu_count,
-                      region=o.region, zone=o.zone, spot=o.spot, price_hour=o.price_hour) for o in pinned]
+                      region=o.region, zone=o.zone, spot=o.spot, price_hour=o.price_hour, nodes=o.nodes)
+            for o in pinned]
 
 
-def _provider_options(cfg: ProjectConfig, name: str, host: str | None, identity: Path | None) -> dict[str, Any]:
+def _gpus_option(opts: dict[str, Any], name: str) -> int:
+    """GPUs per machine of your own (`gpus` under [providers.local|ssh], or --gpus): one process per GPU."""
+    value = opts.get("gpus", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"[providers.{name}] gpus = {value!r}: must be a whole number of GPUs per machine, 1 or more")
+    return value
+
+
+def _provider_options(cfg: ProjectConfig, name: str, host: str | list[str] | None,
+                      identity: Path | None) -> dict[str, Any]:
     opts = cfg.provider_options(name)
-    if name == "ssh" and host:
-        opts.setdefault("host", host)
+    hosts = _host_list(host)
+    if name == "ssh" and len(hosts) > 1:   # the command line's hosts replace the project file's
+        opts.pop("host", None)
+        opts["hosts"] = hosts
+    elif name == "ssh" and hosts:
+        opts.pop("hosts", None)
+        opts.setdefault("host", hosts[0])
     if name in ("local", "ssh") and identity is not None:
         opts.setdefault("identity", str(identity))
     return opts
@@ -226,7 +270,7 @@ def _canonical_model(name: str) -> str:
         return name
 
 
-def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, identity: Path | None = None,
+def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | list[str] | None = None, identity: Path | None = None,
                store_path: str | None = None):
     run_id = new_run_id()
     candidates = _pinned_candidates(cfg, host, identity)
@@ -273,7 +317,7 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | None = None, id
         job_secrets=job_secrets_from_env(),
         extra_files={k: Path(v) for k, v in launch_cfg.bundle_extra_files.items()},
         bucket=launch_cfg.bucket, grace_minutes=launch_cfg.grace_minutes, poweroff_cmd=launch_cfg.poweroff_cmd,
-        bucket_env=bucket_env_from(launch_cfg.bucket_env),
+        bucket_env=bucket_env_from(launch_cfg.bucket_env), rdzv_port=launch_cfg.rdzv_port,
     )
 
 
@@ -299,7 +343,9 @@ def _cloud_candidates(cfg: ProjectConfig, dataset: Path):
     return [Candidate(provider=o.provider, instance_type=o.instance_type, gpu=o.gpu, gpu_count=o.gpu_count,
                       region=o.region, zone=o.zone or None, spot=o.spot, price_hour=o.price_hour,
                       est_hours=o.hours, est_usd=o.total_usd, headroom_gib=o.headroom_gib,
-                      cloud=getattr(o, "cloud", "") or "") for o in offers]
+                      cloud=getattr(o, "cloud", "") or "", nodes=getattr(o, "nodes", 1) or 1,
+                      network=getattr(o, "network", "") or "", bounding_link=getattr(o, "bounding_link", "") or "")
+            for o in offers]
 
 
 # ---- the plan as shown before launching -------------------------------------------------------
@@ -315,10 +361,15 @@ def plan_summary(plan: LaunchPlan) -> dict[str, Any]:
         "offer": None if first is None else {
             "provider": first.provider, "instance_type": first.instance_type, "gpu": first.gpu,
             "gpu_count": first.gpu_count, "region": first.region, "spot": first.spot,
-            "price_hour": first.price_hour},
-        "fallbacks": [f"{c.provider}/{c.instance_type}/{c.zone or c.region} ${c.price_hour:.2f}/h"
-                      for c in plan.candidates[1:plan.max_offer_tries]],
+            "price_hour": first.price_hour, "nodes": first.nodes, "price_hour_all_nodes": first.price_all_nodes,
+            "network": first.network or None, "bounding_link": first.bounding_link or None},
+        "fallbacks": [f"{c.provider}/{_nodes_prefix(c.nodes)}{c.instance_type}/{c.zone or c.region} "
+                      f"${c.price_all_nodes:.2f}/h" for c in plan.candidates[1:plan.max_offer_tries]],
     }
+
+
+def _nodes_prefix(nodes: int) -> str:
+    return f"{nodes} x " if nodes > 1 else ""
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -330,7 +381,15 @@ def plan_text(s: dict[str, Any]) -> str:
     est = s["estimated"]
     offer = s["offer"]
     lines = [f"plan for run {s['run_id']}: {s['model']} {s['method']} on {s['dataset']}"]
-    if offer:
+    if offer and offer.get("nodes", 1) > 1:
+        lines.append(f"  instances: {offer['nodes']} x {offer['provider']} {offer['instance_type']} "
+                     f"({offer['gpu_count']}x {offer['gpu']} each) in {offer['region'] or '-'}"
+                     f"{' spot' if offer['spot'] else ''} at ${offer['price_hour']:.2f}/h each, "
+                     f"${offer['price_hour_all_nodes']:.2f}/h for all {offer['nodes']} nodes")
+        if offer.get("network") or offer.get("bounding_link"):
+            lines.append(f"  between nodes: {offer.get('network') or '-'}; bounding link: "
+                         f"{offer.get('bounding_link') or 'not estimated'}")
+    elif offer:
         lines.append(f"  instance: {offer['provider']} {offer['instance_type']} ({offer['gpu_count']}x {offer['gpu']}) "
                      f"in {offer['region'] or '-'}{' spot' if offer['spot'] else ''} at ${offer['price_hour']:.2f}/h")
     hours = "-" if est["hours"] is None else f"{est['hours']:.2f} h"

@@ -14,7 +14,7 @@ same code runs against real clouds, the fake provider servers and `local` (sshd 
 Where the rest lives: the plan and result types in `ftplan.planner.launch.launch_plan`, pulling/syncing/salvage in
 `ftplan.planner.launch.run_artifacts`, teardown steps and `ftplan gc` in `ftplan.planner.launch.teardown`, `ftplan attach` in
 `ftplan.planner.launch.attach`, the progress display in `ftplan.planner.launch.live_display`, choosing and creating the
-instance in `ftplan.planner.launch.provision`.
+instance in `ftplan.planner.launch.provision`, several machines as one run in `ftplan.planner.launch.node_group`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ftplan.planner.launch.launch_plan import (  # noqa: F401  (re-exported: the
     new_run_id,
 )
 from ftplan.planner.launch.live_display import NullDisplay
+from ftplan.planner.launch.node_group import NodeGroupSteps, node_remote_root
 from ftplan.planner.launch.provision import ProvisionSteps
 from ftplan.planner.launch.run_artifacts import ArtifactSteps, _read_json
 from ftplan.planner.launch.teardown import (  # noqa: F401  (UNMANAGED_PROVIDERS: re-exported)
@@ -52,7 +53,7 @@ from ftplan.planner.launch.teardown import scrubbed as _scrub
 from ftplan.planner.runs.store import Store, scrub_data
 
 
-class Launcher(ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
+class Launcher(NodeGroupSteps, ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
     """One run, start to end; `run()` for a new launch, `take_over()` for `ftplan attach` after a crash."""
 
     def __init__(self, store: Store, plan: LaunchPlan, *, provider_factory: Callable[..., Any] | None = None,
@@ -74,6 +75,11 @@ class Launcher(ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
         self.job_finished = False
         self.pulled: list[str] = []
         self.tried: set[int] = set()
+        # several nodes (node_group.py): (row, Instance) and the SSH runner per node rank, the run's placements
+        self.group: list[tuple[int, Any]] = []
+        self.node_runners: list[Any] = []
+        self.placements: list[tuple[str, dict[str, Any]]] = []
+        self._nodes_done: set[int] = set()
 
     # ---- public -------------------------------------------------------------------------------
     def run(self) -> LaunchResult:
@@ -172,6 +178,8 @@ class Launcher(ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
         resume = False
         while True:
             row, inst, offer = self._provision(public_key)
+            if offer.nodes > 1:   # created and booted together, all or nothing (node_group.py)
+                return self._run_group(offer, key_path)
             try:
                 endpoint = self._wait_ready(row, inst)
                 offer = self._cross_check_price(row, inst, offer)  # booted: the provider's own price is known
@@ -197,32 +205,42 @@ class Launcher(ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
                 resume = self._have_checkpoint()
                 bundle = self._bundle(resume=resume)
 
-    def _connect(self, row: int, inst: Any, endpoint: Any, key_path: Path) -> None:
-        self._enter("connecting", f"ssh {endpoint.user}@{endpoint.host}:{endpoint.port}")
+    def _connect(self, row: int, inst: Any, endpoint: Any, key_path: Path, node: int | None = None) -> Any:
+        """One SSH runner for the instance; it becomes `self.runner` (what progress, pulls and salvage use)
+        unless it is node k > 0 of a multi-node run (kept in `self.node_runners`)."""
+        where = "" if node is None else f"node {node}: "
+        self._enter("connecting", f"{where}ssh {endpoint.user}@{endpoint.host}:{endpoint.port}")
         runner = self.runner_factory(
             host=endpoint.host, port=endpoint.port, user=endpoint.user, key_path=key_path,
-            known_hosts=self.plan.run_dir / "known_hosts", remote_root=self.plan.remote_root,
+            known_hosts=self.plan.run_dir / "known_hosts",
+            remote_root=node_remote_root(self.plan.remote_root, node or 0),
             connect_timeout_s=self.plan.ssh_connect_timeout_s, reconnect_grace_s=self.plan.ssh_reconnect_s,
             log=self._log_line,
             **_runner_options(self._provider(inst.provider), inst, self._log_line),  # host keys, first boot
         )
-        self.runner = runner
-        self.runner_instance_row = row
+        if node is not None:
+            self.node_runners.append(runner)   # before connecting: teardown closes it whatever happens
+        if not node:
+            self.runner = runner
+            self.runner_instance_row = row
         self._call_runner(lambda: runner.connect(), inst)
+        return runner
 
-    def _upload(self, bundle: Path, resume: bool) -> None:
-        runner = self.runner
+    def _upload(self, bundle: Path, resume: bool, *, runner: Any = None, node: int | None = None,
+                extra_env: dict[str, str] | None = None) -> None:
+        """Ship the bundle and start the job (on `runner`: node k of a multi-node run; default the run's)."""
+        runner = runner or self.runner
         if hasattr(runner, "preflight"):  # cloud-init done, GPU driver answering (planner/remote/ssh_options.py)
             self._call_runner(lambda: runner.preflight(**_preflight_options(self.live[-1][2] if self.live else None)))
         self._call_runner(lambda: runner.upload_bundle(bundle, self.run_id))
         cap = self._hard_cap_s(self.guard.price_hour())
         deadline = int(cap) if cap is not None else None
-        self.store.add_event(self.run_id, "job_started", "", phase="uploading",
-                             data={"deadline_s": deadline, "resume": resume})
+        self.store.add_event(self.run_id, "job_started", "" if node is None else f"node {node}", phase="uploading",
+                             data={"deadline_s": deadline, "resume": resume, **({} if node is None else {"node": node})})
         # The on-instance shutdown deadline is for rented machines only: never power off the user's own.
         owned = bool(self.live) and self.live[-1][2].provider in UNMANAGED_PROVIDERS
         self._deadline_s = None if owned else deadline
-        env = self._watchdog_env(owned)
+        env = {**self._watchdog_env(owned), **(extra_env or {})}
         self._watchdog_env_sent = env
         secrets = {**self.plan.job_secrets, **self.plan.bucket_env}   # scoped bucket key: registered, scrubbed
         self._call_runner(lambda: runner.start(self.run_id, remote_python=self.plan.remote_python,
@@ -238,6 +256,7 @@ class Launcher(ProvisionSteps, ArtifactSteps, TeardownSteps, DetachSteps):
         stopping = False
         overshoot_noted = False
         while True:
+            self._watch_nodes(describe=time.time() - last_describe >= p.poll_interval_s * 10)  # nodes 1.. (if any)
             hb = self._call_runner(lambda: runner.read_json(self.run_id, "out/heartbeat.json"), inst)
             if hb:
                 prog = Progress.from_heartbeat(hb)

@@ -115,7 +115,30 @@ def usable_candidates(candidates: list[Any], provider_options: dict[str, dict[st
         problem = sdk_problem(name) or credentials_problem(name, opts)
         if problem:
             problems[name] = problem
-    usable = [c for c in candidates if c.provider not in problems]
-    if not usable and problems:
-        raise UserError(next(iter(problems.values())))
+    # Multi-node offers only where the adapter can place the machines together; its single-node offers stay.
+    single_only = {name: (f"the {name} adapter cannot place several machines together (no placement primitive); "
+                          "multi-node runs need aws, gcp, or --provider ssh with one --host per machine")
+                   for name in dict.fromkeys(c.provider for c in candidates if getattr(c, "nodes", 1) > 1)
+                   if name not in problems and not multinode_adapter(name)}
+    usable = [c for c in candidates if c.provider not in problems
+              and not (getattr(c, "nodes", 1) > 1 and c.provider in single_only)]
+    if not usable and (problems or single_only):
+        raise UserError(next(iter({**problems, **single_only}.values())))
     return usable
+
+
+def multinode_adapter(name: str) -> bool:
+    """Whether the provider's adapter can launch one run on several machines (`Provider.multinode`). `ssh` can
+    whenever several hosts are given, which the launch checks itself."""
+    from ftplan.providers.base import ADAPTERS
+
+    if name == "ssh":
+        return True
+    if name not in ADAPTERS:
+        return False
+    module_name, cls_name = ADAPTERS[name].split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except Exception:  # noqa: BLE001 - an adapter that does not import cannot launch anything
+        return False
+    return bool(getattr(cls, "multinode", ""))

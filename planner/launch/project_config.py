@@ -125,6 +125,7 @@ class PinnedOffer(BaseModel):
     zone: str | None = None
     spot: bool = False
     price_hour: float = Field(..., ge=0)
+    nodes: int = Field(1, ge=1, le=64)             # > 1: one run on this many machines of the type (issue 13)
 
     @field_validator("provider")
     @classmethod
@@ -158,6 +159,8 @@ class LaunchSection(BaseModel):
     grace_minutes: float = Field(15, ge=0)          # after training, wait this long for a launcher to pull
     poweroff_cmd: str | None = None                 # the watchdog's power-off (default: by provider)
     bucket_env: dict[str, str] = {}                 # machine var -> NAME of the local env var holding a scoped key
+    nodes: int | None = Field(None, ge=1, le=64)    # machines in one run; None: the plan decides (1 unless it helps)
+    rdzv_port: int = Field(29400, ge=1, le=65535)   # torchrun's c10d rendezvous port on node 0 (several nodes)
 
     @field_validator("providers")
     @classmethod
@@ -242,7 +245,7 @@ def _is_price(value: Any) -> bool:
 
 
 # Provider-section keys the launcher reads itself (not adapter options).
-LAUNCHER_ONLY_KEYS = ("price_hour", "remote_root", "gpu")
+LAUNCHER_ONLY_KEYS = ("price_hour", "remote_root", "gpu", "gpus")  # gpus: per machine (local/ssh)
 
 
 def check_provider_names(names: Any, what: str) -> None:

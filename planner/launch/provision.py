@@ -1,4 +1,5 @@
 """Provisioning: walk the plan's offers, create one instance (intent row first), check its price, wait for it.
+An offer of several nodes is created as one group, all or nothing (node_group.py).
 
 A mixin of `ftplan.planner.launch.launcher.Launcher` (it uses the launcher's store, plan, guard and display),
 kept apart so the state machine reads in one screen.
@@ -10,6 +11,7 @@ import math
 from typing import Any
 
 from ftplan.planner.launch.launch_plan import Candidate, InstanceLost, LaunchFailed, NoCapacity
+from ftplan.planner.launch.node_group import GroupUnavailable
 from ftplan.planner.launch.teardown import UNMANAGED_PROVIDERS
 from ftplan.planner.launch.teardown import scrubbed as _scrub
 
@@ -34,19 +36,40 @@ class ProvisionSteps:
                 self.store.add_event(self.run_id, "offer_refused", refused, phase="provisioning",
                                      data={"provider": offer.provider, "instance_type": offer.instance_type})
                 continue
-            if not self.guard.affordable(offer.price_hour, self._remaining_hours(offer)):
+            if not self.guard.affordable(offer.price_hour * offer.nodes, self._remaining_hours(offer)):
                 errors.append(f"{offer.provider}/{offer.instance_type}: over what is left of the budget")
                 continue
             attempts += 1
             self.tried.add(idx)
             provider = self._provider(offer.provider)
-            req = InstanceRequest(
-                run_id=self.run_id, instance_type=offer.instance_type, gpu=offer.gpu, gpu_count=offer.gpu_count,
-                region=offer.region, zone=offer.zone, spot=offer.spot, ssh_public_key=public_key,
-                max_lifetime_s=int(self._hard_cap_s(offer.price_hour) or 24 * 3600) + int(p.pull_margin_s),
-                store_id=self.store.store_id, ssh_cidr=p.ssh_cidr,
-                cloud_type=(getattr(offer, "cloud", "") or "").upper() or None,  # RunPod secure/community
-            )
+
+            def request_for(offer: Candidate = offer, **node: Any) -> InstanceRequest:
+                return InstanceRequest(
+                    run_id=self.run_id, instance_type=offer.instance_type, gpu=offer.gpu, gpu_count=offer.gpu_count,
+                    region=offer.region, zone=node.pop("zone", offer.zone), spot=offer.spot, ssh_public_key=public_key,
+                    # every node's lifetime is the whole run's: what is left of the budget at all nodes' price
+                    max_lifetime_s=int(self._hard_cap_s(offer.price_hour * offer.nodes) or 24 * 3600)
+                    + int(p.pull_margin_s),
+                    store_id=self.store.store_id, ssh_cidr=p.ssh_cidr,
+                    cloud_type=(getattr(offer, "cloud", "") or "").upper() or None,  # RunPod secure/community
+                    **node,
+                )
+
+            if offer.nodes > 1:
+                self.display.phase("provisioning", f"{offer.nodes} x {offer.provider} {offer.instance_type} in "
+                                                   f"{offer.region or '-'} at ${offer.price_all_nodes:.2f}/h")
+                try:
+                    row, inst = self._create_group(provider, offer, request_for)
+                except GroupUnavailable as exc:
+                    self.store.add_event(self.run_id, "no_capacity", str(exc), phase="provisioning",
+                                         data={"provider": offer.provider, "instance_type": offer.instance_type,
+                                               "nodes": offer.nodes})
+                    errors.append(f"{offer.provider}/{offer.nodes} x {offer.instance_type}: {exc}")
+                    continue
+                offer = self.live[-1][2] if self.live else offer   # the price cross-check may have raised it
+                self._record_offer(offer)
+                return row, inst, offer
+            req = request_for()
             row = self.store.add_instance_intent(
                 self.run_id, offer.provider, instance_type=offer.instance_type, gpu=offer.gpu, region=offer.region,
                 zone=offer.zone, spot=offer.spot, price_hour=offer.price_hour,
@@ -73,13 +96,17 @@ class ProvisionSteps:
             self.guard.start_billing(row, offer.price_hour)
             self.live.append((row, inst, offer))
             offer = self._cross_check_price(row, inst, offer)
-            self.store.update_run(self.run_id, provider=offer.provider, instance_type=offer.instance_type,
-                                  gpu=offer.gpu, gpu_count=offer.gpu_count, region=offer.region, spot=offer.spot,
-                                  price_hour=offer.price_hour)
+            self._record_offer(offer)
             self.store.add_event(self.run_id, "instance_created", inst.id, phase="provisioning",
                                  data={"provider": offer.provider, "instance_type": offer.instance_type})
             return row, inst, offer
         raise NoCapacity("no capacity on any offer tried (" + "; ".join(errors or ["none affordable"]) + ")")
+
+    def _record_offer(self, offer: Candidate) -> None:
+        """The run's record names the offer it runs on; `price_hour` is what the whole run bills per hour."""
+        self.store.update_run(self.run_id, provider=offer.provider, instance_type=offer.instance_type,
+                              gpu=offer.gpu, gpu_count=offer.gpu_count, region=offer.region, spot=offer.spot,
+                              price_hour=offer.price_all_nodes)
 
     def _cross_check_price(self, row: int, inst: Any, offer: Candidate) -> Candidate:
         """The provider's own price for the instance (where its API reports one, in `extra["price_hour"]`)
