@@ -1,7 +1,8 @@
 """Issue 13 through the real launcher on the clouds' fakes: a 2-node offer on AWS (moto's EC2 server, placement
 groups from tests/fakes/aws_placement.py) and GCP (the fake Compute server). The provider receives one
 placement group/policy and 2 instances in one zone and ends with none; when one of the 2 fails to create, the
-one that came up is torn down with its placement and the next offer is taken.
+one that came up is torn down with its placement and the next offer is taken; a Ctrl-C while the second node
+is being created leaves nothing either.
 
 As in test_first_contact_adapters.py, every "instance" is the local sshd (the runner factory points the
 instance's address there) and the job is the fault matrix's stand-in, which needs no rendezvous.
@@ -9,6 +10,8 @@ instance's address there) and the job is the fault matrix's stand-in, which need
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,7 +63,26 @@ nodes = 2
 """
 
 
-def launch(tmp: Path, provider: str, section: str, offers: str, sshd) -> dict:
+def ctrl_c_in_second_create(name: str, **options):
+    """The real adapter, with a Ctrl-C arriving while node 1's create is in flight: the provider has made the
+    instance, the launcher never sees its id (only the run tag can find it)."""
+    from ftplan.planner.launch.launcher import _default_provider_factory
+
+    provider = _default_provider_factory(name, **options)
+    real = provider.create
+
+    def create(request):
+        inst = real(request)
+        if request.node_rank == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)   # the handler raises in this (main) thread before this ends
+        return inst
+
+    provider.create = create
+    return provider
+
+
+def launch(tmp: Path, provider: str, section: str, offers: str, sshd, factory=None) -> dict:
     """One launch of the stand-in job with a 2-node offer; what a user would check afterwards."""
     from ftplan.planner.launch.launch_plan import build_plan
     from ftplan.planner.launch.launcher import Launcher, _default_provider_factory
@@ -104,7 +126,7 @@ remote_root = "{tmp / 'remote'}"
     t0 = time.monotonic()
     try:
         result = Launcher(store, plan, runner_factory=runner,
-                          provider_factory=lambda n, **o: _default_provider_factory(n, **o)).run()
+                          provider_factory=factory or (lambda n, **o: _default_provider_factory(n, **o))).run()
     finally:
         stop_leftover_jobs(tmp / "remote")
     rows = store.instances(result.run_id)
@@ -194,4 +216,18 @@ def test_gcp_second_node_out_of_capacity_tears_down_the_first_and_takes_the_next
     zones = [i.path.split("/zones/")[1].split("/")[0] for i in gcp.calls("POST", "/instances")]
     assert zones == ["us-central1-b", "us-central1-b", "us-central1-c", "us-central1-c"]
     assert [c.path.rsplit("/", 1)[-1] for c in gcp.calls("DELETE", "") if "/resourcePolicies/" in c.path] == policies
+    assert _gcp_left(gcp) == {"instances": 0, "policies": 0, "firewalls": 0} and got["open_rows"] == 0
+
+
+def test_aws_ctrl_c_while_the_second_node_is_created_leaves_nothing(tmp_path, moto, ec2, sshd):  # noqa: F811
+    got = launch(tmp_path, "aws", _aws_section(moto.url), AWS_OFFERS, sshd, factory=ctrl_c_in_second_create)
+    assert got["status"] == "cancelled" and "interrupted by SIGINT" in got["error"], got
+    assert len(moto.calls("RunInstances")) == 2 and len(moto.calls("CreatePlacementGroup")) == 1
+    assert _aws_left(ec2) == NOTHING_LEFT_AWS and got["open_rows"] == 0
+
+
+def test_gcp_ctrl_c_while_the_second_node_is_created_leaves_nothing(tmp_path, gcp, sshd):  # noqa: F811
+    got = launch(tmp_path, "gcp", _gcp_section(gcp), GCP_OFFERS, sshd, factory=ctrl_c_in_second_create)
+    assert got["status"] == "cancelled" and "interrupted by SIGINT" in got["error"], got
+    assert len(gcp.calls("POST", "/instances")) == 2
     assert _gcp_left(gcp) == {"instances": 0, "policies": 0, "firewalls": 0} and got["open_rows"] == 0
