@@ -42,6 +42,10 @@ class Overheads:
     setup_min: float
     pull_min: float
     min_billed_s: int = 0
+    # Of setup_min, the environment install: the bootstrap downloads the weights during it, so only a download
+    # longer than this adds time. download_gib_per_min: the catalog's rate when no run measured one.
+    env_min: float = 0.0
+    download_gib_per_min: float = 6.0
 
     @property
     def fixed_h(self) -> float:
@@ -58,9 +62,11 @@ def load_overheads() -> dict[str, Overheads]:
     raw = json.loads(data_path("provider_overheads.json").read_text())
     out = {}
     for name, d in raw["providers"].items():
-        ov = Overheads(float(d["provision_min"]), float(d["setup_min"]), float(d["pull_min"]), int(d["min_billed_s"]))
-        if min(ov.provision_min, ov.setup_min, ov.pull_min, ov.min_billed_s) < 0:
-            raise ValueError(f"provider_overheads.json: negative value for {name}")
+        ov = Overheads(float(d["provision_min"]), float(d["setup_min"]), float(d["pull_min"]), int(d["min_billed_s"]),
+                       float(d.get("env_min", 0.0)), float(d.get("download_gib_per_min", 6.0)))
+        if min(ov.provision_min, ov.setup_min, ov.pull_min, ov.min_billed_s, ov.env_min) < 0 \
+                or not ov.download_gib_per_min > 0 or ov.env_min > ov.setup_min:
+            raise ValueError(f"provider_overheads.json: negative value, zero rate or env_min > setup_min for {name}")
         out[name] = ov
     return out
 
@@ -340,27 +346,50 @@ def plan_offers(
     headroom: float = 0.10,
     preemption_rate: float = 0.1,
     checkpoint_min: float = 30.0,
-    download_gib_per_min: float = 6.0,
+    download_gib_per_min: float | None = None,
     overheads: dict[str, Overheads] | None = None,
     table: OfferTable | None = None,
     corrections: dict | None = None,
+    measured: dict | None = None,
 ) -> PlanResult:
-    """The launcher's entry point: every feasible offer for `request`, cheapest expected total first."""
+    """The launcher's entry point: every feasible offer for `request`, cheapest expected total first.
+
+    Setup and download minutes per provider: from the bootstraps earlier runs measured (`measured`:
+    corrections.MeasuredOverheads by provider; by default read from the run store unless `overheads` is
+    given), else the catalog's; `download_gib_per_min` forces one rate everywhere. A note names the source.
+    """
     if budget is not None and not budget > 0:
         raise UserError(f"--budget must be a positive number of dollars, got {budget:g}")
     if not 0 <= headroom < 10:
         raise UserError(f"--headroom must be a fraction such as 0.1 (10 %), got {headroom:g}")
     from ftplan.planner.pricing.evaluators import download_minutes, estimate_evaluators
 
+    if measured is None:
+        from ftplan.planner.runs.corrections import stored_overheads
+
+        measured = {} if overheads is not None else stored_overheads()
     base = overheads or load_overheads()
-    extra = download_minutes(request, download_gib_per_min)
-    cost = CostModel(
-        headroom=headroom, preemption_rate=preemption_rate, checkpoint_min=checkpoint_min,
-        overheads={p: replace_overheads(ov, setup_min=ov.setup_min + extra) for p, ov in base.items()},
-    )
+    wanted = set(filters.providers) if filters and filters.providers else set(base)
+    used = {p: m for p, m in measured.items() if p in base and p in wanted}
+    setup = {}
+    for p, ov in base.items():
+        m = used.get(p)
+        if m is not None:
+            ov = replace_overheads(ov, setup_min=m.setup_min, env_min=min(m.env_min, m.setup_min),
+                                   download_gib_per_min=m.download_gib_per_min or ov.download_gib_per_min)
+        download = download_minutes(request, download_gib_per_min or ov.download_gib_per_min)
+        setup[p] = replace_overheads(ov, setup_min=ov.setup_min + max(0.0, download - ov.env_min))
+    cost = CostModel(headroom=headroom, preemption_rate=preemption_rate, checkpoint_min=checkpoint_min,
+                     overheads=setup)
     table = table if table is not None else OfferTable.load(tuple(filters.providers) if filters else None)
     evaluate, evaluate_nodes = estimate_evaluators(request, headroom, corrections)
-    return rank(table, evaluate, filters, cost, budget, evaluate_nodes=evaluate_nodes)
+    result = rank(table, evaluate, filters, cost, budget, evaluate_nodes=evaluate_nodes)
+    if used:
+        rest = sorted(wanted & set(base) - set(used))
+        result.notes.append("setup and weight download from earlier runs' bootstraps: "
+                            + "; ".join(used[p].note() for p in sorted(used))
+                            + (f"; {', '.join(rest)}: catalog defaults (provider_overheads.json)" if rest else ""))
+    return result
 
 
 def replace_overheads(ov: Overheads, **changes) -> Overheads:

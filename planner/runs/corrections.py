@@ -1,9 +1,14 @@
-"""Learn from finished runs: measured tokens/s and peak memory correct later estimates.
+"""Learn from finished runs: measured tokens/s and peak memory correct later estimates, and measured
+bootstraps replace the catalog's setup and download overheads.
 
 For each (gpu, model, method) the store holds, per finished run, what the estimate said and what the
 job measured. The correction factor is the median of measured/estimated over those runs (the median,
 so one odd run, e.g. a throttled test, does not swing it). A later estimate for the same triple is
 scaled by it, and says so in its notes.
+
+Per provider, the bootstrap's own timings (summary.json `bootstrap`, written by remote_job/bootstrap.sh and
+train.py) give the setup minutes (environment install + the job's start to its first step, without the
+time spent waiting for the weights) and the weight download rate, as medians of the last runs.
 
 Only the store (sqlite3) is imported: this sits on the `ftplan estimate/plan` path.
 """
@@ -11,6 +16,7 @@ Only the store (sqlite3) is imported: this sits on the `ftplan estimate/plan` pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -144,3 +150,97 @@ def _replace(obj: Any, **changes: Any) -> Any:
     if isinstance(obj, dict):
         return {**obj, **changes}
     raise TypeError(f"cannot correct an estimate of type {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------- setup and download, per provider
+# How many recent runs per provider count, and the smallest download whose rate means anything (a few files
+# of config measure latency, not bandwidth).
+LAST_RUNS = 10
+MIN_RATE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MeasuredOverheads:
+    """What fresh bootstraps on one provider measured: medians over its last runs."""
+
+    provider: str
+    runs: int
+    setup_min: float                    # environment + job start to the first step, download wait excluded
+    env_min: float                      # of which the environment install (the download overlaps it)
+    download_gib_per_min: float | None  # None: no run downloaded enough to measure a rate
+    download_runs: int = 0
+
+    def note(self) -> str:
+        rate = (f", weights at {self.download_gib_per_min:.1f} GiB/min ({self.download_runs} download(s))"
+                if self.download_gib_per_min else "")
+        return (f"{self.provider}: setup {self.setup_min:.1f} min (environment {self.env_min:.1f}){rate}, "
+                f"median of {self.runs} measured run(s)")
+
+
+def bootstrap_sample(boot: Any) -> tuple[float, float, float | None] | None:
+    """(setup_s, env_s, download GiB/min or None) from one summary's `bootstrap`, or None when it does
+    not describe a fresh bootstrap (a reused venv, a --remote-python run, a broken record)."""
+    if not isinstance(boot, dict) or boot.get("reused_venv") or not isinstance(boot.get("env_s"), (int, float)):
+        return None
+    env_s = float(boot["env_s"])
+    first, wait = boot.get("first_step_s"), boot.get("wait_s") or 0
+    setup_s = float(first) - float(wait) if isinstance(first, (int, float)) and first >= env_s + wait else env_s
+    if env_s <= 0 or setup_s > 6 * 3600:
+        return None
+    rate = None
+    dl = boot.get("download")
+    if isinstance(dl, dict) and dl.get("status") == "ok":
+        got, secs = dl.get("download_bytes"), dl.get("download_s")
+        if isinstance(got, (int, float)) and isinstance(secs, (int, float)) and got >= MIN_RATE_BYTES and secs > 0:
+            rate = got / 2**30 / (secs / 60)
+    return setup_s, env_s, rate
+
+
+def overheads_from_rows(rows: Any) -> dict[str, MeasuredOverheads]:
+    """rows: (provider, summary_json) newest first. Medians of each provider's last LAST_RUNS bootstraps."""
+    samples: dict[str, list[tuple[float, float, float | None]]] = {}
+    for provider, summary_json in rows:
+        if not provider or len(samples.get(provider, ())) >= LAST_RUNS:
+            continue
+        try:
+            sample = bootstrap_sample(json.loads(summary_json).get("bootstrap"))
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if sample is not None:
+            samples.setdefault(provider, []).append(sample)
+    out = {}
+    for provider, got in samples.items():
+        rates = [r for _, _, r in got if r]
+        out[provider] = MeasuredOverheads(
+            provider=provider, runs=len(got), setup_min=statistics.median(s for s, _, _ in got) / 60,
+            env_min=statistics.median(e for _, e, _ in got) / 60,
+            download_gib_per_min=statistics.median(rates) if rates else None, download_runs=len(rates))
+    return out
+
+
+# Any finished run: a job that failed or was cancelled after its bootstrap still measured the bootstrap.
+_FINISHED = ("succeeded", "failed", "stopped_over_budget", "cancelled")
+_BOOTSTRAP_ROWS = ("SELECT provider, summary_json FROM runs WHERE provider IS NOT NULL AND summary_json LIKE "
+                   "'%\"bootstrap\"%' AND status IN (" + ", ".join("?" * len(_FINISHED)) + ") ORDER BY created_at DESC")
+
+
+def stored_overheads() -> dict[str, MeasuredOverheads]:
+    """Measured overheads from the default run store, or {} when there is none (never creates one).
+
+    One read-only query, without opening the store as Store does (no migrations): this is on `ftplan plan`'s path.
+    """
+    import sqlite3
+
+    from ftplan.planner.runs.store import default_store_path
+
+    path = default_store_path()
+    if not path.is_file():
+        return {}
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return overheads_from_rows(db.execute(_BOOTSTRAP_ROWS, _FINISHED))
+        finally:
+            db.close()
+    except sqlite3.Error:  # a broken or older store must not break a plan
+        return {}
