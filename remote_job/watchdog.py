@@ -164,6 +164,7 @@ class Watchdog:
                 if ckpt and ckpt != self.uploaded_checkpoint:
                     self.upload(ckpt, "checkpoints/" + os.path.basename(ckpt))
                     self.uploaded_checkpoint = ckpt
+                    self.upload_tokenizer()
             return True
         if self.state not in ("finished", "uploaded"):
             self.last_heartbeat = self.heartbeat() or getattr(self, "last_heartbeat", None)
@@ -185,6 +186,13 @@ class Watchdog:
             self.act("uploaded", what=label, files=n, to=job_bucket.join(self.a.bucket, label))
         except Exception as exc:  # an upload failure must not keep the machine billing: power off anyway
             self.act("upload_failed", what=label, error=str(exc)[:300])
+
+    def upload_tokenizer(self) -> None:
+        """out/tokenizer once (the job writes it before training): a resume from the bucket needs it."""
+        tok = os.path.join(self.out_dir, "tokenizer")
+        if not getattr(self, "tokenizer_uploaded", False) and os.path.isdir(tok):
+            self.tokenizer_uploaded = True
+            self.upload(tok, "tokenizer")
 
     def upload_latest_checkpoint(self) -> None:
         if not self.a.bucket:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,13 +64,47 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
         remote_root=ctx.get("remote_root", "~/ftplan-runs"),
         estimate={"hours": run.est_hours, "usd": run.est_usd},
         provider_options=run.json("provider_options_json") or {},
+        bucket=(run.json("config_json") or {}).get("bucket"),
+        extra_files={k: Path(v) for k, v in (next((e.json("data_json") for e in reversed(
+            store.events(run.id, "bundle_files"))), None) or {}).get("extra_files", {}).items()},
+        wait_ready_timeout_s=ctx.get("wait_ready_timeout_s", 900.0),
     )
     from ftplan.planner.launch.launcher import Launcher
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
+    if _machine_gone(launcher._provider(row.provider), inst):
+        return _resume_on_a_new_machine(store, launcher, row, inst, offer, display)
     _follow_the_user(store, run.id, row, inst, launcher._provider(row.provider), display,
                      update_firewall=update_firewall, confirm=confirm, probe=probe, ssh_cidr=ssh_cidr)
     return launcher.take_over(row.id, inst, offer)
+
+
+def _machine_gone(provider: Any, inst: Any) -> bool:
+    """The provider says the run's machine no longer exists (spot reclaimed, or ended while nobody watched).
+    A describe that fails or hangs proves nothing: then attach reconnects as before."""
+    from ftplan.planner.launch.billed_span import describe_bounded
+
+    seen = describe_bounded(provider, inst, 15.0)
+    return seen is not None and seen.state.is_gone
+
+
+def _resume_on_a_new_machine(store: Store, launcher: Any, row: Any, inst: Any, offer: Any, display: Any) -> LaunchResult:
+    """The machine is gone: close its billing (provider's clock), then run the job again on the same offer from the
+    newest checkpoint, the bucket's when it is newer than what was pulled (run_artifacts `_have_checkpoint`)."""
+    from ftplan.planner.errors import UserError
+
+    run_id = launcher.run_id
+    launcher._teardown_problems = []
+    if not launcher._have_checkpoint():
+        raise UserError(f"run {run_id}: its machine {inst.id} is gone and no checkpoint was pulled or reached a "
+                        f"bucket; 'ftplan runs --refresh' shows what is left, 'ftplan gc --yes' closes the run")
+    store.update_run(run_id, launcher_pid=os.getpid(), launcher_host=socket.gethostname())
+    store.add_event(run_id, "attached", f"machine {inst.id} gone; resuming on a new one, taken over by pid {os.getpid()}")
+    display.phase("recovering", f"machine {inst.id} is gone; resuming from the newest checkpoint on a new machine")
+    launcher._terminate(row.id, inst, offer, lost=True)   # idempotent at the provider; records the billed span
+    launcher.guard.spent_before_usd = store.run_cost(run_id)[1]
+    launcher._resume_after_loss = True
+    return launcher._drive(launcher._run_phases)
 
 
 def _follow_the_user(store: Store, run_id: str, row: Any, inst: Any, provider: Any, display: Any, *,

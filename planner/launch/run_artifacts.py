@@ -149,13 +149,62 @@ class ArtifactSteps:
             pass
 
     def _have_checkpoint(self) -> bool:
+        """A checkpoint to resume from: a newer one the machine's watchdog put in the run's bucket is fetched
+        (verified) first, so a lost machine costs only the steps since its last upload."""
+        self._fetch_bucket_checkpoint()
         return _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints") is not None
 
+    def _run_bucket(self) -> str | None:
+        """<bucket>/<run id>, where the watchdog uploads (the plan's, or the run record's for `attach`)."""
+        bucket = self.plan.bucket or (self.plan.job_config or {}).get("bucket")
+        return f"{str(bucket).rstrip('/')}/{self.run_id}" if bucket else None
+
+    def _fetch_bucket_checkpoint(self) -> str | None:
+        """Download the bucket's newest complete checkpoint into runs/<id>/out/checkpoints when it is newer than
+        the newest pulled one (staged, sha256-verified; a failure keeps what is there). Its name, or None."""
+        url = self._run_bucket()
+        if not url:
+            return None
+        from ftplan.remote_job import job_bucket
+
+        ckpt_dir = self.plan.run_dir / "out" / "checkpoints"
+        local = _newest_checkpoint(ckpt_dir)
+        have = _step(local.name) if local is not None else -1
+        try:
+            newer = [n for n in job_bucket.checkpoints_in(url) if _step(n) > have]
+            if not newer:
+                return None
+            name = newer[-1]
+            job_bucket.download_tree(job_bucket.join(url, "checkpoints", name), str(ckpt_dir / name))
+        except Exception as exc:  # noqa: BLE001 - no credentials here, bucket gone, tampered: resume from what we have
+            self.store.add_event(self.run_id, "bucket_checkpoint_failed", _scrub(exc), phase=self._phase)
+            return None
+        if not (ckpt_dir / name / "COMPLETE").is_file():
+            self.store.add_event(self.run_id, "bucket_checkpoint_failed", f"{name} has no COMPLETE marker",
+                                 phase=self._phase)
+            return None
+        tok = self.plan.run_dir / "out" / "tokenizer"
+        if not tok.exists():   # a resume needs the job's own tokenizer when it wrote one (the watchdog uploads it)
+            try:
+                job_bucket.download_tree(job_bucket.join(url, "tokenizer"), str(tok))
+            except Exception:  # noqa: BLE001 - jobs with a hub tokenizer write none
+                pass
+        self.store.add_event(self.run_id, "bucket_checkpoint", f"{name} from {url}/checkpoints (sha256 verified)",
+                             phase=self._phase, data={"checkpoint": name, "local_before": local.name if local else None})
+        return name
+
     def _bundle(self, *, resume: bool) -> Path:
-        """The job bundle; on recovery it also carries the newest pulled checkpoint to resume from."""
+        """The job bundle; on recovery it also carries the newest checkpoint (pulled, or from the bucket) to
+        resume from. `_resume_after_loss` (set by `ftplan attach` of a run whose machine is gone) resumes too."""
         cfg = {k: v for k, v in self.plan.job_config.items() if k != "bucket"}  # the run record's, not the job's
         extra = dict(self.plan.extra_files)
+        if extra and not getattr(self, "_bundle_files_recorded", False):   # `attach` rebuilds the same job from it
+            self._bundle_files_recorded = True
+            self.store.add_event(self.run_id, "bundle_files", "", data={"extra_files": {k: str(v) for k, v in
+                                                                                      extra.items()}})
         cfg["resume"] = True  # the job resumes only if out/checkpoints has something
+        if getattr(self, "_resume_after_loss", False) and not resume:
+            resume = self._have_checkpoint()
         if resume:
             ckpt = _newest_checkpoint(self.plan.run_dir / "out" / "checkpoints")
             if ckpt is not None:
@@ -184,6 +233,11 @@ def watchdog_summary(doc: dict[str, Any]) -> str:
     money = f", ${spent:.4f} of ${doc['budget_usd']:.2f} by its clock" if isinstance(spent, (int, float)) and \
         isinstance(doc.get("budget_usd"), (int, float)) else ""
     return f"{doc.get('state', '?')}{money}" + (": " + "; ".join(said) if said else "")
+
+
+def _step(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _newest_checkpoint(ckpt_dir: Path) -> Path | None:
