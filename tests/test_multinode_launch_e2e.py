@@ -121,16 +121,3 @@ def test_two_machines_train_one_job_and_come_back_verified(tmp_path, capsys, mon
     assert json.loads((node1 / "job.json").read_text())["node_rank"] == 1
     assert not list(remote.rglob("secrets.env"))
     assert not (node1 / "out" / "adapter").exists()   # rank 0 alone writes the adapter
-
-
-def test_dry_run_shows_both_nodes_and_the_total_hourly_price(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = project(tmp_path)
-    rc, out, err = ftplan(capsys, "launch", "--config", str(cfg), "--host", "me@10.0.0.5", "--host", "me@10.0.0.6:2222",
-                          "--dry-run", "--json")
-    assert rc == 0, err
-    offer = json.loads(out)["offer"]
-    assert offer["nodes"] == 2 and offer["price_hour_all_nodes"] == pytest.approx(0.5)
-    rc, out, _ = ftplan(capsys, "launch", "--config", str(cfg), "--host", "me@10.0.0.5", "--host", "me@10.0.0.6:2222",
-                        "--dry-run")
-    assert "2 x ssh" in out and "$0.50/h for all 2 nodes" in out

@@ -189,6 +189,9 @@ def _pinned_candidates(cfg: ProjectConfig, host: str | list[str] | None, identit
             raise UserError("--provider ssh needs --host user@host[:port] (once per machine), or hosts = [...] "
                             "under [providers.ssh]")
         specs = [_parse_host(h) for h in hosts]
+        twice = next((s for i, s in enumerate(specs) if (s.host, s.port) in {(t.host, t.port) for t in specs[:i]}), None)
+        if twice is not None:
+            raise UserError(f"--host {twice} is given twice; each node of a run is its own machine")
         nodes = cfg.launch.nodes
         if nodes is not None and nodes != len(specs):
             raise UserError(f"--nodes {nodes} but {len(specs)} --host given: pass one --host per node")
@@ -232,9 +235,11 @@ def _provider_options(cfg: ProjectConfig, name: str, host: str | list[str] | Non
     return opts
 
 
-def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, store_path: str | None) -> dict[str, Any]:
+def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, store_path: str | None,
+                  offer: Candidate | None = None) -> dict[str, Any]:
     """Estimated hours / peak memory / tokens/s on the first offer's GPU, corrected by measured runs of the
-    same GPU, model and method. Empty when the estimator cannot say (e.g. `local` on a CPU)."""
+    same GPU, model and method; over all its nodes (memory per GPU sharded over nodes x GPUs, collectives at
+    the slower link) when it has several. Empty when the estimator cannot say (e.g. `local` on a CPU)."""
     from ftplan.planner.estimate.gpus import resolve_gpu
 
     try:
@@ -248,7 +253,18 @@ def _estimate_for(cfg: ProjectConfig, gpu: str, gpu_count: int, dataset: Path, s
 
         j = cfg.job
         req = request_from_config(cfg, dataset, gpu_count=gpu_count, gpu=g.name)
-        est = estimate(req, g, gpu_count)
+        nodes = offer.nodes if offer is not None else 1
+        network = None
+        if nodes > 1:
+            from ftplan.planner.estimate.internode import node_network
+
+            network = node_network(offer.provider, offer.instance_type)
+        if network is not None:
+            from ftplan.planner.estimate.internode import estimate_nodes
+
+            est = estimate_nodes(req, g, gpu_count, nodes, network).estimate
+        else:
+            est = estimate(req, g, gpu_count)
         from ftplan.planner.runs.store import Store, default_store_path
 
         path = Path(store_path) if store_path else default_store_path()
@@ -279,7 +295,7 @@ def build_plan(cfg: ProjectConfig, dataset: Path, *, host: str | list[str] | Non
     if not candidates:
         raise UserError("no offer fits the job within the budget; see 'ftplan plan' for why offers were rejected")
     first = candidates[0]
-    estimate = _estimate_for(cfg, first.gpu, first.gpu_count, dataset, store_path)
+    estimate = _estimate_for(cfg, first.gpu, first.gpu_count, dataset, store_path, first)
     if first.est_hours is not None:
         # A catalog offer's hours cover provisioning, setup, training and the pull: what is billed, and what
         # the run's actual hours are compared with. The estimator's training-only figure stays beside it.
