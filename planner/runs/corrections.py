@@ -197,14 +197,14 @@ def bootstrap_sample(boot: Any) -> tuple[float, float, float | None] | None:
 
 
 def overheads_from_rows(rows: Any) -> dict[str, MeasuredOverheads]:
-    """rows: (provider, summary_json) newest first. Medians of each provider's last LAST_RUNS bootstraps."""
+    """rows: (provider, bootstrap JSON or None) newest first. Medians of each provider's last LAST_RUNS."""
     samples: dict[str, list[tuple[float, float, float | None]]] = {}
-    for provider, summary_json in rows:
-        if not provider or len(samples.get(provider, ())) >= LAST_RUNS:
+    for provider, bootstrap_json in rows:
+        if not provider or not bootstrap_json or len(samples.get(provider, ())) >= LAST_RUNS:
             continue
         try:
-            sample = bootstrap_sample(json.loads(summary_json).get("bootstrap"))
-        except (TypeError, ValueError, AttributeError):
+            sample = bootstrap_sample(json.loads(bootstrap_json))
+        except (TypeError, ValueError):
             continue
         if sample is not None:
             samples.setdefault(provider, []).append(sample)
@@ -220,14 +220,33 @@ def overheads_from_rows(rows: Any) -> dict[str, MeasuredOverheads]:
 
 # Any finished run: a job that failed or was cancelled after its bootstrap still measured the bootstrap.
 _FINISHED = ("succeeded", "failed", "stopped_over_budget", "cancelled")
-_BOOTSTRAP_ROWS = ("SELECT provider, summary_json FROM runs WHERE provider IS NOT NULL AND summary_json LIKE "
-                   "'%\"bootstrap\"%' AND status IN (" + ", ".join("?" * len(_FINISHED)) + ") ORDER BY created_at DESC")
+# The newest finished runs per provider are picked by rowid first (the sort never carries the summaries, which
+# hold every step's loss); then only their `bootstrap` objects leave SQLite.
+_RECENT = 200
+_NEWEST = ("SELECT rowid, provider FROM runs WHERE provider IS NOT NULL AND summary_json IS NOT NULL AND status IN ("
+           + ", ".join("?" * len(_FINISHED)) + f") ORDER BY created_at DESC LIMIT {_RECENT}")
+_BOOTSTRAPS = "SELECT rowid, json_extract(summary_json, '$.bootstrap') FROM runs WHERE rowid IN ({})"
+
+
+def _bootstrap_rows(db: Any) -> list[tuple[str, Any]]:
+    """(provider, bootstrap JSON) of each provider's LAST_RUNS newest finished runs, newest first."""
+    picked: dict[int, str] = {}
+    count: dict[str, int] = {}
+    for rowid, provider in db.execute(_NEWEST, _FINISHED):
+        if count.get(provider, 0) < LAST_RUNS:
+            picked[rowid] = provider
+            count[provider] = count.get(provider, 0) + 1
+    if not picked:
+        return []
+    found = dict(db.execute(_BOOTSTRAPS.format(", ".join("?" * len(picked))), list(picked)))
+    return [(provider, found.get(rowid)) for rowid, provider in picked.items()]
 
 
 def stored_overheads() -> dict[str, MeasuredOverheads]:
     """Measured overheads from the default run store, or {} when there is none (never creates one).
 
-    One read-only query, without opening the store as Store does (no migrations): this is on `ftplan plan`'s path.
+    Two small read-only queries, without opening the store as Store does (no migrations): this is on
+    `ftplan plan`'s path.
     """
     import sqlite3
 
@@ -239,7 +258,7 @@ def stored_overheads() -> dict[str, MeasuredOverheads]:
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            return overheads_from_rows(db.execute(_BOOTSTRAP_ROWS, _FINISHED))
+            return overheads_from_rows(_bootstrap_rows(db))
         finally:
             db.close()
     except sqlite3.Error:  # a broken or older store must not break a plan
