@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,7 +83,28 @@ def ctrl_c_in_second_create(name: str, **options):
     return provider
 
 
-def launch(tmp: Path, provider: str, section: str, offers: str, sshd, factory=None) -> dict:
+def when_training(tmp: Path, action) -> threading.Thread:
+    """Run `action` once the launcher records the training phase (both nodes' jobs started)."""
+    from ftplan.planner.runs.store import Store
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (tmp / "runs.sqlite3").exists():
+                runs = Store(tmp / "runs.sqlite3").list_runs()
+                if runs and runs[0].phase == "training":
+                    time.sleep(0.5)
+                    action()
+                    return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def launch(tmp: Path, provider: str, section: str, offers: str, sshd, factory=None,
+           fault: dict | None = None) -> dict:
     """One launch of the stand-in job with a 2-node offer; what a user would check afterwards."""
     from ftplan.planner.launch.launch_plan import build_plan
     from ftplan.planner.launch.launcher import Launcher, _default_provider_factory
@@ -91,7 +113,7 @@ def launch(tmp: Path, provider: str, section: str, offers: str, sshd, factory=No
     from ftplan.planner.runs.store import Store
 
     (tmp / "remote").mkdir(exist_ok=True)
-    job, fault = stub_files(tmp, {"steps": 4, "step_s": 0.05})
+    job, fault = stub_files(tmp, fault or {"steps": 4, "step_s": 0.05})
     cfg = tmp / "ftplan.toml"
     cfg.write_text(f"""
 [job]
@@ -133,7 +155,8 @@ remote_root = "{tmp / 'remote'}"
     return {"status": result.status, "error": result.error or "", "seconds": time.monotonic() - t0,
             "run_id": result.run_id, "created": [(r.instance_type, r.zone) for r in rows if r.provider_instance_id],
             "open_rows": len(store.instances(result.run_id, open_only=True)),
-            "events": [e.kind for e in store.events(result.run_id)]}
+            "events": [e.kind for e in store.events(result.run_id)],
+            "log": [f"{e.kind}: {e.message}" for e in store.events(result.run_id)]}
 
 
 def _aws_section(url: str) -> str:
@@ -230,4 +253,38 @@ def test_gcp_ctrl_c_while_the_second_node_is_created_leaves_nothing(tmp_path, gc
     got = launch(tmp_path, "gcp", _gcp_section(gcp), GCP_OFFERS, sshd, factory=ctrl_c_in_second_create)
     assert got["status"] == "cancelled" and "interrupted by SIGINT" in got["error"], got
     assert len(gcp.calls("POST", "/instances")) == 2
+    assert _gcp_left(gcp) == {"instances": 0, "policies": 0, "firewalls": 0} and got["open_rows"] == 0
+
+
+LONG_JOB = {"steps": 300, "step_s": 0.1}   # 30 s at most: the loss is seen long before
+
+
+def test_aws_node_lost_mid_training_stops_all_and_says_which(tmp_path, moto, ec2, sshd):  # noqa: F811
+    """EC2 ends node 1 behind the launcher's back (a reclaimed or hand-terminated instance)."""
+    def lose_node_1():
+        from ftplan.planner.runs.store import Store
+
+        store = Store(tmp_path / "runs.sqlite3")
+        [run] = store.list_runs()
+        node_1 = [r.provider_instance_id for r in store.instances(run.id)][1]
+        ec2.terminate_instances(InstanceIds=[node_1])
+
+    watcher = when_training(tmp_path, lose_node_1)
+    got = launch(tmp_path, "aws", _aws_section(moto.url), AWS_OFFERS, sshd, fault=LONG_JOB)
+    watcher.join(5)
+    assert got["status"] == "failed" and "node 1" in got["error"] and "lost" in got["error"], "\n".join(got["log"])
+    assert "instance_lost" in got["events"] or "node_lost" in got["events"]
+    assert _aws_left(ec2) == NOTHING_LEFT_AWS and got["open_rows"] == 0, "\n".join(got["log"])
+
+
+def test_gcp_node_lost_mid_training_stops_all_and_says_which(tmp_path, gcp, sshd):  # noqa: F811
+    """Compute deletes node 1 (a preempted VM with termination action DELETE, or a human)."""
+    def lose_node_1():
+        node_1 = gcp.calls("POST", "/instances")[1].body["name"]
+        gcp.vanish(PROJECT, "us-central1-b", node_1)
+
+    watcher = when_training(tmp_path, lose_node_1)
+    got = launch(tmp_path, "gcp", _gcp_section(gcp), GCP_OFFERS, sshd, fault=LONG_JOB)
+    watcher.join(5)
+    assert got["status"] == "failed" and "node 1" in got["error"] and "lost" in got["error"], got
     assert _gcp_left(gcp) == {"instances": 0, "policies": 0, "firewalls": 0} and got["open_rows"] == 0

@@ -9,7 +9,8 @@
   (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html);
 - serves a chosen serial console text from GetConsoleOutput (moto's is a fixed 2006 kernel log with no
   cloud-init host key block);
-- serves EC2 placement groups, which moto lacks (fakes/aws_placement.py).
+- serves EC2 placement groups, which moto lacks (fakes/aws_placement.py), and answers TerminateInstances of
+  instances already terminated with success, as EC2 documents (moto fails for an EFA node's interface).
 Faults can be armed in-process (`arm()`) or from another process (`POST /_fault?action=...&code=...`).
 
 moto loads its AMI set when `moto` is first imported, so this module must set `MOTO_AMIS_PATH` first;
@@ -70,7 +71,7 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
 from werkzeug.wrappers import Request, Response  # noqa: E402
 
 from fakes.aws_placement import ACTIONS as PLACEMENT_ACTIONS  # noqa: E402
-from fakes.aws_placement import PlacementGroups, region_of  # noqa: E402
+from fakes.aws_placement import PlacementGroups, instance_states, region_of  # noqa: E402
 from fakes.server import FakeServer  # noqa: E402
 
 for _record in TEST_AMIS:
@@ -159,6 +160,21 @@ class FaultMiddleware:
         start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(doc)))])
         return [doc]
 
+    def _terminated_again(self, ids: list[str], start_response):
+        """EC2: "This operation is idempotent; if you terminate an instance more than once, each call succeeds"
+        (TerminateInstances API reference). moto 5 instead fails on an instance whose network interface was
+        given at launch (an EFA node): InvalidNetworkInterfaceID.NotFound for the ENI it already deleted."""
+        state = "<code>48</code><name>terminated</name>"
+        items = "".join(f"<item><instanceId>{escape(i)}</instanceId><currentState>{state}</currentState>"
+                        f"<previousState>{state}</previousState></item>" for i in ids)
+        doc = (
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><TerminateInstancesResponse "
+            "xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>ftplan-terminate-0001</requestId>"
+            f"<instancesSet>{items}</instancesSet></TerminateInstancesResponse>"
+        ).encode()
+        start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(doc)))])
+        return [doc]
+
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") == "/_fault":
             return self._control(environ, start_response)
@@ -187,6 +203,10 @@ class FaultMiddleware:
         if console:
             return self._console(params["InstanceId"], start_response)
         region = region_of(environ.get("HTTP_AUTHORIZATION", ""))
+        if action == "TerminateInstances":
+            ids = [v for k, v in sorted(params.items()) if re.fullmatch(r"InstanceId\.\d+", k)]
+            if ids and set(instance_states(region, ids).values()) == {"terminated"}:
+                return self._terminated_again(ids, start_response)
         if action in PLACEMENT_ACTIONS or action == "RunInstances":
             with self.lock:
                 answer = (self.placement.handle(action, region, params) if action in PLACEMENT_ACTIONS

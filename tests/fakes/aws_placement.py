@@ -85,7 +85,7 @@ class PlacementGroups:
         group = self.groups.get((region, name))
         if group is None:
             return 400, "InvalidPlacementGroup.Unknown", f"The Placement Group '{name}' is unknown."
-        if any(state != "terminated" for state in _states(region, group.instances).values()):
+        if any(state != "terminated" for state in instance_states(region, group.instances).values()):
             return 400, "InvalidPlacementGroup.InUse", f"The placement group '{name}' is in use and may not be deleted."
         del self.groups[(region, name)]
         return 200, "", _doc("DeletePlacementGroupResponse", "<return>true</return>")
@@ -111,7 +111,8 @@ def region_of(authorization: str, default: str = "us-east-1") -> str:
     return m.group(1) if m else default
 
 
-def _states(region: str, ids: set[str]) -> dict[str, str]:
+def instance_states(region: str, ids: set[str] | list[str]) -> dict[str, str]:
+    """moto's state name of each instance (an instance moto no longer knows counts as terminated)."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.ec2.models import ec2_backends
 
