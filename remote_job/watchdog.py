@@ -156,9 +156,10 @@ class Watchdog:
                 self.request_stop(f"projected ${projected:.2f} > budget ${self.a.budget_usd:.2f}")
             notice = spot_notice(self.a.metadata, self.a.metadata_url) if self.a.metadata != "none" else None
             if notice:
-                self.state = "preempted"
-                self.request_stop(notice)
-                self.upload_latest_checkpoint()
+                if self.state != "preempted":   # once: the notice stays up until the machine goes
+                    self.state = "preempted"
+                    self.request_stop(notice)
+                    self.upload_latest_checkpoint()
             elif self.a.bucket:   # checkpoints reach the bucket as they are made: a lost machine loses little
                 ckpt = job_bucket.latest_checkpoint(self.out_dir)
                 if ckpt and ckpt != self.uploaded_checkpoint:
@@ -167,6 +168,8 @@ class Watchdog:
                     self.upload_tokenizer()
             return True
         if self.state not in ("finished", "uploaded"):
+            if self.state == "preempted":   # the checkpoint made at the STOP, if the wait above missed it
+                self.upload_newest_checkpoint()
             self.last_heartbeat = self.heartbeat() or getattr(self, "last_heartbeat", None)
             self.state = "finished"
             self.ended_at = time.time()
@@ -195,17 +198,26 @@ class Watchdog:
             self.upload(tok, "tokenizer")
 
     def upload_latest_checkpoint(self) -> None:
+        """After a notice: the newest checkpoint at once if it is not up yet, then the one the job makes at the
+        STOP (waiting up to checkpoint_wait_s: the provider gives about two minutes)."""
         if not self.a.bucket:
             return
+        before = self.upload_newest_checkpoint()
         deadline = time.time() + self.a.checkpoint_wait_s
-        while time.time() < deadline:
+        while time.time() < deadline and not self.training_ended():
             ckpt = job_bucket.latest_checkpoint(self.out_dir)
-            if ckpt and ckpt != self.uploaded_checkpoint and (self.training_ended() or
-                                                              job_bucket.is_complete(ckpt)):
-                self.upload(ckpt, "checkpoints/" + os.path.basename(ckpt))
-                self.uploaded_checkpoint = ckpt
+            if ckpt and ckpt != before:
+                self.upload_newest_checkpoint()
                 return
-            time.sleep(min(2.0, self.a.poll_s))
+            time.sleep(min(0.5, self.a.poll_s))
+
+    def upload_newest_checkpoint(self) -> str | None:
+        """Upload the newest complete checkpoint unless it is up already; returns it."""
+        ckpt = job_bucket.latest_checkpoint(self.out_dir)
+        if self.a.bucket and ckpt and ckpt != self.uploaded_checkpoint:
+            self.upload(ckpt, "checkpoints/" + os.path.basename(ckpt))
+            self.uploaded_checkpoint = ckpt
+        return ckpt
 
     def power_off(self, reason: str) -> None:
         self.state = "powering_off"
