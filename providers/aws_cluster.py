@@ -70,17 +70,18 @@ class AWSCluster:
 
     def delete_placement(self, placement: dict[str, Any]) -> None:
         """Delete the group once EC2 has let go of its instances (shutting-down ones still hold it), then the
-        nodes' shared security group and key pair if the last node's terminate could not."""
+        nodes' shared security group and key pair if the last node's terminate could not. A node that still
+        runs is not waited for: the refusal is raised at once."""
+        ec2 = self._ec2(placement.get("region") or self.region)
         deadline = time.monotonic() + self.teardown_wait_s
         while True:
             try:
                 self.delete_side_resource(placement)
                 break
             except PlacementInUse:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self._placement_busy(ec2, placement["name"], exclude=""):
                     raise
                 time.sleep(self.poll_interval_s)
-        ec2 = self._ec2(placement.get("region") or self.region)
         try:
             groups = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [placement["name"]]},
                                                            {"Name": "tag-key", "Values": [RUN_TAG]}])["SecurityGroups"]

@@ -116,6 +116,9 @@ def test_three_nodes_in_one_cluster_placement_group_reach_each_other(provider, m
     assert [(r["name"], r["run_id"]) for r in listed] == [(placement["name"], "ft-mn-0001")]
     with pytest.raises(ProviderError, match="still holds instances"):
         provider.delete_side_resource(listed[0])
+    with pytest.raises(ProviderError, match="still holds instances"):
+        provider.delete_placement(placement)   # a running node is not waited for (only shutting-down ones)
+    assert len(moto.calls("DeletePlacementGroup")) == 2
 
     # Terminating one node keeps the shared group for the others; the last one takes it with it.
     provider.terminate(nodes[0])
