@@ -30,6 +30,12 @@ _READ_TIMEOUT_S = 60.0
 _DESCRIPTION = re.compile(r"ftplan run (\S+)(?: \(store (\S*)\))?: ")
 
 
+def _leaving(status: object) -> bool:
+    from ftplan.providers.gcp import _status_name
+
+    return _status_name(status) in ("STOPPING", "PENDING_STOP", "DEPROVISIONING", "TERMINATED", "STOPPED")
+
+
 class PlacementInUse(ProviderError):
     """Compute refuses to delete a resource policy a VM still uses."""
 
@@ -68,14 +74,16 @@ class GCPCluster:
                 "link": f"projects/{self.project}/regions/{region}/resourcePolicies/{name}"}
 
     def delete_placement(self, placement: dict[str, Any]) -> None:
-        """The policy (once Compute has let go of its VMs) and the nodes' firewall rule."""
+        """The policy (once Compute has let go of its VMs: one being deleted is waited for, one that runs is
+        not) and the nodes' firewall rule."""
         deadline = time.monotonic() + self.op_timeout_s
         while True:
             try:
                 self.delete_side_resource(placement)
                 break
             except PlacementInUse:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self._placement_busy(placement["name"], exclude="",
+                                                                        running_only=True):
                     raise
                 time.sleep(self.poll_interval_s)
         self._delete_firewall(placement.get("project") or self.project, f"{placement['name']}-nodes")
@@ -100,14 +108,16 @@ class GCPCluster:
                 raise
         return rule_name
 
-    def _placement_busy(self, placement_name: str, exclude: str) -> bool:
-        """Another node of the placement still exists (its firewall rule must stay); unknown counts as busy."""
+    def _placement_busy(self, placement_name: str, exclude: str, running_only: bool = False) -> bool:
+        """Another node of the placement still exists (its firewall rule must stay), or with `running_only`
+        one that is not on its way out; unknown counts as busy."""
         c = self._clients()
         req = c["compute_v1"].AggregatedListInstancesRequest(
             project=self.project, filter=f'labels.{PLACEMENT_LABEL} = "{placement_name}"')
         try:
             for _, scoped in c["instances"].aggregated_list(request=req, retry=None, timeout=_READ_TIMEOUT_S):
-                if any(raw.name != exclude for raw in scoped.instances):
+                if any(raw.name != exclude and not (running_only and _leaving(raw.status))
+                       for raw in scoped.instances):
                     return True
         except Exception as exc:  # noqa: BLE001
             log.warning("cannot tell whether other nodes of %s still exist: %s", placement_name, scrub(exc))

@@ -5,6 +5,7 @@ policy), gc of a leftover policy and rule, and the lifetimes Compute reports (is
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -78,6 +79,9 @@ def test_three_nodes_in_one_compact_placement_policy_reach_each_other(provider, 
     assert [(r["name"], r["run_id"], r["region"]) for r in listed] == [(placement["name"], "ft-mn-0001", "us-central1")]
     with pytest.raises(ProviderError, match="still used by a VM"):
         provider.delete_side_resource(listed[0])
+    with pytest.raises(ProviderError, match="still used by a VM"):
+        provider.delete_placement(placement)   # a running node is not waited for (only one being deleted)
+    assert len([r for r in fake.requests if r.method == "DELETE" and "/resourcePolicies/" in r.path]) == 2
     assert (PROJECT, "us-central1", placement["name"]) in fake.policies
 
     # Terminating nodes keeps the nodes' rule for the others; the last one deletes it with its ssh rule.
@@ -151,3 +155,18 @@ def test_describe_reports_the_creation_time_and_no_end(provider, fake):
     provider.terminate(node)
     provider.describe(node)
     assert node.state is InstanceState.TERMINATED and node.ended_at is None   # GCP forgets a deleted VM
+
+
+def test_delete_placement_waits_for_a_vm_compute_is_still_deleting(provider, fake):
+    placement = provider.create_placement("ft-mn-0005", "us-central1", "us-central1-c", 1)
+    node = provider.create(_node(placement, 0, nodes=1))
+    fake.set_status(PROJECT, "us-central1-c", node.id, "STOPPING")   # its delete is under way
+
+    def finish_delete():
+        time.sleep(0.3)
+        fake.vanish(PROJECT, "us-central1-c", node.id)
+
+    threading.Thread(target=finish_delete, daemon=True).start()
+    provider.delete_placement(placement)
+    assert fake.policies == {}
+    assert len([r for r in fake.requests if r.method == "DELETE" and "/resourcePolicies/" in r.path]) >= 2
