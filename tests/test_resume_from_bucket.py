@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cli_helpers import FTPLAN_PROCESS
 from fakes.lambda_api import fake_lambda  # noqa: F401  (fixture)
+from fakes.runpod_graphql import fake_runpod  # noqa: F401  (fixture)
 from test_detach_laptop_free import bucket_keys, detached_launch, s3, wait_for  # noqa: F401  (s3 is a fixture)
 from test_fault_matrix import stop_leftover_jobs
 
@@ -107,3 +108,60 @@ def test_a_tampered_bucket_checkpoint_is_not_resumed_from(tmp_path):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def test_spot_recovery_resumes_from_the_buckets_checkpoint_when_none_was_pulled(
+        tmp_path, sshd, monkeypatch, fake_runpod):  # noqa: F811
+    """The launcher syncs nothing (sync interval longer than the run); the spot pod is reclaimed once the watchdog
+    has put a checkpoint in the bucket: the next offer resumes from that checkpoint, not from step 0."""
+    import shutil as _shutil
+
+    from test_detach_faults import S3Bucket
+    from test_fault_matrix import EXAMPLE, _SignalDisplay, stub_files
+    from test_spot_recovery import project
+
+    from ftplan.planner.commands.launch import build_plan
+    from ftplan.planner.launch.launcher import Launcher
+    from ftplan.planner.launch.project_config import load_project
+    from ftplan.planner.runs.store import Store
+
+    bucket = S3Bucket().start(tmp_path)
+    fake = fake_runpod
+    try:
+        for k, v in {**bucket.laptop, **bucket.scoped, "RUNPOD_API_KEY": fake.api_key}.items():
+            monkeypatch.setenv(k, v)
+        fake.ssh_host, fake.ssh_port = "127.0.0.1", sshd.port
+        job, fault = stub_files(tmp_path, {"steps": 40, "step_s": 0.25})
+        cfg_path = project(tmp_path, fake, sshd, job, fault, recovery=True)
+        cfg_path.write_text(cfg_path.read_text().replace("sync_every_min = 0.005", "sync_every_min = 600").replace(
+            "[launch]\n", '[launch]\nbucket = "s3://runs/ftplan"\nbucket_env = { AWS_ENDPOINT_URL = "RUN_BUCKET_URL", '
+            'AWS_ACCESS_KEY_ID = "RUN_BUCKET_KEY_ID", AWS_SECRET_ACCESS_KEY = "RUN_BUCKET_SECRET", '
+            'AWS_DEFAULT_REGION = "RUN_BUCKET_REGION" }\n', 1))
+        cfg = load_project(cfg_path)
+        cfg.launch.runs_dir = str(tmp_path / "runs")
+        plan = build_plan(cfg, EXAMPLE, identity=sshd.client_key)
+        remote_run = tmp_path / "remote" / plan.run_id
+
+        class ReclaimAfterUpload(_SignalDisplay):
+            preempted = False
+
+            def progress(self, progress, **kw):
+                if not self.preempted and _newest_uploaded(bucket.laptop, plan.run_id) >= 4:
+                    self.preempted = True
+                    for pod in fake.live_instances():
+                        fake.preempt(pod["id"])
+                    stop_leftover_jobs(remote_run.parent)
+                    _shutil.rmtree(remote_run, ignore_errors=True)
+
+        display = ReclaimAfterUpload(None, False, None, fake)
+        store = Store(tmp_path / "runs.sqlite3")
+        result = Launcher(store, plan, display=display).run()
+    finally:
+        stop_leftover_jobs(tmp_path / "remote")
+        bucket.stop()
+    assert display.preempted and result.status == "succeeded", result.error
+    kinds = [e.kind for e in store.events(result.run_id)]
+    assert "instance_lost" in kinds and "bucket_checkpoint" in kinds and "resume_from" in kinds
+    assert not store.events(result.run_id, "sync"), "the launcher pulled a checkpoint itself"
+    summary = json.loads((Path(result.artifacts_dir) / "out" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["resumed_from_step"] >= 4

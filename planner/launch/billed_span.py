@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-DESCRIBE_TIMEOUT_S = 15.0
+DESCRIBE_TIMEOUT_S = 5.0   # a healthy describe answers in well under a second; teardown never waits longer
 _CLOCK_SKEW_S = 120.0           # a provider time this far in the future is no time
 _MAX_EARLIER_S = 7 * 24 * 3600  # a launch time a week before the intent row is someone else's instance
 
