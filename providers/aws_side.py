@@ -10,7 +10,7 @@ from typing import Any
 
 from ftplan.providers.aws_errors import mapped as _mapped
 from ftplan.providers.base import RUN_TAG, Instance
-from ftplan.providers.errors import ProviderError, scrub
+from ftplan.providers.errors import AuthError, ProviderError, scrub
 from ftplan.providers.net import validate_cidr
 
 log = logging.getLogger("ftplan.providers.aws")
@@ -99,9 +99,18 @@ class AWSSideResources:
                 pairs = ec2.describe_key_pairs(Filters=tag)["KeyPairs"]
                 groups = [g for page in ec2.get_paginator("describe_security_groups").paginate(Filters=tag)
                           for g in page["SecurityGroups"]]
+            except Exception as exc:
+                raise _mapped(exc, f"listing key pairs and security groups in {region}") from None
+            try:
                 placements = ec2.describe_placement_groups(Filters=tag)["PlacementGroups"]  # multi-node runs
             except Exception as exc:
-                raise _mapped(exc, f"listing key pairs, security groups and placement groups in {region}") from None
+                mapped = _mapped(exc, f"listing placement groups in {region}")
+                if not isinstance(mapped, AuthError):
+                    raise mapped from None
+                # A policy written before multi-node runs may lack ec2:DescribePlacementGroups; the groups are
+                # free, so the sweep of what bills goes on without them.
+                log.warning("placement groups not swept: %s", scrub(mapped))
+                placements = []
             for kind, items, id_key, name_key in (("key_pair", pairs, "KeyPairId", "KeyName"),
                                                   ("security_group", groups, "GroupId", "GroupName"),
                                                   ("placement_group", placements, "GroupId", "GroupName")):

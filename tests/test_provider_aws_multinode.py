@@ -255,3 +255,12 @@ def test_providers_without_a_placement_primitive_say_so():
         assert cls.multinode == ""
         with pytest.raises(ProviderError, match="cannot place several nodes together"):
             cls.create_placement(cls.__new__(cls), "ft-x", "us-east-1", None, 2)
+
+
+def test_gc_listing_goes_on_without_permission_to_list_placement_groups(provider, moto, ec2):
+    """An IAM policy from before multi-node runs: the key pairs and groups (what a sweep must find) still list."""
+    ec2.create_key_pair(KeyName="ftplan-ft-old-0001-abc123",
+                        TagSpecifications=[{"ResourceType": "key-pair", "Tags": [{"Key": RUN_TAG, "Value": "ft-old"}]}])
+    moto.arm("DescribePlacementGroups", "UnauthorizedOperation", status=403,
+             message="You are not authorized to perform this operation.")
+    assert [(r["kind"], r["run_id"]) for r in provider.list_side_resources()] == [("key_pair", "ft-old")]
