@@ -3,10 +3,11 @@ supplies `_clients()`, `_wait_op()`, `_mapped()` and `project`."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
-from ftplan.providers.errors import InstanceGone, ProviderError
+from ftplan.providers.errors import AuthError, InstanceGone, ProviderError, scrub
 
 _READ_TIMEOUT_S = 60.0
 
@@ -33,7 +34,12 @@ class GCPSideResources:
             if rule.name.startswith("ftplan-") and m:  # a rule someone else named ftplan-* is not ours
                 found.append({"provider": self.name, "kind": "firewall", "id": rule.name, "name": rule.name,
                               "run_id": m.group(1), "project": self.project})
-        return found + self._placement_policies()
+        try:
+            policies = self._placement_policies()
+        except AuthError as exc:  # a role without compute.resourcePolicies.list: policies are free, go on
+            logging.getLogger("ftplan.providers.gcp").warning("placement policies not swept: %s", scrub(exc))
+            policies = []
+        return found + policies
 
     def delete_side_resource(self, res: dict[str, Any]) -> None:
         if res.get("kind") == "placement_policy":

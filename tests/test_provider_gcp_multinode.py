@@ -170,3 +170,10 @@ def test_delete_placement_waits_for_a_vm_compute_is_still_deleting(provider, fak
     provider.delete_placement(placement)
     assert fake.policies == {}
     assert len([r for r in fake.requests if r.method == "DELETE" and "/resourcePolicies/" in r.path]) >= 2
+
+
+def test_gc_listing_goes_on_without_permission_to_list_policies(provider, fake):
+    provider._nodes_firewall({"name": "ftplan-ft-old-0001-abc123"}, "ft-old")
+    fake.sync_errors[("GET", "policy-aggregated")] = (403, "forbidden", "Required 'compute.resourcePolicies.list' "
+                                                                        "permission for 'projects/ftplan-mn-project'")
+    assert [(r["kind"], r["run_id"]) for r in provider.list_side_resources()] == [("firewall", "ft-old")]
