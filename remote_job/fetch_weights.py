@@ -59,7 +59,7 @@ def hub_repo(cfg: dict) -> str | None:
     ref = model.get("hf_id")
     if model.get("random_init") or not isinstance(ref, str) or not ref:
         return None
-    if os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    if os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a folder (cwd: the run dir)
         return None
     return ref
 

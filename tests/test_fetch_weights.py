@@ -58,11 +58,14 @@ def test_a_repo_without_safetensors_gets_its_pytorch_shards():
     assert "training_args.bin" not in chosen
 
 
-def test_demo_and_local_models_are_not_downloaded(tmp_path):
+def test_demo_and_local_models_are_not_downloaded(tmp_path, monkeypatch):
     assert fetch_weights.hub_repo({"model": {"hf_id": "tiny-llama", "random_init": True}}) is None
     assert fetch_weights.hub_repo({"model": {"hf_id": str(tmp_path), "random_init": False}}) is None
-    assert fetch_weights.hub_repo({"model": {"hf_id": "model", "random_init": False}}) is None  # a bundled folder
+    monkeypatch.chdir(tmp_path)  # the run dir, where a model folder shipped in the bundle sits
+    (tmp_path / "model").mkdir()
+    assert fetch_weights.hub_repo({"model": {"hf_id": "model", "random_init": False}}) is None
     assert fetch_weights.hub_repo({"model": {"hf_id": "meta-llama/Llama-3.1-8B"}}) == "meta-llama/Llama-3.1-8B"
+    assert fetch_weights.hub_repo({"model": {"hf_id": "gpt2"}}) == "gpt2"  # a Hub id without an owner
 
 
 def closed_port() -> int:
