@@ -44,6 +44,7 @@ class DetachedCase:
     stop_reason: str = ""                 # substring of the watchdog's stop reason ("" = no stop expected)
     in_bucket: str = "/final/MANIFEST.sha256.json"   # a key (suffix pattern) the bucket must hold afterwards
     job_status: str = "succeeded"         # summary.json's status as the run's record ends
+    closed: bool = True                   # refresh closes the run (a reclaimed one waits for `attach` to resume)
 
 
 def detached_cases() -> list[DetachedCase]:
@@ -54,7 +55,7 @@ def detached_cases() -> list[DetachedCase]:
                      job_status="stopped"),
         DetachedCase("spot notice with no launcher: checkpoint uploaded", {"steps": 400, "step_s": 0.2},
                      spot_notice=True, stop_reason="spot", in_bucket="/checkpoints/checkpoint-",
-                     job_status="stopped"),
+                     job_status="stopped", closed=False),
     ]
 
 
@@ -239,8 +240,10 @@ def check_detached(case: DetachedCase, got: dict[str, Any]) -> list[str]:
         return problems
     if got["live_instances"] or got["open_rows"]:
         problems.append(f"{got['live_instances']} instance(s) live, {got['open_rows']} row(s) open")
-    if got["status"] not in ("succeeded", "stopped_over_budget", "cancelled"):
+    if case.closed and got["status"] not in ("succeeded", "stopped_over_budget"):
         problems.append(f"run is {got['status']} after refresh ({got['refresh']})")
+    if not case.closed and "attach" not in str((got["refresh"].get("live") or {}).get("note")):
+        problems.append(f"a reclaimed run should wait for 'ftplan attach' to resume: {got['refresh']}")
     if got["actual_usd"] is None or got["actual_usd"] > got["budget_usd"]:
         problems.append(f"recorded spend {got['actual_usd']} over the budget {got['budget_usd']}")
     if "launcher" in got["clocks"]:

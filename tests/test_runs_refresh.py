@@ -69,3 +69,24 @@ def test_refresh_shows_the_detached_run_then_closes_it_when_the_machine_is_gone(
         assert json.loads(gc.stdout)["instances"] == []
     finally:
         stop_leftover_jobs(tmp_path / "remote")
+
+
+def test_attach_after_a_finished_detached_run_lost_its_machine_closes_it_without_a_new_machine(
+        tmp_path, fake_lambda, sshd, s3):  # noqa: F811
+    """The job finished and uploaded; the machine is gone by the time the user attaches: nothing is rerun."""
+    try:
+        launch, store, powered, env = detached_launch(tmp_path, fake_lambda, sshd, s3, {"steps": 8, "step_s": 0.3})
+        assert launch.returncode == 0, launch.stderr[-2000:]
+        run_id = json.loads(launch.stdout)["run_id"]
+        wait_for(powered.exists, 120, "the watchdog's power-off command")
+        (inst,) = fake_lambda.live_instances()
+        inst["status"] = "terminated"
+        attach = _cli(tmp_path, env, "attach", run_id, "--store", str(store), "--json")
+        assert attach.returncode == 0, attach.stdout[-2000:] + attach.stderr[-2000:]
+        assert json.loads(attach.stdout)["status"] == "succeeded"
+        assert len(fake_lambda.calls("POST", "/instance-operations/launch")) == 1   # no second machine
+        from ftplan.planner.runs.store import Store
+
+        assert Store(store).instances(run_id, open_only=True) == []
+    finally:
+        stop_leftover_jobs(tmp_path / "remote")

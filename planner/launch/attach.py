@@ -73,6 +73,10 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
     if _machine_gone(launcher._provider(row.provider), inst):
+        from ftplan.planner.launch.refresh import final_outcome
+
+        if final_outcome(store, run.id, launcher._run_bucket()) is not None:   # it finished: close, do not rerun
+            return _close_finished(store, run.id, provider_factory, display)
         return _resume_on_a_new_machine(store, launcher, row, inst, offer, display)
     _follow_the_user(store, run.id, row, inst, launcher._provider(row.provider), display,
                      update_firewall=update_firewall, confirm=confirm, probe=probe, ssh_cidr=ssh_cidr)
@@ -86,6 +90,19 @@ def _machine_gone(provider: Any, inst: Any) -> bool:
 
     seen = describe_bounded(provider, inst, 15.0)
     return seen is not None and seen.state.is_gone
+
+
+def _close_finished(store: Store, run_id: str, provider_factory: Callable[..., Any] | None, display: Any) -> LaunchResult:
+    """The machine is gone and the job's final artifacts are in the bucket: close the run as `runs --refresh` does."""
+    from ftplan.planner.launch.refresh import refresh_run
+
+    live = refresh_run(store, run_id, provider_factory=provider_factory)
+    run = store.get_run(run_id)
+    display.phase("done", live.get("note") or "")
+    display.done(run.status, run.error)
+    return LaunchResult(run_id=run.id, status=run.status, artifacts_dir=run.artifacts_dir or "",
+                        estimated={"hours": run.est_hours, "usd": run.est_usd},
+                        actual={"hours": run.actual_hours, "usd": run.actual_usd}, error=run.error)
 
 
 def _resume_on_a_new_machine(store: Store, launcher: Any, row: Any, inst: Any, offer: Any, display: Any) -> LaunchResult:

@@ -202,27 +202,45 @@ def _close(store: Any, run: Any, rows: list, inst: Any, provider: Any, bucket: s
     hours, usd = store.run_cost(run.id)
     store.update_run(run.id, actual_hours=hours, actual_usd=usd)
     final = f"{bucket}/final" if bucket else None
-    summary = _bucket_json(f"{final}/summary.json") if final and _bucket_json(f"{final}/MANIFEST.sha256.json") else None
+    summary = final_summary(bucket)
     if store.instances(run.id, open_only=True):
         return {"closed": False, "note": "another instance of the run is still open"}
-    if summary is None:
-        return {"closed": False, "note": "machine gone, no final artifacts in a bucket: 'ftplan attach "
+    status = _outcome(store, run.id, summary) if summary is not None else None
+    if status is None:
+        return {"closed": False, "note": "machine gone before the job ended: 'ftplan attach "
                                          f"{run.id}' resumes from the bucket's last checkpoint, 'ftplan gc --yes' closes it"}
-    status = _outcome(store, run.id, summary)
     store.add_event(run.id, "refreshed", f"machine gone; artifacts in {final}; closed as {status}", phase="done")
     store.finish_run(run.id, status, **({"error": str(summary.get("error"))[:500]} if status == "failed" else {}))
     return {"closed": True, "note": f"closed: {status}; 'ftplan pull {run.id}' fetches {final}"}
 
 
-def _outcome(store: Any, run_id: str, summary: dict) -> str:
+def final_summary(bucket: str | None) -> dict | None:
+    """summary.json of the final upload at <bucket>/<run id>/final, once its manifest is there (upload complete)."""
+    if not bucket or _bucket_json(f"{bucket}/final/MANIFEST.sha256.json") is None:
+        return None
+    return _bucket_json(f"{bucket}/final/summary.json")
+
+
+def final_outcome(store: Any, run_id: str, bucket: str | None) -> str | None:
+    """The run's final status from the bucket's final upload; None when the job did not end on its own terms
+    (no final upload, or stopped at a spot notice): then a resume is what the run needs."""
+    summary = final_summary(bucket)
+    return _outcome(store, run_id, summary) if summary is not None else None
+
+
+def _outcome(store: Any, run_id: str, summary: dict) -> str | None:
     said = str(summary.get("status") or "")
     if said == "succeeded":
         return "succeeded"
     if said == "stopped":
-        budget = any("budget" in str(a.get("reason", "")) for e in store.events(run_id, "watchdog")
-                     for a in (e.json("data_json") or {}).get("actions") or [] if isinstance(a, dict)
-                     and a.get("action") == "stop_requested")
-        return "stopped_over_budget" if budget else "cancelled"
+        reasons = [str(a.get("reason", "")) for e in store.events(run_id, "watchdog")
+                   for a in (e.json("data_json") or {}).get("actions") or [] if isinstance(a, dict)
+                   and a.get("action") == "stop_requested"]
+        if any("budget" in r for r in reasons):
+            return "stopped_over_budget"
+        if any("spot" in r or "preempted" in r for r in reasons):
+            return None      # reclaimed, not finished: resume
+        return "cancelled"
     return "failed"
 
 
