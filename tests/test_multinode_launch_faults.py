@@ -80,6 +80,25 @@ def host_arg(user: str, host: str, port: int) -> str:
     return f"{user}@{host}:{port}"
 
 
+def launch_on(tmp: Path, n_hosts: int) -> dict[str, Any]:
+    """A clean launch of the stand-in job (6 steps) on 1 or 2 of the machines: the launcher's own cost of a
+    second node (connect, ship, start, watch, stop) is the difference of the two `seconds`."""
+    servers = two_machines(tmp)[:n_hosts] if n_hosts == 2 else [SSHD(tmp / "sshd-a", host=HOSTS[0]).start()]
+    try:
+        cfg = project(tmp, {"steps": 6, "step_s": 0.05})
+        t0 = time.monotonic()
+        proc = launch_process(tmp, cfg, [host_arg(s.user, s.host, s.port) for s in servers], servers[0].client_key)
+        rc, res, err = finish(proc)
+        seconds = time.monotonic() - t0
+    finally:
+        for s in servers:
+            s.stop()
+    left, problems = leftovers(tmp, tmp / "runs.sqlite3")
+    if rc != 0 or res.get("status") != "succeeded":
+        problems.append(f"exit {rc}, status {res.get('status')!r}: {res.get('error')} {err[-500:]}")
+    return {"problems": problems, "status": res.get("status"), "live_instances": left, "seconds": seconds}
+
+
 def launch_process(tmp: Path, cfg: Path, hosts: list[str], key: Path) -> subprocess.Popen:
     args = ["launch", "--config", str(cfg), "--provider", "ssh", "--identity", str(key), "--yes", "--json",
             "--store", str(tmp / "runs.sqlite3"), "--runs-dir", str(tmp / "runs")]
@@ -192,10 +211,16 @@ def node_killed_mid_training(tmp: Path) -> dict[str, Any]:
                               a.client_key)
         store = tmp / "runs.sqlite3"
         try:
-            wait_event(store, "sync")      # node 0 wrote a checkpoint and the launcher pulled one
+            wait_event(store, "progress", timeout_s=120)   # the launcher follows node 0's training
+            deadline = time.monotonic() + 60
+            while not list(remote.glob("ft-*/out/checkpoints/checkpoint-*/COMPLETE")):   # node 0 has a checkpoint
+                assert time.monotonic() < deadline, "node 0 wrote no checkpoint within 60 s"
+                time.sleep(0.05)
             pid_files = list((remote / "node1").rglob("pid"))
             os.killpg(int(pid_files[0].read_text().strip()), signal.SIGKILL)
+            t0 = time.monotonic()
             rc, res, err = finish(proc)
+            lost_to_exit_s = time.monotonic() - t0
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -221,7 +246,7 @@ def node_killed_mid_training(tmp: Path) -> dict[str, Any]:
     if "Traceback" in err:
         problems.append("traceback on stderr")
     return {"problems": problems, "status": res.get("status"), "live_instances": left, "error": error,
-            "checkpoints": ckpts}
+            "checkpoints": ckpts, "lost_to_exit_s": lost_to_exit_s}
 
 
 def ctrl_c_while_second_node_connects(tmp: Path) -> dict[str, Any]:
@@ -341,6 +366,11 @@ def capacity_on_second_create(tmp: Path) -> dict[str, Any]:
 
 
 # ---- the tests --------------------------------------------------------------------------------
+def test_the_stand_in_job_launches_on_two_machines_and_leaves_nothing(tmp_path):
+    got = launch_on(tmp_path, 2)
+    assert got["problems"] == [], got
+
+
 def test_one_host_unreachable_at_start_runs_nothing_and_names_the_node(tmp_path):
     got = unreachable_host_at_start(tmp_path)
     assert got["problems"] == [], got

@@ -266,10 +266,21 @@ class NodeGroupSteps:
                             else "its job ended without an exit code")
 
     def _node_lost(self, k: int, what: str) -> None:
+        """Stop node 0's job at once (without node k its collectives fail or hang, and a job left running keeps
+        rotating its checkpoints away under the pull); teardown then pulls node 0's out/ whole, checkpoints
+        included, and stops and terminates every node."""
         msg = (f"node {k} ({self._node_label(k)}) lost: {what} before the run finished; stopping all "
                f"{len(self.group)} nodes (the newest checkpoint is pulled from node 0)")
         self.store.add_event(self.run_id, "node_lost", msg, phase=self._phase, data={"node": k})
         self.display.warn(msg)
+        try:
+            self.runner.kill(self.run_id)
+            self.job_finished = True   # stopped by us: salvage pulls out/ and the log as they are now
+        except Interrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - node 0 unreachable too: salvage tries the newest checkpoint
+            self.store.add_event(self.run_id, "teardown_failed", f"node 0: cannot stop its job: {_scrub(exc)}",
+                                 phase=self._phase)
         raise LaunchFailed(msg)
 
     # ---- teardown -------------------------------------------------------------------------------
