@@ -125,16 +125,24 @@ def wait_event(store: Path, kind: str, like: str = "%", timeout_s: float = 90) -
 
 
 def job_groups(remote: Path) -> list[int]:
-    """Process groups of jobs started under `remote` (from the pid files bootstrap writes) still alive."""
-    alive = []
+    """Process groups of jobs started under `remote` (from the pid files bootstrap writes) with a process still
+    running (a zombie bootstrap its parent has not reaped yet runs nothing)."""
+    wanted = set()
     for pid_file in remote.rglob("pid"):
         try:
-            pgid = int(pid_file.read_text().strip())
-            os.killpg(pgid, 0)
-            alive.append(pgid)
-        except (ValueError, ProcessLookupError, PermissionError, OSError):
+            wanted.add(int(pid_file.read_text().strip()))
+        except (ValueError, OSError):
             continue
-    return alive
+    alive = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp in wanted and state != "Z":
+            alive.add(pgrp)
+    return sorted(alive)
 
 
 def stop_jobs(remote: Path) -> None:
