@@ -110,8 +110,11 @@ def test_two_machines_train_one_job_and_come_back_verified(tmp_path, capsys, mon
     assert config["nnodes"] == 2
     group = [e["data"] for e in events(store, res["run_id"], "node_group") if e["data"].get("hosts")]
     assert group and group[0]["nodes"] == 2 and group[0]["hosts"] == [f"127.0.0.2:{a.port}", f"127.0.0.3:{b.port}"]
-    # Both machines bill: the cost counts two nodes at $0.25/h.
-    assert res["actual"]["usd"] == pytest.approx(res["actual"]["hours"] * 0.25, rel=0.05, abs=2e-4)
+    # Both machines bill: one cost span per node at $0.25/h, and the run's total is their sum.
+    with sqlite3.connect(store) as db:
+        costs = db.execute("SELECT price_hour, hours, usd FROM costs WHERE run_id = ?", (res["run_id"],)).fetchall()
+    assert len(costs) == 2 and all(price == 0.25 for price, _, _ in costs)
+    assert res["actual"]["usd"] == pytest.approx(sum(usd for _, _, usd in costs), abs=1e-4)
 
     # Nothing secret is left on either machine; node 1 worked in its own folder under the run root.
     remote = tmp_path / "remote"
