@@ -75,7 +75,11 @@ class _S3:
             import boto3
         except ImportError as exc:
             raise RuntimeError("s3:// needs boto3 on the machine (pip install boto3)") from exc
-        self.client, self.bucket = boto3.client("s3"), bucket
+        from botocore.config import Config
+
+        # a bucket that does not answer costs seconds, not minutes (`ftplan runs --refresh` is bounded per run)
+        config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        self.client, self.bucket = boto3.client("s3", config=config), bucket
 
     def put(self, key: str, path: str) -> None:
         self.client.upload_file(path, self.bucket, key)

@@ -30,12 +30,16 @@ def test_refresh_shows_the_detached_run_then_closes_it_when_the_machine_is_gone(
 
         # Without --refresh: the store only, no provider call.
         before = len(fake_lambda.requests)
+        t0 = time.monotonic()
         plain = _cli(tmp_path, env, "runs", "--store", str(store), "--json")
+        print(f"runs_plain_s: {time.monotonic() - t0:.2f}")
         assert plain.returncode == 0 and len(fake_lambda.requests) == before
         assert "live" not in json.loads(plain.stdout)[0]
 
         # The machine is still up (Lambda keeps a machine shut down from inside): live state over SSH.
+        t0 = time.monotonic()
         up = _cli(tmp_path, env, "runs", "--refresh", "--store", str(store), "--json")
+        print(f"refresh_up_s: {time.monotonic() - t0:.2f}")
         assert up.returncode == 0, up.stderr[-2000:]
         (row,) = json.loads(up.stdout)
         live = row["live"]
@@ -49,7 +53,9 @@ def test_refresh_shows_the_detached_run_then_closes_it_when_the_machine_is_gone(
         (inst,) = fake_lambda.live_instances()
         inst["status"] = "terminated"
         time.sleep(1.5)
+        t0 = time.monotonic()
         gone = _cli(tmp_path, env, "runs", "--refresh", "--store", str(store), "--json")
+        print(f"refresh_gone_s: {time.monotonic() - t0:.2f}")
         assert gone.returncode == 0, gone.stderr[-2000:]
         (row,) = json.loads(gone.stdout)
         assert row["live"]["machine"] == "terminated" and row["live"]["closed"], row
