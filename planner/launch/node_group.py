@@ -92,6 +92,7 @@ class NodeGroupSteps:
                     self.store.set_instance_state(row, state, error=_scrub(exc))
                     raise _NodeFailed(k, exc) from None
                 self.store.set_instance_created(row, inst.id, inst.to_dict())
+                zone = zone or getattr(inst, "zone", None)   # the provider placed node 0: the others follow it
                 self.guard.start_billing(row, offer.price_hour)
                 self.live.append((row, inst, offer))
                 created.append((row, inst))
