@@ -63,9 +63,12 @@ def test_the_api_takes_a_list_of_hosts(tmp_path):
     (["--host", "me@10.0.0.5", "--host", "me@10.0.0.5"], "given twice"),
     (["--host", "me@10.0.0.5", "--host", "me@10.0.0.6", "--detach"], "--detach is for one machine"),
     (["--nodes", "0"], "--nodes must be"),
+    (["--provider", "local", "--nodes", "2"], "--provider local is this one machine"),
+    (["--gpus", "0"], "--gpus must be"),
 ])
 def test_bad_node_settings_are_one_line_errors(tmp_path, capsys, args, says):
-    line = error_line(capsys, "launch", "--config", str(project(tmp_path)), "--provider", "ssh", *args,
+    provider = [] if "--provider" in args else ["--provider", "ssh"]
+    line = error_line(capsys, "launch", "--config", str(project(tmp_path)), *provider, *args,
                       "--dry-run", "--yes")
     assert says in line
 

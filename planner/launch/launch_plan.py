@@ -178,6 +178,9 @@ def _pinned_candidates(cfg: ProjectConfig, host: str | list[str] | None, identit
     pinned in the project file."""
     providers = cfg.launch.providers
     if providers == ["local"]:
+        if cfg.launch.nodes not in (None, 1):
+            raise UserError(f"--nodes {cfg.launch.nodes}: --provider local is this one machine; for several use "
+                            "--provider ssh with one --host per machine")
         opts = cfg.providers.get("local", {})
         return [Candidate(provider="local", instance_type="local", gpu=str(opts.get("gpu", "cpu")),
                           gpu_count=_gpus_option(opts, "local"), region="localhost",
