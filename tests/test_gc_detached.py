@@ -62,3 +62,17 @@ def test_a_detached_run_without_a_deadline_stays_kept(tmp_path, fake_lambda):  #
     store, cfg = _detached_run(tmp_path, fake_lambda, deadline_s=0, started_ago_s=10 * 3600)
     (item,) = collect_garbage(store, cfg, terminate=True)["instances"]
     assert item["action"] == "keep"
+
+
+def test_a_detached_run_whose_watchdog_powered_off_is_no_longer_kept(tmp_path, fake_lambda):  # noqa: F811
+    """`runs --refresh` recorded the watchdog's power-off, but the provider still lists the machine (Lambda bills a
+    machine shut down from inside until it is terminated): gc ends it."""
+    store, cfg = _detached_run(tmp_path, fake_lambda, deadline_s=3600, started_ago_s=600)
+    store.add_event(RUN, "watchdog", "powering_off", data={"state": "powering_off", "actions": [
+        {"at": time.time(), "action": "power_off", "reason": "no launcher pulled within the grace period"}]})
+    (item,) = collect_garbage(store, cfg, terminate=False)["instances"]
+    assert item["action"] == "orphan" and "powered the machine off" in item["reason"]
+    collect_garbage(store, cfg, terminate=True)
+    assert fake_lambda.live_instances() == []
+    (cost,) = store.costs(RUN)
+    assert cost.clock == "launcher"   # still listed: it billed until now, not until the power-off

@@ -46,6 +46,7 @@ def test_refresh_shows_the_detached_run_then_closes_it_when_the_machine_is_gone(
         assert live["machine"] == "up" and live["step"] == 12 and live["total_steps"] == 12, live
         assert live["watchdog"].startswith("powering_off") and "uploaded" in live["watchdog"], live
         assert live["spent_usd"] > 0 and not live["closed"] and row["status"] == "training"
+        assert "gc --yes" in live["note"]   # Lambda bills a machine shut down from inside until it is terminated
         text = _cli(tmp_path, env, "runs", "--refresh", "--store", str(store))
         assert run_id in text.stdout and "machine up" in text.stdout and "step 12/12" in text.stdout, text.stdout
 

@@ -76,6 +76,10 @@ def refresh_run(store: Any, run_id: str, *, provider_factory: Callable[..., Any]
         if live["step"] is None:
             live["step"], live["total_steps"] = doc.get("step"), doc.get("total_steps")
     live.update(_spend(store, run, row, inst, provider))
+    if live["machine"] in ("up", "powered off") and doc and any(
+            isinstance(a, dict) and a.get("action") == "power_off" for a in doc.get("actions") or []):
+        live["note"] = (f"the watchdog ran its power-off, yet {row.provider} still lists the machine (it may bill "
+                        "until terminated): 'ftplan gc --yes' terminates it")
     if live["machine"] == "terminated" and inst is not None:
         live.update(_close(store, run, rows, inst, provider, bucket))
     return live

@@ -266,7 +266,9 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
         if pid_alive(run.launcher_pid, run.launcher_host):
             return True
         # detached: its watchdog guards it until attach / runs --refresh closes it, unless it is over its own cap
-        return run.phase == "detached" and over_cap_since(store, run.id) is None
+        # or the watchdog already ran its power-off (a machine still listed then bills with nothing guarding it)
+        return (run.phase == "detached" and over_cap_since(store, run.id) is None
+                and watchdog_powered_off_at(store, run.id) is None)
 
     def options_for(name: str, run_id: str | None) -> dict:
         opts = dict(cfg.provider_options(name)) if name in cfg.providers else {}
@@ -291,7 +293,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
     def close_rows(provider_name: str, instance_id: str | None, run_id: str | None, inst: Any = None,
                    billed_by: Any = None) -> None:
         """Close the run's open rows; each is billed from the provider's clock where it reports one (a detached
-        run's machine powered itself off long before the user came back), else to now."""
+        run's machine powered itself off long before the user came back), else to now. The watchdog's power-off
+        ends the span only for a machine the provider no longer listed (`inst` None): one still listed billed on."""
         if not run_id:
             return
         now = time.time()
@@ -302,8 +305,8 @@ def collect_garbage(store, cfg, *, terminate: bool, only: list[str] | None = Non
                 known = inst if inst is not None else (Instance.from_dict(row.json("instance_json"))
                                                        if row.json("instance_json") else None)
                 if known is not None and billed_by is not None:
-                    span = billed_span(billed_by, known, row.created_at, now,
-                                       powered_off_at=watchdog_powered_off_at(store, row.run_id))
+                    span = billed_span(billed_by, known, row.created_at, now, powered_off_at=None
+                                       if inst is not None else watchdog_powered_off_at(store, row.run_id))
                     store.add_cost(row.run_id, row.id, *span, row.price_hour, **span.cost_fields())
                 else:
                     store.add_cost(row.run_id, row.id, row.created_at, now, row.price_hour)
@@ -452,6 +455,13 @@ def _orphan_reason(store, run_id: str | None) -> str:
         return "no run with this id in the store"
     if run.status in ("succeeded", "failed", "stopped_over_budget", "cancelled"):
         return f"its run is {run.status}"
+    off = watchdog_powered_off_at(store, run.id) if run.phase == "detached" else None
+    if off is not None:
+        import datetime as dt
+
+        at = dt.datetime.fromtimestamp(off, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return (f"detached run whose watchdog powered the machine off at {at}, yet the provider still lists it "
+                "(it may bill until terminated); nothing guards it now")
     since = over_cap_since(store, run.id) if run.phase == "detached" else None
     if since is not None:
         import datetime as dt
