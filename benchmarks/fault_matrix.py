@@ -8,7 +8,9 @@ tests/test_first_contact_adapters.py run here too); prints one line per case
 (case, outcome, instances left, seconds, teardown seconds) and ends with `key: value` lines: `cases: N`,
 `leaked_instances: 0` when every path ended with the instance terminated, and `max_teardown_s` (from the
 teardown phase's start to the run's end, measured; `max_teardown_unreachable_s` for the cases whose machine
-stopped answering).
+stopped answering), and `idle_after_finish_s` (max over the detached cases: the job's end to the watchdog's
+power-off with no launcher alive). The multi-node cases (tests/test_multinode_launch_faults.py) run on two
+sshd's of their own on 127.0.0.2/.3; the cloud multi-node cases are tests/test_multinode_cloud_launch.py.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import test_detach_faults as df  # noqa: E402
 import test_fault_matrix as fm  # noqa: E402
 import test_first_contact_adapters as fa  # noqa: E402
 import test_first_contact_matrix as fc  # noqa: E402
+import test_multinode_launch_faults as mf  # noqa: E402
 from fakes.lambda_api import shared_fake_lambda  # noqa: E402
 from sshd_fixture import SSHD  # noqa: E402
 
@@ -83,6 +87,7 @@ def main() -> int:
     fake = shared_fake_lambda()
     os.environ[fm.LAMBDA_KEY_ENV] = fake.api_key
     rows, leaked, failures = [], 0, 0
+    idle_after_finish: list[float] = []
     teardown_s: list[float] = []
     unreachable_s: list[float] = []
     t_all = time.monotonic()
@@ -128,6 +133,35 @@ def main() -> int:
             failures += bool(problems)
             rows.append((name, got["status"], got["live_instances"], got["seconds"], 0.0,
                          "ok" if not problems else "; ".join(problems)))
+        # Issue 13: several machines as one run (two sshd's on 127.0.0.2/.3; a provider with placements).
+        for name, fn in (("multi-node: one host unreachable at start", mf.unreachable_host_at_start),
+                         ("multi-node: node 1 killed mid-training", mf.node_killed_mid_training),
+                         ("multi-node: Ctrl-C while node 1 connects", mf.ctrl_c_while_second_node_connects),
+                         ("multi-node: 2nd create out of capacity -> next offer", mf.capacity_on_second_create)):
+            tmp = Path(tempfile.mkdtemp(dir=work, prefix="multinode-"))
+            t0 = time.monotonic()
+            try:
+                got = fn(tmp)
+            except Exception as exc:  # noqa: BLE001 - a crashed check is a failed check
+                got = {"problems": [f"{type(exc).__name__}: {exc}"]}
+            left = got.get("live_instances", 0)
+            leaked += left
+            failures += bool(got["problems"])
+            rows.append((name, got.get("status", "-"), left, time.monotonic() - t0, 0.0,
+                         "ok" if not got["problems"] else "; ".join(got["problems"])))
+        # Issue 14: no launcher alive at the end; the machine's watchdog finishes the run on its own.
+        bucket = df.S3Bucket().start(work)
+        _STOP.append(bucket.stop)
+        for case in df.detached_cases():
+            tmp = Path(tempfile.mkdtemp(dir=work, prefix="detached-"))
+            got = df.run_detached_case(case, tmp, fake, sshd, bucket)
+            problems = df.check_detached(case, got)
+            leaked += got.get("live_instances", 0)
+            failures += bool(problems)
+            if got.get("idle_after_finish_s") is not None:
+                idle_after_finish.append(got["idle_after_finish_s"])
+            rows.append((f"detached: {case.name}", got.get("status", "-"), got.get("live_instances", 0),
+                         got["seconds"], 0.0, "ok" if not problems else "; ".join(problems)))
         tmp = work / "kill9"
         tmp.mkdir()
         t0 = time.monotonic()
@@ -151,6 +185,8 @@ def main() -> int:
     print(f"leaked_instances: {leaked}")
     print(f"max_teardown_s: {max(teardown_s, default=0.0):.1f}")
     print(f"max_teardown_unreachable_s: {max(unreachable_s, default=0.0):.1f}")
+    print(f"idle_after_finish_s: {max(idle_after_finish, default=float('nan')):.1f}  "
+          f"(max over the detached cases; grace {df.GRACE_MIN * 60:.0f} s)")
     return 0 if failures == 0 and leaked == 0 else 1
 
 

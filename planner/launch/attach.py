@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ftplan.planner.launch.budget import Progress
-from ftplan.planner.launch.launch_plan import Candidate, LaunchPlan, LaunchResult
+from ftplan.planner.launch.launch_plan import Candidate, LaunchFailed, LaunchPlan, LaunchResult
 from ftplan.planner.launch.live_display import NullDisplay
+from ftplan.planner.launch.teardown import UNMANAGED_PROVIDERS
 from ftplan.planner.runs.store import Store
 
 
@@ -48,7 +49,12 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
     rows = [r for r in store.instances(run.id, open_only=True) if r.provider_instance_id]
     if not rows:
         raise UserError(f"run {run.id} has no live instance to attach to; 'ftplan gc --yes' closes it")
-    row = rows[-1]
+    multinode = len(rows) > 1   # several open rows: the nodes of one multi-node run (node 0 created first)
+    if multinode and rows[0].provider in UNMANAGED_PROVIDERS:
+        raise UserError(f"run {run.id} runs on {len(rows)} machines of your own, and attach takes over cloud nodes "
+                        f"only: stop its job on each host (pkill -f {run.id}), remove its secrets.env there, then "
+                        f"'ftplan gc --yes' closes the run")
+    row = rows[0] if multinode else rows[-1]
     inst = Instance.from_dict(row.json("instance_json"))
     offer = Candidate(provider=row.provider, instance_type=row.instance_type or "", gpu=row.gpu or "",
                       region=row.region or "", zone=row.zone, spot=bool(row.spot), price_hour=row.price_hour or 0.0)
@@ -72,7 +78,16 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
     from ftplan.planner.launch.launcher import Launcher
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
-    if _machine_gone(launcher._provider(row.provider), inst):
+    if multinode:
+        _adopt_other_nodes(store, run.id, launcher, rows[1:])
+        if _machine_gone(launcher._provider(row.provider), inst):
+            def node_0_gone() -> str:
+                raise LaunchFailed(f"node 0 ({inst.id}) of the {len(rows)}-node run is gone; every node was "
+                                   "terminated (a multi-node run is not resumed on new machines yet)")
+            launcher.live.insert(0, (row.id, inst, offer))
+            launcher.guard.start_billing(row.id, offer.price_hour, since=row.created_at)
+            return launcher._drive(node_0_gone)
+    elif _machine_gone(launcher._provider(row.provider), inst):
         from ftplan.planner.launch.refresh import final_outcome
 
         if final_outcome(store, run.id, launcher._run_bucket()) is not None:   # it finished: close, do not rerun
@@ -81,6 +96,24 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
     _follow_the_user(store, run.id, row, inst, launcher._provider(row.provider), display,
                      update_firewall=update_firewall, confirm=confirm, probe=probe, ssh_cidr=ssh_cidr)
     return launcher.take_over(row.id, inst, offer)
+
+
+def _adopt_other_nodes(store: Store, run_id: str, launcher: Any, rows: list[Any]) -> None:
+    """Nodes 1..N-1 of a multi-node run: billed and terminated with node 0 by the take-over's teardown, and the
+    run's placement deleted after them. Node 0 is watched and pulled from (it holds rank 0's artifacts)."""
+    from ftplan.providers.base import Instance
+
+    for r in rows:
+        other = Candidate(provider=r.provider, instance_type=r.instance_type or "", gpu=r.gpu or "",
+                          region=r.region or "", zone=r.zone, spot=bool(r.spot), price_hour=r.price_hour or 0.0)
+        launcher.live.append((r.id, Instance.from_dict(r.json("instance_json")), other))
+        launcher.guard.start_billing(r.id, other.price_hour, since=r.created_at)
+    deleted = {e.message for e in store.events(run_id, "placement_deleted")}
+    for e in store.events(run_id, "placement_created"):
+        data = e.json("data_json") or {}
+        placement = data.get("placement") or {}
+        if placement and e.message not in deleted:
+            launcher.placements.append((data.get("provider"), placement))
 
 
 def _machine_gone(provider: Any, inst: Any) -> bool:

@@ -29,6 +29,7 @@ from ftplan.planner.launch.teardown import scrubbed as _scrub
 
 DEFAULT_RDZV_PORT = 29400           # torchrun's documented default for --rdzv-endpoint without a port
 PLACEMENT_RETRY_S = (2.0, 5.0, 10.0, 20.0)   # AWS refuses to delete a placement group while its instances shut down
+PLACEMENT_RETRY_BUDGET_S = 60.0              # no retry starts after this (the adapter's own wait may be longer)
 
 
 class GroupUnavailable(Exception):
@@ -144,7 +145,12 @@ class NodeGroupSteps:
                 continue
             provider = self._provider(provider_name)
             error: Exception | None = None
-            for wait in (0.0, *PLACEMENT_RETRY_S):
+            # Adapters wait inside delete_placement while nodes shut down (AWS teardown_wait_s, GCP op_timeout_s):
+            # retry only within PLACEMENT_RETRY_BUDGET_S, so a stuck node costs one adapter wait, not five.
+            give_up = time.monotonic() + PLACEMENT_RETRY_BUDGET_S
+            for attempt, wait in enumerate((0.0, *PLACEMENT_RETRY_S)):
+                if attempt and time.monotonic() + wait > give_up:
+                    break
                 time.sleep(wait)
                 try:
                     provider.delete_placement(placement)
