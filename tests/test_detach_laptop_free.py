@@ -97,6 +97,9 @@ def test_detached_run_uploads_to_the_bucket_powers_off_and_pulls_verified(tmp_pa
         run_id = result["run_id"]
         assert result["status"] == "detached"
         assert "watchdog" in result["guards"] and "s3://runs/ftplan/" + run_id + "/final" in result["guards"]
+        # Lambda documents no stop: the user is told what still bills after the power-off and what ends it.
+        assert "on lambda a powered-off machine may bill in full until terminated" in result["guards"]
+        assert "'ftplan gc --yes'" in result["guards"]
         # No launcher is alive now. The run stays recorded as live; gc keeps its machine.
         runs = subprocess.run([*FTPLAN_PROCESS, "runs", "--store", str(store)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)

@@ -75,3 +75,19 @@ def test_the_watchdog_takes_its_settings_from_the_environment(tmp_path):
     assert not marker.exists()
     subprocess.run(cmd, env={**base, "FTPLAN_WATCHDOG_POWEROFF_CONFIGURED": "1"}, timeout=60, check=True)
     assert marker.exists()
+
+
+def test_every_provider_says_what_a_powered_off_machine_still_bills():
+    """catalogs/provider_overheads.json `poweroff` is known for every provider the planner prices, and the
+    detach summary says so except where power-off terminates (AWS's shutdown behaviour)."""
+    import json
+
+    from ftplan.catalogs import data_path
+    from ftplan.planner.launch.detached import poweroff_note
+
+    raw = json.loads(data_path("provider_overheads.json").read_text())
+    kinds = {name: d.get("poweroff") for name, d in raw["providers"].items()}
+    assert set(kinds.values()) <= {"terminates", "stops_compute", "unverified"} and None not in kinds.values()
+    assert poweroff_note("aws") == ""
+    assert "disk" in poweroff_note("gcp") and "'ftplan gc --yes'" in poweroff_note("gcp")
+    assert "until terminated" in poweroff_note("lambda")

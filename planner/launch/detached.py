@@ -85,7 +85,10 @@ class DetachSteps:
         else:
             parts.append("no watchdog (the machine bills nothing)")
         if getattr(self, "_deadline_s", None):
-            parts.append(f"the on-instance deadline ends it after {self._deadline_s}s whatever happens")
+            parts.append(f"the on-instance deadline powers it off after {self._deadline_s}s whatever happens")
+        note = poweroff_note(self.live[-1][2].provider) if env and self.live else ""
+        if note:
+            parts.append(note)
         return "; ".join(parts)
 
     def _detached_result(self) -> LaunchResult:
@@ -100,3 +103,20 @@ class DetachSteps:
                        for r in self.store.instances(self.run_id)],
             guards=self._guards_text(),
         )
+
+
+def poweroff_note(provider: str) -> str:
+    """What a machine of `provider` still bills once it powered itself off ("" where power-off terminates it):
+    `poweroff` in catalogs/provider_overheads.json, with its sources in `poweroff_about` there."""
+    import json
+
+    from ftplan.catalogs import data_path
+
+    raw = json.loads(data_path("provider_overheads.json").read_text())
+    kind = (raw["providers"].get(provider) or {}).get("poweroff", "unverified")
+    end = "once it finished, 'ftplan runs --refresh' then 'ftplan gc --yes' ends that bill"
+    if kind == "terminates":
+        return ""
+    if kind == "stops_compute":
+        return f"on {provider} a powered-off machine still bills its disk until deleted: {end}"
+    return f"on {provider} a powered-off machine may bill in full until terminated: {end}"
