@@ -595,7 +595,8 @@ def test_gc_with_the_list_api_down_keeps_the_ambiguous_row(tmp_path, fake_lambda
     assert got["problems"] == []
 
 
-def test_gc_from_a_second_store_leaves_the_first_stores_run_alone(tmp_path, fake_lambda, sshd):  # noqa: F811
+def test_gc_from_a_second_store_leaves_the_first_stores_run_alone(tmp_path, fake_lambda, sshd, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(LAMBDA_KEY_ENV, fake_lambda.api_key)   # the in-process gc's credential (no test leaks it)
     got = gc_second_store(tmp_path, fake_lambda, sshd)
     assert got["problems"] == []
 
