@@ -83,9 +83,14 @@ def run_bootstrap(tmp_path: Path, gpu: bool) -> tuple[int, str, Path]:
     run = tmp_path / "run"
     with gzip.open(bundle) as fh:
         safe_extract(fh.read, run)
-    # offline: only what this venv already has (the Hub client pins are the shipped file's)
-    hub = [line for line in (run / "requirements.txt").read_text().splitlines() if line.startswith(("huggingface", "hf-"))]
-    (run / "requirements.txt").write_text("\n".join(hub) + "\n")
+    # offline: only what this venv already has. The shipped file's Hub client lines, pinned to the versions
+    # installed here (a fresh CI venv may resolve a newer huggingface_hub than the job's pin).
+    from importlib.metadata import version
+
+    hub = [line.split("==")[0] for line in (run / "requirements.txt").read_text().splitlines()
+           if line.startswith(("huggingface", "hf-"))]
+    assert hub == ["huggingface_hub", "hf-xet"], hub
+    (run / "requirements.txt").write_text("".join(f"{name}=={version(name)}\n" for name in hub))
     (run / "secrets.env").write_text(f"HF_TOKEN={TOKEN}\n")
     (run / "secrets.env").chmod(0o600)
     bin_dir, image_py = sandbox(tmp_path, gpu)

@@ -169,7 +169,7 @@ def test_python_api_plan_carries_the_same_multinode_offers_and_note_as_the_cli(c
     assert any(o["nodes"] > 1 for o in api["offers"]) and any("multi-node" in w for w in api["warnings"])
 
 
-def test_the_launcher_never_takes_a_multinode_offer_until_it_can_start_several_machines(monkeypatch):
+def test_the_launcher_takes_the_plans_multinode_offers_and_launch_nodes_pins_the_count(monkeypatch):
     from types import SimpleNamespace
 
     from ftplan.planner.launch import estimate_bridge
@@ -177,6 +177,12 @@ def test_the_launcher_never_takes_a_multinode_offer_until_it_can_start_several_m
     req = EstimateRequest(model=resolve_model("llama3.1-70b"), method="full", seq_len=2048, batch_size=1,
                           dataset_tokens=100_000_000)
     monkeypatch.setattr(estimate_bridge, "request_from_config", lambda cfg, dataset: req)
-    cfg = SimpleNamespace(launch=SimpleNamespace(providers=["aws", "gcp"], regions=[], spot=None, budget_usd=None))
+    cfg = SimpleNamespace(launch=SimpleNamespace(providers=["aws", "gcp"], regions=[], spot=None, budget_usd=None,
+                                                 nodes=None))
     offers = estimate_bridge.launch_offers(cfg, None)
-    assert offers and all(o.nodes == 1 for o in offers)
+    assert any(o.nodes > 1 for o in offers)          # no single H100/A100 node holds it: 2-4 nodes are launchable
+    cfg.launch.nodes = 1
+    single = estimate_bridge.launch_offers(cfg, None)
+    assert single and all(o.nodes == 1 for o in single)
+    cfg.launch.nodes = 3
+    assert all(o.nodes == 3 for o in estimate_bridge.launch_offers(cfg, None))
