@@ -52,7 +52,7 @@ def refresh_run(store: Any, run_id: str, *, provider_factory: Callable[..., Any]
     if not rows:
         live["note"] = "no open instance recorded"
         return live
-    row = rows[-1]
+    row = rows[0] if len(rows) > 1 else rows[-1]   # several open rows: a multi-node run, whose node 0 has rank 0
     try:
         inst, provider = _describe(store, run, row, provider_factory)
     except Exception as exc:  # noqa: BLE001 - no adapter / no credentials: say so, keep the rest
