@@ -33,6 +33,7 @@ def _two_node_run(tmp_path, provider, store: Store, run_id: str, name: str = "aw
             store_id=store.store_id, ssh_cidr="203.0.113.7/32", placement=placement, node_rank=k, nodes=2))
         store.set_instance_created(row, inst.id, inst.to_dict())
         made.append(inst)
+    store.add_event(run_id, "node_group", "2 nodes ready", data={"nodes": 2, "instances": [i.id for i in made]})
     return made
 
 
@@ -63,7 +64,27 @@ def test_attach_refuses_several_machines_of_your_own_in_one_line(tmp_path):
         store.set_instance_created(row, f"ssh:u@{host}:22:run-mn-ssh", {
             "provider": "ssh", "id": f"ssh:u@{host}:22:run-mn-ssh", "run_id": "run-mn-ssh", "region": "on-prem",
             "state": "running", "ssh": {"host": host, "port": 22, "user": "u"}})
+    store.add_event("run-mn-ssh", "node_group", "2 nodes ready", data={
+        "nodes": 2, "instances": [f"ssh:u@{h}:22:run-mn-ssh" for h in ("127.0.0.2", "127.0.0.3")]})
     with pytest.raises(UserError) as err:
         attach_run(store, "run-mn-ssh")
     assert "2 machines of your own" in str(err.value) and "\n" not in str(err.value)
     assert len(store.instances("run-mn-ssh", open_only=True)) == 2    # nothing closed behind the user's back
+
+
+def test_two_open_rows_of_a_single_node_run_are_not_taken_for_nodes(tmp_path):
+    """A spot-lost instance whose termination is unconfirmed beside its replacement: two open rows, one job.
+    Only the run's node_group event makes rows nodes, so attach keeps watching the newest machine."""
+    from ftplan.planner.launch.node_group import recorded_nodes
+
+    store = Store(tmp_path / "runs.sqlite3")
+    store.create_run("run-1n", model="tiny-llama", method="qlora", provider="aws", budget_usd=1.0,
+                     artifacts_dir=str(tmp_path / "runs" / "run-1n"))
+    for k in range(2):
+        row = store.add_instance_intent("run-1n", "aws", instance_type="g5.xlarge", gpu="A10G", region="us-east-1")
+        store.set_instance_created(row, f"i-{k}", {"provider": "aws", "id": f"i-{k}", "run_id": "run-1n",
+                                                   "region": "us-east-1", "state": "running"})
+    rows = store.instances("run-1n", open_only=True)
+    assert len(rows) == 2 and recorded_nodes(store, "run-1n", rows) is None
+    store.add_event("run-1n", "node_group", "2 nodes ready", data={"nodes": 2, "instances": ["i-0", "i-1"]})
+    assert [r.provider_instance_id for r in recorded_nodes(store, "run-1n", rows)] == ["i-0", "i-1"]

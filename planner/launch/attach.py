@@ -21,6 +21,7 @@ from typing import Any
 from ftplan.planner.launch.budget import Progress
 from ftplan.planner.launch.launch_plan import Candidate, LaunchFailed, LaunchPlan, LaunchResult
 from ftplan.planner.launch.live_display import NullDisplay
+from ftplan.planner.launch.node_group import recorded_nodes
 from ftplan.planner.launch.teardown import UNMANAGED_PROVIDERS
 from ftplan.planner.runs.store import Store
 
@@ -49,12 +50,13 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
     rows = [r for r in store.instances(run.id, open_only=True) if r.provider_instance_id]
     if not rows:
         raise UserError(f"run {run.id} has no live instance to attach to; 'ftplan gc --yes' closes it")
-    multinode = len(rows) > 1   # several open rows: the nodes of one multi-node run (node 0 created first)
+    nodes = recorded_nodes(store, run.id, rows)   # a multi-node run: its open rows in node order
+    multinode = nodes is not None and any(nodes)
     if multinode and rows[0].provider in UNMANAGED_PROVIDERS:
-        raise UserError(f"run {run.id} runs on {len(rows)} machines of your own, and attach takes over cloud nodes "
+        raise UserError(f"run {run.id} runs on {len(nodes)} machines of your own, and attach takes over cloud nodes "
                         f"only: stop its job on each host (pkill -f {run.id}), remove its secrets.env there, then "
                         f"'ftplan gc --yes' closes the run")
-    row = rows[0] if multinode else rows[-1]
+    row = (nodes[0] or next(r for r in nodes if r)) if multinode else rows[-1]
     inst = Instance.from_dict(row.json("instance_json"))
     offer = Candidate(provider=row.provider, instance_type=row.instance_type or "", gpu=row.gpu or "",
                       region=row.region or "", zone=row.zone, spot=bool(row.spot), price_hour=row.price_hour or 0.0)
@@ -79,10 +81,10 @@ def attach_run(store: Store, run_id: str, *, display: Any = None, provider_facto
 
     launcher = Launcher(store, plan, provider_factory=provider_factory, runner_factory=runner_factory, display=display)
     if multinode:
-        _adopt_other_nodes(store, run.id, launcher, rows[1:])
-        if _machine_gone(launcher._provider(row.provider), inst):
+        _adopt_other_nodes(store, run.id, launcher, [r for r in nodes if r and r.id != row.id])
+        if nodes[0] is None or _machine_gone(launcher._provider(row.provider), inst):
             def node_0_gone() -> str:
-                raise LaunchFailed(f"node 0 ({inst.id}) of the {len(rows)}-node run is gone; every node was "
+                raise LaunchFailed(f"node 0 of the {len(nodes)}-node run is gone; every node was "
                                    "terminated (a multi-node run is not resumed on new machines yet)")
             launcher.live.insert(0, (row.id, inst, offer))
             launcher.guard.start_billing(row.id, offer.price_hour, since=row.created_at)

@@ -332,3 +332,17 @@ class NodeGroupSteps:
             self.store.add_event(self.run_id, "secrets_not_removed", f"node {k}: {_scrub(exc)}", phase="teardown",
                                  data={"node": k})
             self.display.warn(f"could not remove secrets.env from node {k}: {_scrub(exc)}")
+
+
+def recorded_nodes(store: Any, run_id: str, rows: list[Any]) -> list[Any] | None:
+    """The open instance rows of a multi-node run in node order (None at a position whose node is already
+    closed), from the run's `node_group` event; None for a single-node run. A single-node run can also have two
+    open rows (a spot-lost instance whose termination is unconfirmed beside its replacement): only this event
+    says several rows are nodes of one job."""
+    ids: list[str] = []
+    for event in store.events(run_id, "node_group"):   # the newest that names the instances (the group made)
+        ids = (event.json("data_json") or {}).get("instances") or ids
+    if len(ids) < 2:
+        return None
+    by_id = {r.provider_instance_id: r for r in rows}
+    return [by_id.get(i) for i in ids]

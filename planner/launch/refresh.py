@@ -52,7 +52,10 @@ def refresh_run(store: Any, run_id: str, *, provider_factory: Callable[..., Any]
     if not rows:
         live["note"] = "no open instance recorded"
         return live
-    row = rows[0] if len(rows) > 1 else rows[-1]   # several open rows: a multi-node run, whose node 0 has rank 0
+    from ftplan.planner.launch.node_group import recorded_nodes
+
+    nodes = recorded_nodes(store, run.id, rows)    # a multi-node run: node 0 has rank 0's heartbeat and watchdog
+    row = next((r for r in nodes if r), rows[-1]) if nodes else rows[-1]
     try:
         inst, provider = _describe(store, run, row, provider_factory)
     except Exception as exc:  # noqa: BLE001 - no adapter / no credentials: say so, keep the rest
