@@ -143,7 +143,24 @@ class Watchdog:
             self.act("stop_requested", reason=reason)
 
     def training_ended(self) -> bool:
-        return os.path.exists(self._path("exit_code"))
+        return os.path.exists(self._path("exit_code")) or self.job_vanished()
+
+    def job_vanished(self) -> bool:
+        """bootstrap.sh's process group (./pid) is gone without writing ./exit_code: killed -9 (the OOM killer,
+        a user). Nothing will train again, so the machine must not idle until its deadline (nor, on a machine
+        ftplan does not own, this watchdog live forever)."""
+        try:
+            with open(self._path("pid"), encoding="utf-8") as fh:
+                pid = int(fh.read().strip())
+        except (OSError, ValueError):
+            return False   # not started yet
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return not os.path.exists(self._path("exit_code"))   # (it may have written exit_code meanwhile)
+        except OSError:
+            return False   # alive under another user
+        return False
 
     # ---- the loop --------------------------------------------------------------------------------
     def tick(self) -> bool:

@@ -132,6 +132,29 @@ def test_a_launcher_that_pulled_means_no_upload_and_power_off(tmp_path):
     assert "uploaded" not in [a["action"] for a in status(run)["actions"]]
 
 
+def test_a_job_killed_without_an_exit_code_ends_the_watch_too(tmp_path):
+    """bootstrap killed -9 (the OOM killer): no exit_code will come. The watchdog must not wait for training
+    forever: the machine powers off after the grace period (and on your own machine the watchdog exits)."""
+    run = make_run(tmp_path, {"step": 2, "total_steps": 50, "elapsed_s": 2})
+    job = subprocess.Popen(["sleep", "600"])
+    (run / "pid").write_text(f"{job.pid}\n")
+    marker = tmp_path / "powered_off"
+    proc = start(run, "--price-hour", "1", "--budget-usd", "100", "--grace-minutes", "0.01",
+                 "--poweroff-cmd", f"touch {marker}")
+    try:
+        assert wait_for(lambda: (run / "watchdog.json").exists(), 20)
+        time.sleep(1.0)
+        assert proc.poll() is None and not marker.exists(), "a running job is not over"
+        job.kill()
+        job.wait()
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        job.kill()
+        proc.kill()
+    assert marker.exists()
+    assert [a["action"] for a in status(run)["actions"]][-2:] == ["training_ended", "power_off"]
+
+
 def test_aws_spot_notice_checkpoints_and_uploads_the_checkpoint(tmp_path, s3, httpserver):
     httpserver.expect_request("/latest/api/token", method="PUT").respond_with_data("tok")
     httpserver.expect_request("/latest/meta-data/spot/instance-action",
